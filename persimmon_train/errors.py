@@ -1,0 +1,23 @@
+"""User-facing errors.
+
+Everything a user can cause (bad config, bad data, bad weights) raises a subclass of
+``PersimmonTrainError`` whose message names the file, row, key or tensor at fault. Recipes catch
+this one base class and print the message on one line, with no traceback; anything else is a bug
+and keeps its traceback.
+"""
+
+
+class PersimmonTrainError(Exception):
+    """Base class for errors caused by user input, reported without a traceback."""
+
+
+class ConfigError(PersimmonTrainError, ValueError):
+    """A configuration key has a bad value (the message names the key)."""
+
+
+class WeightsError(PersimmonTrainError):
+    """A weights folder or file is missing, corrupt, or does not match the model."""
+
+
+class DataError(PersimmonTrainError, ValueError):
+    """A data file, row or field is unusable (the message names the file, row and field)."""
