@@ -1,0 +1,12 @@
+"""Data: sentencepiece tokenizer, sources, task formats, 16K packing, resumable sharded loaders."""
+
+from persimmon_train.data.build import DataBundle, build_data, default_cache_dir
+from persimmon_train.data.config import DataConfig
+from persimmon_train.data.demo import DemoAssets, demo_assets
+from persimmon_train.data.packing import PackStats, best_fit_decreasing, pack
+from persimmon_train.data.tokenizer import Tokenizer
+from persimmon_train.data.tokenizer_training import train_tokenizer
+
+__all__ = ["Tokenizer", "train_tokenizer", "DataConfig", "build_data", "DataBundle", "demo_assets",
+           "DemoAssets", "pack", "best_fit_decreasing", "PackStats", "default_cache_dir"]
+
