@@ -145,9 +145,13 @@ def load_megatron_checkpoint(path: str | os.PathLike) -> dict:
                 logger.warning("%s is not a zip-format torch file; loading it without mmap", path)
                 return torch.load(path, **load)
     except pickle.UnpicklingError as error:
-        if "weights only load failed" in str(error).lower():
+        # The safe unpickler reports refused classes ("GLOBAL x.y") and garbage bytes
+        # ("Unsupported operand") with the same exception; only the first is a refusal.
+        if "GLOBAL" in str(error):
             raise WeightsError(_refusal_message(path, error)) from None
-        raise WeightsError(f"{path} is not a readable PyTorch checkpoint ({_first_line(error)})") from None
+        detail = re.search(r"Unsupported operand \S+|invalid load key[^\n]*", str(error))
+        raise WeightsError(f"{path} is not a readable PyTorch checkpoint "
+                           f"({detail.group(0) if detail else _first_line(error)})") from None
     except (RuntimeError, EOFError, KeyError, ValueError, OSError, zipfile.BadZipFile) as error:
         raise WeightsError(
             f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: "

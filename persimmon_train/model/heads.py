@@ -131,13 +131,27 @@ def _check_loaded(model, file_keys, fresh, ignore, path):
                            f"missing {missing[:10]} unexpected {unexpected[:10]}")
 
 
+class LMHead(nn.Linear):
+    """The output projection; given labels it returns the chunked loss instead of logits.
+
+    The loss runs inside this module's own forward on purpose: sharding engines (DeepSpeed ZeRO-3,
+    FSDP2) gather a module's weights around its forward and backward hooks only, and the chunked
+    loss re-reads `weight` during backward (activation checkpointing of each chunk).
+    """
+
+    def forward(self, hidden, labels=None, chunk_size: int = 1024, num_items_in_batch=None):
+        if labels is None:
+            return super().forward(hidden)
+        return chunked_causal_lm_loss(hidden, self.weight, labels, chunk_size, num_items_in_batch)
+
+
 class PersimmonForCausalLM(PersimmonPreTrainedModel):
     foreign_head_keys = ("score.weight", "score.bias")
 
     def __init__(self, config: PersimmonConfig, loss_chunk_size: int = 1024):
         super().__init__(config)
         self.model = PersimmonModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size, bias=False)
         self.loss_chunk_size = loss_chunk_size
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None,
@@ -145,8 +159,7 @@ class PersimmonForCausalLM(PersimmonPreTrainedModel):
         hidden = self.model(input_ids, attention_mask, position_ids, cache=cache)
         loss = logits = None
         if labels is not None:
-            loss = chunked_causal_lm_loss(hidden, self.lm_head.weight, labels,
-                                          self.loss_chunk_size, num_items_in_batch)
+            loss = self.lm_head(hidden, labels, self.loss_chunk_size, num_items_in_batch)
         if labels is None or return_logits:
             logits = self.lm_head(hidden)
         return ModelOutput(loss=loss, logits=logits)
