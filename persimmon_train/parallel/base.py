@@ -1,0 +1,111 @@
+"""The strategy interface: everything the trainer needs from "how the model is placed".
+
+The trainer never touches process groups, sharding or wrappers directly; it asks the strategy.
+`single` (one process, one device) is the reference; FSDP2 and DeepSpeed implement the same
+methods so the recipes and the loop do not change when a run is sharded.
+
+Gradient contract (what keeps the update independent of how the global batch is split): the
+trainer divides each micro-batch's *summed* loss by the number of target items in the whole global
+batch (`reduce_sum` of the per-rank counts), so after `backward` on every micro-batch of every rank
+the correct gradient is the SUM of the per-rank gradients. A data-parallel strategy must therefore
+sum, not average, gradients across ranks (e.g. scale the loss by world_size before backward, or
+set the gradient divide factor to 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
+
+
+class Strategy(ABC):
+    """One way of running the model: placement, precision, backward, optimizer step, state."""
+
+    name: str = "base"
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device: ...
+
+    # ------------------------------------------------------------------ set-up
+    @abstractmethod
+    def wrap(self, model: nn.Module, make_optimizer: OptimizerFactory) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Place/shard `model`, then build its optimizer with `make_optimizer(model)`.
+
+        A factory rather than an optimizer because sharding strategies (FSDP2) must build the
+        optimizer over the sharded parameters, and DeepSpeed wraps the optimizer itself.
+        Returns (model to call forward on, optimizer to hand to the LR scheduler).
+        """
+
+    @abstractmethod
+    def unwrapped_model(self) -> nn.Module:
+        """The user-level module (peft model or plain Persimmon), without strategy wrappers."""
+
+    # ------------------------------------------------------------------ the step
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Context for forward passes (bf16 autocast over float32 master weights, or nothing)."""
+        return contextlib.nullcontext()
+
+    def accumulation_context(self, is_last_micro_batch: bool) -> contextlib.AbstractContextManager:
+        """Wrap forward+backward of one micro-batch (lets DP strategies skip grad sync until the last)."""
+        return contextlib.nullcontext()
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    @abstractmethod
+    def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor:
+        """Clip the global gradient norm to `max_norm` (None/<=0: only measure); return the norm before clipping."""
+
+    @abstractmethod
+    def optimizer_step(self) -> None: ...
+
+    @abstractmethod
+    def zero_grad(self) -> None: ...
+
+    # ------------------------------------------------------------------ collectives
+    def reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor over ranks (identity on one process)."""
+        return value
+
+    def barrier(self) -> None:
+        pass
+
+    def broadcast_object(self, obj):
+        """Rank 0's `obj` on every rank (identity on one process)."""
+        return obj
+
+    # ------------------------------------------------------------------ state
+    @abstractmethod
+    def save_state(self, directory: str) -> None:
+        """Write model (trainable weights) + optimizer state into `directory` (collective)."""
+
+    @abstractmethod
+    def load_state(self, directory: str) -> None:
+        """Restore what `save_state` wrote, exactly (collective)."""
+
+    @abstractmethod
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """All weights, unsharded, with the unwrapped model's names, on rank 0 (None on other ranks).
+
+        Used for export; may gather a sharded model onto rank 0's CPU.
+        """
+
+    def trainable_parameters(self) -> Iterable[nn.Parameter]:
+        return (p for p in self.unwrapped_model().parameters() if p.requires_grad)
+
+    def close(self) -> None:
+        """Tear down process groups etc."""

@@ -1,0 +1,174 @@
+"""Config -> objects: output folder, logging, tokenizer, data, model (+ LoRA, checkpointing), strategy."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+
+from persimmon_train.errors import ConfigError
+from persimmon_train.training.config import check_seq_len
+from persimmon_train.training.trackers import redact_secrets
+
+log = logging.getLogger("persimmon_train")
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_output_dir(cfg, job: str, strategy) -> str:
+    """output_dir, or outputs/<job>/<timestamp> (the same folder on every rank)."""
+    if cfg.output_dir:
+        path = cfg.output_dir
+    else:
+        path = strategy.broadcast_object(os.path.join("outputs", job, time.strftime("%Y%m%d-%H%M%S")))
+    path = os.path.abspath(path)
+    if strategy.is_main:
+        os.makedirs(path, exist_ok=True)
+    strategy.barrier()
+    return path
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Console logging that does not break the progress bar."""
+
+    def emit(self, record):
+        try:
+            from tqdm.auto import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001
+            self.handleError(record)
+
+
+class _Redact(logging.Filter):
+    def filter(self, record):
+        record.msg = redact_secrets(str(record.msg))
+        return True
+
+
+def setup_logging(output_dir: str, is_main: bool) -> None:
+    """Console (rank 0) + output_dir/train.log (rank 0) for the `persimmon_train` loggers."""
+    root = logging.getLogger("persimmon_train")
+    root.setLevel(logging.INFO)
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    root.propagate = False
+    if not is_main:
+        root.addHandler(logging.NullHandler())
+        return
+    console = _TqdmHandler()
+    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    logfile = logging.FileHandler(os.path.join(output_dir, "train.log"), encoding="utf-8")
+    logfile.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for handler in (console, logfile):
+        handler.addFilter(_Redact())
+        root.addHandler(handler)
+
+
+def build_strategy(cfg):
+    from persimmon_train.parallel import build_strategy as build
+
+    return build(cfg.strategy.name, precision=cfg.trainer.precision, device=cfg.strategy.device)
+
+
+def build_tokenizer(cfg):
+    """tokenizer.path, else the model folder, else the shipped demo tokenizer."""
+    from persimmon_train.data import Tokenizer, demo_assets
+
+    path = cfg.tokenizer.path or cfg.model.path or demo_assets().tokenizer_path
+    if not os.path.exists(path):
+        key = "tokenizer.path" if cfg.tokenizer.path else "model.path"
+        raise ConfigError(f"{key}: {path!r} does not exist")
+    return Tokenizer(path)
+
+
+def build_data_bundle(cfg, tokenizer, strategy):
+    from persimmon_train.data import build_data
+
+    data_cfg = cfg.data
+    data_cfg.validate()
+    return build_data(data_cfg, tokenizer, micro_batch_size=cfg.trainer.micro_batch_size,
+                      seed=cfg.trainer.seed, rank=strategy.rank, world_size=strategy.world_size)
+
+
+def model_class(task: str):
+    from persimmon_train.model import HEADS
+
+    return HEADS[task]
+
+
+def _config_overrides(cfg, tokenizer, data) -> dict:
+    m = cfg.model
+    overrides = {k: getattr(m, k) for k in ("hidden_dropout", "attention_dropout", "classifier_dropout")
+                 if getattr(m, k) is not None}
+    if cfg.task != "causal_lm" and data is not None and data.num_labels:
+        overrides.update(num_labels=data.num_labels, id2label=dict(data.id2label),
+                         label2id=dict(data.label2id), problem_type=data.problem_type)
+    return overrides
+
+
+def build_model(cfg, tokenizer, data=None):
+    """Random init from the architecture fields (seeded by the caller), or model.path's weights."""
+    from persimmon_train.model import PersimmonConfig
+
+    m = cfg.model
+    head = model_class(cfg.task)
+    overrides = _config_overrides(cfg, tokenizer, data)
+    if m.path:
+        if not os.path.isfile(os.path.join(m.path, "config.json")):
+            raise ConfigError(f"model.path: {m.path!r} is not a model folder (no config.json)")
+        if m.rope_scaling:
+            overrides["rope_scaling"] = dict(m.rope_scaling)
+        model = head.from_pretrained(m.path, dtype=torch.float32, **overrides)
+        if model.config.pad_token_id is None and tokenizer.pad_id is not None:
+            model.config.pad_token_id = tokenizer.pad_id
+        check_seq_len(cfg.data.seq_len, model.config.max_position_embeddings, model.config.rope_scaling,
+                      f"{m.path}/config.json")
+    else:
+        vocab = m.vocab_size or tokenizer.vocab_size
+        config = PersimmonConfig(
+            vocab_size=vocab, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+            num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
+            max_position_embeddings=m.max_position_embeddings, rope_theta=m.rope_theta,
+            partial_rotary_factor=m.partial_rotary_factor,
+            rope_scaling=dict(m.rope_scaling) if m.rope_scaling else None, qk_layernorm=m.qk_layernorm,
+            hidden_act=m.hidden_act, layer_norm_eps=m.layer_norm_eps, bos_token_id=tokenizer.bos_id,
+            eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id, **overrides)
+        model = head.from_config(config)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ConfigError(f"model.vocab_size: the model has {model.config.vocab_size} token embeddings but "
+                          f"the tokenizer has {tokenizer.vocab_size} pieces; use the model's tokenizer")
+    log.info("model: %s (%s), %.2fM parameters; dropout: hidden=%s attention=%s (model.hidden_dropout / "
+             "model.attention_dropout)", m.path or f"random init '{m.name}'", type(model).__name__,
+             model.num_parameters() / 1e6, model.config.hidden_dropout, model.config.attention_dropout)
+    return model
+
+
+def prepare_for_training(model, cfg, training: bool = True):
+    """LoRA (peft=lora) and activation checkpointing on the plain model."""
+    from persimmon_train.training.activation_checkpointing import apply_activation_checkpointing
+
+    if cfg.peft.method == "lora":
+        from persimmon_train.adapters import apply_lora
+
+        model = apply_lora(model, cfg.peft, cfg.task)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        log.info("LoRA r=%d alpha=%s dropout=%s on %s: %.3fM of %.2fM parameters trainable", cfg.peft.r,
+                 cfg.peft.alpha, cfg.peft.dropout, list(cfg.peft.target_modules), trainable / 1e6, total / 1e6)
+    elif training:
+        log.info("full fine-tuning: all %.2fM parameters trainable", model.num_parameters() / 1e6)
+    layers = apply_activation_checkpointing(model, cfg.trainer.activation_checkpointing)
+    if layers:
+        log.info("activation checkpointing on layers %s", layers)
+    return model

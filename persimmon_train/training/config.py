@@ -1,0 +1,242 @@
+"""The typed run configuration (Hydra structured config) and its checks.
+
+The dataclasses here are the schema: Hydra merges `conf/*.yaml` and command-line overrides into
+them, so an unknown key or a value of the wrong type fails at start-up naming the key. Checks
+that need more than a type (lora r > 0, seq_len within the model's positions, ...) live in
+`validate_run_config` and raise `ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from persimmon_train.data.config import DataConfig
+from persimmon_train.errors import ConfigError
+
+TASKS = ("causal_lm", "sequence_classification", "token_classification")
+PRECISIONS = ("auto", "bf16", "fp32")
+EXPORT_DTYPES = ("bf16", "fp32")
+SCHEDULES = ("cosine", "linear", "constant")
+TRACKERS = ("wandb", "none")
+WANDB_MODES = ("online", "offline", "disabled")
+DEFAULT_LORA_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+
+
+@dataclass
+class ModelConfig:
+    """Architecture numbers for a random init, or `path` to start from an HF model folder."""
+
+    name: str = "tiny"
+    path: Optional[str] = None  # HF folder (config.json + safetensors); architecture fields then ignored
+    allow_random_init: bool = True  # false for released sizes: without model.path that is a mistake
+    vocab_size: Optional[int] = None  # None: the tokenizer's vocab size
+    hidden_size: int = 4096
+    intermediate_size: int = 16384
+    num_hidden_layers: int = 36
+    num_attention_heads: int = 64
+    max_position_embeddings: int = 16384
+    rope_theta: float = 25000.0
+    partial_rotary_factor: float = 0.5
+    # {type: linear|dynamic, factor: f > 1}; also applied over model.path. Typed Any because
+    # OmegaConf 2.3 cannot merge a dict override into a None-valued Optional[Dict] field.
+    rope_scaling: Any = None
+    qk_layernorm: bool = True
+    hidden_act: str = "relu2"
+    layer_norm_eps: float = 1e-5
+    # Fine-tuning dropout is an explicit choice: the released config.json says 0.6 (pre-training).
+    # These values replace whatever config.json says; null keeps config.json's value.
+    hidden_dropout: Optional[float] = 0.0
+    attention_dropout: Optional[float] = 0.0
+    classifier_dropout: Optional[float] = None
+
+
+@dataclass
+class TokenizerConfig:
+    path: Optional[str] = None  # tokenizer.model or a folder; null: model.path, else the demo tokenizer
+
+
+@dataclass
+class PeftConfig:
+    method: str = "none"  # none | lora
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    # Extra fully-trained modules; classification heads ("score") are always added.
+    modules_to_save: list[str] = field(default_factory=list)
+    use_rslora: bool = False
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "single"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    stage: Optional[int] = None  # deepspeed ZeRO stage (distributed strategies)
+
+
+@dataclass
+class TrackerConfig:
+    backend: str = "none"  # wandb | none (metrics.jsonl and train.log are always written)
+    project: str = "persimmon-train"
+    entity: Optional[str] = None
+    name: Optional[str] = None  # run name; default: the output_dir's folder name
+    tags: list[str] = field(default_factory=list)
+    mode: Optional[str] = None  # online | offline | disabled; null: online if WANDB_API_KEY is set, else offline
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    weight_decay: float = 0.0  # never applied to norms and biases
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: Optional[float] = 1.0  # max global grad norm; null or 0: no clipping
+    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio (cosine / linear)
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100
+    seed: int = 0
+    micro_batch_size: int = 1  # per rank
+    grad_accum_steps: int = 1
+    # bf16 (autocast, float32 master weights) | fp32 | auto: bf16 where the hardware has native bf16
+    # matmuls (CUDA with bf16, CPUs with AMX / AVX512-BF16), else fp32 (emulated bf16 is ~40x slower).
+    precision: str = "auto"
+    activation_checkpointing: int = 0  # 0: off, 1: every layer, k: every k-th layer
+    log_every_n_steps: int = 1
+    eval_every_n_steps: int = 0  # 0: only at the end
+    eval_max_batches: Optional[int] = None  # cap on eval batches (null: the whole eval set)
+    eval_at_start: bool = False
+    max_nonfinite_steps: int = 5  # stop after this many NaN/Inf losses in a row
+    progress_bar: bool = True
+    peak_tflops: Optional[float] = None  # per-device peak for MFU; null: known GPUs only
+    num_threads: Optional[int] = None  # torch CPU threads; null: torch's default
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = 0  # 0: no training checkpoints
+    keep_last: int = 3  # 0: keep all
+
+
+@dataclass
+class ExportConfig:
+    enabled: bool = True  # write output_dir/final/ at the end
+    dtype: str = "bf16"  # bf16 | fp32
+
+
+@dataclass
+class RunConfig:
+    task: str = "causal_lm"
+    output_dir: Optional[str] = None  # null: outputs/<job>/<timestamp>
+    resume: Optional[str] = None  # latest | PATH to checkpoints/step_N
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+SCHEMA_NAME = "run_schema"
+
+
+def register_schema() -> None:
+    """Put the schema in Hydra's ConfigStore so `conf/<job>.yaml` can list it in its defaults."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=RunConfig)
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+def _one_of(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def _at_least(key: str, value, low) -> None:
+    if value is None or value < low:
+        raise ConfigError(f"{key}: must be >= {low}, got {value!r}")
+
+
+def validate_run_config(cfg: RunConfig) -> RunConfig:
+    """Value checks Hydra's types cannot express. Raises ConfigError naming the key."""
+    _one_of("task", cfg.task, TASKS)
+    t = cfg.trainer
+    _one_of("trainer.precision", t.precision, PRECISIONS)
+    for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every_n_steps", "max_nonfinite_steps"):
+        _at_least(f"trainer.{key}", getattr(t, key), 1)
+    for key in ("activation_checkpointing", "eval_every_n_steps"):
+        _at_least(f"trainer.{key}", getattr(t, key), 0)
+    if t.eval_max_batches is not None:
+        _at_least("trainer.eval_max_batches", t.eval_max_batches, 1)
+    o = cfg.optim
+    _one_of("optim.schedule", o.schedule, SCHEDULES)
+    if not o.lr > 0:
+        raise ConfigError(f"optim.lr: must be > 0, got {o.lr!r}")
+    _at_least("optim.weight_decay", o.weight_decay, 0)
+    _at_least("optim.warmup_steps", o.warmup_steps, 0)
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {o.min_lr_ratio!r}")
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= getattr(o, key) < 1.0:
+            raise ConfigError(f"optim.{key}: must be in [0, 1), got {getattr(o, key)!r}")
+    p = cfg.peft
+    _one_of("peft.method", p.method, ("none", "lora"))
+    if p.method == "lora":
+        if p.r < 1:
+            raise ConfigError(f"peft.r: LoRA rank must be >= 1, got {p.r!r}")
+        if not p.alpha > 0:
+            raise ConfigError(f"peft.alpha: must be > 0, got {p.alpha!r}")
+        if not 0.0 <= p.dropout < 1.0:
+            raise ConfigError(f"peft.dropout: must be in [0, 1), got {p.dropout!r}")
+        if not p.target_modules:
+            raise ConfigError("peft.target_modules: empty; LoRA needs at least one module name")
+    _one_of("tracker.backend", cfg.tracker.backend, TRACKERS)
+    if cfg.tracker.mode is not None:
+        _one_of("tracker.mode", cfg.tracker.mode, WANDB_MODES)
+    _at_least("checkpoint.every_n_steps", cfg.checkpoint.every_n_steps, 0)
+    _at_least("checkpoint.keep_last", cfg.checkpoint.keep_last, 0)
+    _one_of("export.dtype", cfg.export.dtype, EXPORT_DTYPES)
+    m = cfg.model
+    for key in ("hidden_dropout", "attention_dropout", "classifier_dropout"):
+        value = getattr(m, key)
+        if value is not None and not 0.0 <= value < 1.0:
+            raise ConfigError(f"model.{key}: must be in [0, 1), got {value!r}")
+    if m.rope_scaling is not None:
+        rs = m.rope_scaling
+        if not isinstance(rs, dict) or rs.get("type") not in ("linear", "dynamic"):
+            raise ConfigError(f"model.rope_scaling: expected {{type: linear|dynamic, factor: F}}, got {rs!r}")
+        factor = rs.get("factor")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 1:
+            raise ConfigError(f"model.rope_scaling.factor: must be a number > 1, got {factor!r}")
+    if m.path is None and not m.allow_random_init:
+        raise ConfigError(f"model.path: model={m.name} needs model.path=DIR (an HF folder with the released "
+                          f"weights); random init is only for small test models")
+    if m.path is None:
+        check_seq_len(cfg.data.seq_len, m.max_position_embeddings, m.rope_scaling, "model")
+    expected_format = {"causal_lm": ("text", "chat"), "sequence_classification": ("classification",),
+                       "token_classification": ("token_classification",)}[cfg.task]
+    _one_of(f"data.format (task {cfg.task})", cfg.data.format, expected_format)
+    if cfg.resume is not None and cfg.output_dir is None and cfg.resume == "latest":
+        raise ConfigError("resume: 'latest' needs output_dir=DIR (the run folder to continue)")
+    return cfg
+
+
+def check_seq_len(seq_len: int, max_positions: int, rope_scaling, where: str) -> None:
+    """Rows longer than the trained positions need RoPE scaling, else quality silently collapses."""
+    if seq_len > max_positions and not rope_scaling:
+        raise ConfigError(
+            f"data.seq_len: {seq_len} is above {where} max_position_embeddings={max_positions} and "
+            f"model.rope_scaling is not set (set model.rope_scaling={{type:linear,factor:F}} or lower data.seq_len)")

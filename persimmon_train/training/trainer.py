@@ -1,0 +1,361 @@
+"""The training loop: one optimizer step at a time, with eval, checkpoints and tracking.
+
+Per optimizer step the trainer takes `grad_accum_steps` micro-batches, counts the target items
+in all of them (and, through the strategy, on all ranks), and gives that count to the model as
+`num_items_in_batch`, so each micro-batch's loss is its summed loss / the global count and the
+accumulated gradient is the gradient of the global mean -- independent of how the global batch
+is split into micro-batches or ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from persimmon_train.errors import PersimmonTrainError
+from persimmon_train.training import checkpointing
+from persimmon_train.training.metrics import accuracy, entity_f1, macro_f1
+
+log = logging.getLogger("persimmon_train")
+IGNORE_INDEX = -100
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+# Dense bf16 peak per device, for the MFU estimate on known GPUs (trainer.peak_tflops overrides).
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
+
+
+class TrainingDivergedError(PersimmonTrainError):
+    """The loss (or gradient) was NaN/Inf for too many steps in a row."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens_seen: int = 0
+    consecutive_nonfinite: int = 0
+    skipped_steps: int = 0
+    last_checkpoint: str | None = None
+    final_eval: dict = field(default_factory=dict)
+
+
+def count_items(batch: dict, task: str) -> int:
+    """What the loss averages over: shifted target tokens (causal LM), tagged tokens, or rows."""
+    labels = batch["labels"]
+    if task == "causal_lm":
+        return int((labels[:, 1:] != IGNORE_INDEX).sum())
+    if task == "token_classification" or labels.dtype == torch.long:
+        # Tagged tokens; or single-label rows, where eval filler rows carry label -100.
+        return int((labels != IGNORE_INDEX).sum())
+    return int(labels.shape[0])
+
+
+def count_tokens(batch: dict) -> int:
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def device_peak_flops(device: torch.device, configured_tflops: float | None) -> float | None:
+    if configured_tflops:
+        return configured_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+    return None
+
+
+def flops_per_token(model: torch.nn.Module, model_config, seq_len: int, full_finetune: bool) -> float:
+    """~6N per token for full training (2N forward, 4N backward); ~4N when the base is frozen
+    (LoRA still back-propagates through it but computes no weight gradients); plus attention."""
+    embedding = model_config.vocab_size * model_config.hidden_size
+    n = sum(p.numel() for p in model.parameters()) - embedding
+    attention = 6 * model_config.num_hidden_layers * model_config.hidden_size * seq_len
+    return (6.0 if full_finetune else 4.0) * n + attention
+
+
+def _rewind(loader) -> None:
+    """Start an eval pass from the first batch: a pass cut short by eval_max_batches leaves the
+    loader's position mid-way, and the next pass must see the same batches."""
+    if hasattr(loader, "state_dict") and hasattr(loader, "load_state_dict"):
+        state = loader.state_dict()
+        if "batch" in state:
+            loader.load_state_dict({**state, "epoch": 0, "batch": 0})
+
+
+class Trainer:
+    def __init__(self, cfg, *, strategy, model, optimizer, scheduler, train_loader, eval_loader,
+                 tracker, metrics_file, output_dir: str, id2label: dict | None, flops_per_token: float,
+                 on_checkpoint=None):
+        self.cfg = cfg
+        self.task = cfg.task
+        self.strategy = strategy
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.train_loader = train_loader
+        self.eval_loader = eval_loader
+        self.tracker = tracker
+        self.metrics_file = metrics_file
+        self.output_dir = output_dir
+        self.id2label = id2label or {}
+        self.flops_per_token = flops_per_token
+        self.peak_flops = device_peak_flops(strategy.device, cfg.trainer.peak_tflops)
+        self.state = TrainState()
+        self.on_checkpoint = on_checkpoint
+
+    # ------------------------------------------------------------------ checkpoints
+    def trainer_state_dict(self) -> dict:
+        return {
+            "step": self.state.step,
+            "tokens_seen": self.state.tokens_seen,
+            "skipped_steps": self.state.skipped_steps,
+            "scheduler": self.scheduler.state_dict(),
+            "loader": self.train_loader.state_dict(),
+            "rng": checkpointing.capture_rng(),
+            "tracker_run_id": getattr(self.tracker, "run_id", None),
+        }
+
+    def resume_from(self, path: str) -> dict:
+        """Restore everything; the RNG last, so nothing built afterwards can shift it."""
+        state = checkpointing.load_checkpoint(path, strategy=self.strategy)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.train_loader.load_state_dict(state["loader"])
+        self.state.step = int(state["step"])
+        self.state.tokens_seen = int(state["tokens_seen"])
+        self.state.skipped_steps = int(state.get("skipped_steps", 0))
+        self.state.last_checkpoint = path
+        checkpointing.restore_rng(state["rng"])
+        log.info("resumed from %s at step %d", path, self.state.step)
+        return state
+
+    def save(self) -> str:
+        path = checkpointing.save_checkpoint(self.output_dir, self.state.step, strategy=self.strategy,
+                                             trainer_state=self.trainer_state_dict(),
+                                             keep_last=self.cfg.checkpoint.keep_last)
+        self.state.last_checkpoint = path
+        log.info("checkpoint: %s", path)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(path)
+        return path
+
+    # ------------------------------------------------------------------ one step
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.strategy.device, non_blocking=True) for k, v in batch.items()}
+
+    def _forward_loss(self, batch: dict, global_items: torch.Tensor) -> torch.Tensor:
+        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        with self.strategy.autocast():
+            if self.task == "sequence_classification":
+                # The head averages over its rows; re-weight so the step averages over all rows.
+                out = self.model(**inputs, labels=batch["labels"])
+                return out.loss * (count_items(batch, self.task) / global_items)
+            return self.model(**inputs, labels=batch["labels"], num_items_in_batch=global_items).loss
+
+    def train_step(self, micro_batches: list[dict]) -> dict:
+        strategy = self.strategy
+        local_items = sum(count_items(b, self.task) for b in micro_batches)
+        local_tokens = sum(count_tokens(b) for b in micro_batches)
+        counts = strategy.reduce_sum(torch.tensor([local_items, local_tokens], dtype=torch.float64,
+                                                  device=strategy.device))
+        global_items = counts[0].clamp(min=1).to(torch.float32)
+        self.model.train()
+        loss_sum = torch.zeros((), device=strategy.device, dtype=torch.float32)
+        for i, batch in enumerate(micro_batches):
+            batch = self._to_device(batch)
+            with strategy.accumulation_context(is_last_micro_batch=i == len(micro_batches) - 1):
+                loss = self._forward_loss(batch, global_items)
+                strategy.backward(loss)
+            loss_sum += loss.detach().float()
+        loss = strategy.reduce_sum(loss_sum)
+        grad_norm = strategy.clip_grad_norm(self.cfg.optim.grad_clip)
+        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+        lr = self.scheduler.get_last_lr()[0]
+        if finite:
+            strategy.optimizer_step()
+            self.state.consecutive_nonfinite = 0
+        else:
+            self.state.consecutive_nonfinite += 1
+            self.state.skipped_steps += 1
+        strategy.zero_grad()
+        self.scheduler.step()
+        return {"loss": float(loss), "lr": lr, "grad_norm": float(grad_norm), "finite": finite,
+                "tokens": int(counts[1])}
+
+    # ------------------------------------------------------------------ eval
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        if self.eval_loader is None:
+            return {}
+        self.model.eval()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.strategy.device)
+        items = 0
+        preds, golds = [], []
+        limit = self.cfg.trainer.eval_max_batches
+        _rewind(self.eval_loader)
+        for index, batch in enumerate(self.eval_loader):
+            if limit is not None and index >= limit:
+                break
+            batch = self._to_device(batch)
+            inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+            labels = batch["labels"]
+            with self.strategy.autocast():
+                if self.task == "sequence_classification":
+                    out = self.model(**inputs, labels=labels)
+                    real_rows = count_items(batch, self.task)
+                    if real_rows:
+                        loss_sum += out.loss.double() * real_rows
+                elif self.task == "causal_lm":
+                    out = self.model(**inputs, labels=labels, num_items_in_batch=1)  # summed loss
+                    loss_sum += out.loss.double()
+                else:
+                    out = self.model(**inputs, labels=labels, num_items_in_batch=1)
+                    loss_sum += out.loss.double()
+            items += count_items(batch, self.task)
+            if self.task == "sequence_classification":
+                self._collect_classification(out.logits.float(), labels, preds, golds)
+            elif self.task == "token_classification":
+                self._collect_tags(out.logits.float(), labels, preds, golds)
+        totals = self.strategy.reduce_sum(torch.stack([loss_sum, torch.tensor(float(items), dtype=torch.float64,
+                                                                               device=loss_sum.device)]))
+        eval_loss = float(totals[0] / totals[1].clamp(min=1))
+        metrics = {"eval_loss": eval_loss}
+        if self.task == "causal_lm":
+            metrics["eval_ppl"] = math.exp(min(eval_loss, 50.0))
+        elif self.task == "sequence_classification":
+            metrics.update(self._classification_metrics(preds, golds))
+        else:
+            metrics.update(entity_f1(preds, golds))
+        self.model.train()
+        return metrics
+
+    def _problem_type(self, labels: torch.Tensor) -> str:
+        config = getattr(self.strategy.unwrapped_model(), "config", None)
+        problem = getattr(config, "problem_type", None)
+        if problem:
+            return problem
+        return "single_label_classification" if labels.dtype == torch.long else "multi_label_classification"
+
+    def _collect_classification(self, logits, labels, preds, golds):
+        problem = self._problem_type(labels)
+        if problem == "regression":
+            preds.extend(logits.squeeze(-1).tolist())
+            golds.extend(labels.float().tolist())
+        elif problem == "multi_label_classification":
+            preds.extend((logits > 0).int().tolist())
+            golds.extend(labels.int().tolist())
+        else:
+            keep = labels != IGNORE_INDEX  # eval filler rows
+            preds.extend(logits.argmax(-1)[keep].tolist())
+            golds.extend(labels[keep].tolist())
+
+    def _classification_metrics(self, preds, golds) -> dict:
+        if not golds:
+            return {}
+        first = golds[0]
+        if isinstance(first, float):
+            return {"eval_mse": sum((p - g) ** 2 for p, g in zip(preds, golds)) / len(golds)}
+        if isinstance(first, list):  # multi-label: exact match + macro-F1 over labels
+            exact = sum(int(p == g) for p, g in zip(preds, golds)) / len(golds)
+            per_label = [macro_f1([p[j] for p in preds], [g[j] for g in golds], num_classes=None)
+                         for j in range(len(first))]
+            return {"eval_accuracy": exact, "eval_macro_f1": sum(per_label) / len(per_label)}
+        return {"eval_accuracy": accuracy(preds, golds), "eval_macro_f1": macro_f1(preds, golds)}
+
+    def _collect_tags(self, logits, labels, preds, golds):
+        predicted = logits.argmax(-1)
+        for row_pred, row_gold in zip(predicted.tolist(), labels.tolist()):
+            keep = [i for i, g in enumerate(row_gold) if g != IGNORE_INDEX]
+            preds.append([self._tag(row_pred[i]) for i in keep])
+            golds.append([self._tag(row_gold[i]) for i in keep])
+
+    def _tag(self, index: int) -> str:
+        return str(self.id2label.get(index, self.id2label.get(str(index), index)))
+
+    # ------------------------------------------------------------------ the loop
+    def _log(self, metrics: dict) -> None:
+        if self.strategy.is_main:
+            self.metrics_file.log(metrics, self.state.step)
+            self.tracker.log(metrics, self.state.step)
+
+    def fit(self) -> TrainState:
+        t = self.cfg.trainer
+        state = self.state
+        iterator = iter(self.train_loader)
+        bar = self._progress_bar()
+        window_tokens, window_start = 0, time.perf_counter()
+        while state.step < t.max_steps:
+            micro_batches = [next(iterator) for _ in range(t.grad_accum_steps)]
+            result = self.train_step(micro_batches)
+            state.step += 1
+            state.tokens_seen += result["tokens"]
+            window_tokens += result["tokens"]
+            if not result["finite"]:
+                log.warning("step %d: non-finite loss/grad (loss=%s, grad_norm=%s); step skipped (%d in a row)",
+                            state.step, result["loss"], result["grad_norm"], state.consecutive_nonfinite)
+                if state.consecutive_nonfinite >= t.max_nonfinite_steps:
+                    raise TrainingDivergedError(
+                        f"loss was NaN/Inf for {state.consecutive_nonfinite} steps in a row (up to step "
+                        f"{state.step}; trainer.max_nonfinite_steps={t.max_nonfinite_steps}); stopped. Last good "
+                        f"checkpoint: {state.last_checkpoint or 'none'} -- try a lower optim.lr or "
+                        f"trainer.precision=bf16")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{result['lr']:.2e}", refresh=False)
+            if state.step % t.log_every_n_steps == 0 or state.step == t.max_steps:
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                metrics = {"loss": result["loss"], "lr": result["lr"], "grad_norm": result["grad_norm"],
+                           "tokens_per_sec": window_tokens / elapsed, "tokens_seen": state.tokens_seen,
+                           "peak_mem_gb": peak_memory_gb(self.strategy.device)}
+                if self.peak_flops:
+                    metrics["mfu"] = (self.flops_per_token * window_tokens / elapsed
+                                      / (self.peak_flops * self.strategy.world_size))
+                if not result["finite"]:
+                    metrics["skipped"] = 1
+                self._log(metrics)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{result['lr']:.2e}",
+                                    tok_s=f"{metrics['tokens_per_sec']:.0f}")
+                window_tokens, window_start = 0, time.perf_counter()
+            if t.eval_every_n_steps and state.step % t.eval_every_n_steps == 0 and state.step < t.max_steps:
+                self._eval_and_log(bar)
+            every = self.cfg.checkpoint.every_n_steps
+            # While losses are non-finite, keep the last good checkpoint rather than rotate it out.
+            if every and state.step % every == 0 and state.consecutive_nonfinite == 0:
+                self.save()
+        final_metrics = self._eval_and_log(bar) if self.eval_loader is not None else {}
+        if bar is not None:
+            bar.close()
+        state.final_eval = final_metrics
+        return state
+
+    def _eval_and_log(self, bar) -> dict:
+        metrics = self.evaluate()
+        if metrics:
+            self._log(metrics)
+            text = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+            log.info("step %d eval: %s", self.state.step, text)
+        return metrics
+
+    def _progress_bar(self):
+        if not (self.cfg.trainer.progress_bar and self.strategy.is_main):
+            return None
+        import sys
+
+        from tqdm.auto import tqdm
+
+        # Redirected to a file (CI, nohup): refresh rarely instead of one line per step.
+        interval = 0.1 if sys.stderr.isatty() else 15.0
+        return tqdm(total=self.cfg.trainer.max_steps, initial=self.state.step, desc="train", unit="step",
+                    dynamic_ncols=True, mininterval=interval)
