@@ -28,6 +28,9 @@ class Strategy(ABC):
     """One way of running the model: placement, precision, backward, optimizer step, state."""
 
     name: str = "base"
+    # True: the strategy can take a model built on the meta device and load each rank's share of
+    # model.path itself (run.py then builds the model on meta when model.path is set).
+    loads_sharded_weights: bool = False
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -39,6 +42,11 @@ class Strategy(ABC):
     @property
     @abstractmethod
     def device(self) -> torch.device: ...
+
+    @classmethod
+    def from_run_config(cls, cfg) -> "Strategy":
+        """Build from a RunConfig (strategy.*, trainer.*, optim.*, model.path)."""
+        return cls(precision=cfg.trainer.precision, device=cfg.strategy.device)
 
     # ------------------------------------------------------------------ set-up
     @abstractmethod
@@ -73,6 +81,18 @@ class Strategy(ABC):
     @abstractmethod
     def optimizer_step(self) -> None: ...
 
+    def clip_and_step(self, max_norm: float | None, loss_is_finite: bool) -> tuple[torch.Tensor, bool]:
+        """Clip, then step unless the loss or the gradient norm is NaN/Inf.
+
+        Returns (grad norm before clipping, whether the optimizer stepped). Engines that own
+        clipping and the step (DeepSpeed) override this as one call.
+        """
+        grad_norm = self.clip_grad_norm(max_norm)
+        finite = loss_is_finite and bool(torch.isfinite(grad_norm))
+        if finite:
+            self.optimizer_step()
+        return grad_norm, finite
+
     @abstractmethod
     def zero_grad(self) -> None: ...
 
@@ -88,6 +108,10 @@ class Strategy(ABC):
         """Rank 0's `obj` on every rank (identity on one process)."""
         return obj
 
+    def all_gather_object(self, obj) -> list:
+        """Every rank's `obj`, in rank order (eval predictions for classification metrics)."""
+        return [obj]
+
     # ------------------------------------------------------------------ state
     @abstractmethod
     def save_state(self, directory: str) -> None:
@@ -96,6 +120,10 @@ class Strategy(ABC):
     @abstractmethod
     def load_state(self, directory: str) -> None:
         """Restore what `save_state` wrote, exactly (collective)."""
+
+    def checkpoint_info(self) -> dict:
+        """What goes into a checkpoint's strategy.json (readers pick `iter_checkpoint_weights` by name)."""
+        return {"name": self.name, "world_size": self.world_size}
 
     @abstractmethod
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:

@@ -112,3 +112,18 @@ class SingleDeviceStrategy(Strategy):
 
     def full_state_dict(self):
         return {k: v.detach() for k, v in self.model.state_dict().items()}
+
+
+def iter_checkpoint_weights(checkpoint_dir: str):
+    """(name, full tensor) for the trainable weights of a `single` checkpoint, one at a time.
+
+    Names are the unwrapped model's (peft's `base_model.model.` prefixes under LoRA).
+    """
+    from safetensors import safe_open
+
+    path = os.path.join(checkpoint_dir, MODEL_FILE)
+    if not os.path.isfile(path):
+        raise WeightsError(f"{checkpoint_dir}: no {MODEL_FILE}; not a strategy=single checkpoint")
+    with safe_open(path, framework="pt", device="cpu") as handle:
+        for name in handle.keys():
+            yield name, handle.get_tensor(name)
