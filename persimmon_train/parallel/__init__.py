@@ -1,17 +1,50 @@
-"""Strategies: how a model is placed and stepped (single device now; FSDP2 / DeepSpeed later)."""
+"""Strategies: how a model is placed and stepped -- single device, FSDP2, DeepSpeed ZeRO.
+
+The distributed strategies are imported on first use (DeepSpeed takes seconds to import and
+probes accelerators), so `single` runs never pay for them.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 from persimmon_train.parallel.base import Strategy
 from persimmon_train.parallel.single import SingleDeviceStrategy
 
-STRATEGIES = {"single": SingleDeviceStrategy}
+# name -> (module, class); each module also has iter_checkpoint_weights(checkpoint_dir).
+STRATEGIES = {
+    "single": ("persimmon_train.parallel.single", "SingleDeviceStrategy"),
+    "fsdp": ("persimmon_train.parallel.fsdp", "FSDPStrategy"),
+    "deepspeed": ("persimmon_train.parallel.deepspeed", "DeepSpeedStrategy"),
+}
 
 
-def build_strategy(name: str, **kwargs) -> Strategy:
+def strategy_class(name: str) -> type[Strategy]:
     from persimmon_train.errors import ConfigError
 
     if name not in STRATEGIES:
         raise ConfigError(f"strategy.name: {name!r} is not available; known: {', '.join(STRATEGIES)}")
-    return STRATEGIES[name](**kwargs)
+    module, cls = STRATEGIES[name]
+    return getattr(importlib.import_module(module), cls)
 
 
-__all__ = ["Strategy", "SingleDeviceStrategy", "STRATEGIES", "build_strategy"]
+def build_strategy(name: str, **kwargs) -> Strategy:
+    return strategy_class(name)(**kwargs)
+
+
+def build_strategy_from_config(cfg) -> Strategy:
+    """The strategy a RunConfig asks for (strategy.name); joins the process group if distributed."""
+    return strategy_class(cfg.strategy.name).from_run_config(cfg)
+
+
+def iter_checkpoint_weights(checkpoint_dir: str):
+    """Full trainable weights of any training checkpoint, by the strategy its strategy.json names."""
+    from persimmon_train.parallel.distributed import read_strategy_info
+
+    name = read_strategy_info(checkpoint_dir).get("name", "single")
+    module, _ = STRATEGIES[name]
+    return importlib.import_module(module).iter_checkpoint_weights(checkpoint_dir)
+
+
+__all__ = ["Strategy", "SingleDeviceStrategy", "STRATEGIES", "build_strategy", "build_strategy_from_config",
+           "iter_checkpoint_weights", "strategy_class"]

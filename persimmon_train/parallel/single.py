@@ -37,6 +37,13 @@ class SingleDeviceStrategy(Strategy):
     name = "single"
 
     def __init__(self, precision: str = "bf16", device: str = "auto"):
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:
+            from persimmon_train.errors import ConfigError
+
+            # Every rank would train the same model and write the same files.
+            raise ConfigError(f"strategy: single was launched with WORLD_SIZE={world}; use strategy=fsdp or "
+                              f"strategy=deepspeed under torchrun / deepspeed")
         self._device = pick_device(device)
         if self._device.type == "cuda":
             torch.cuda.set_device(self._device)

@@ -76,9 +76,9 @@ def setup_logging(output_dir: str, is_main: bool) -> None:
 
 
 def build_strategy(cfg):
-    from persimmon_train.parallel import build_strategy as build
+    from persimmon_train.parallel import build_strategy_from_config
 
-    return build(cfg.strategy.name, precision=cfg.trainer.precision, device=cfg.strategy.device)
+    return build_strategy_from_config(cfg)
 
 
 def build_tokenizer(cfg):
@@ -97,8 +97,15 @@ def build_data_bundle(cfg, tokenizer, strategy):
 
     data_cfg = cfg.data
     data_cfg.validate()
-    return build_data(data_cfg, tokenizer, micro_batch_size=cfg.trainer.micro_batch_size,
-                      seed=cfg.trainer.seed, rank=strategy.rank, world_size=strategy.world_size)
+    # Rank 0 prepares (and caches) the data first; the other ranks then read its cache.
+    if not strategy.is_main:
+        strategy.barrier()
+    try:
+        return build_data(data_cfg, tokenizer, micro_batch_size=cfg.trainer.micro_batch_size,
+                          seed=cfg.trainer.seed, rank=strategy.rank, world_size=strategy.world_size)
+    finally:
+        if strategy.is_main:
+            strategy.barrier()
 
 
 def model_class(task: str):
@@ -117,8 +124,12 @@ def _config_overrides(cfg, tokenizer, data) -> dict:
     return overrides
 
 
-def build_model(cfg, tokenizer, data=None):
-    """Random init from the architecture fields (seeded by the caller), or model.path's weights."""
+def build_model(cfg, tokenizer, data=None, meta: bool = False):
+    """Random init from the architecture fields (seeded by the caller), or model.path's weights.
+
+    meta=True (with model.path): shapes only, on the meta device; a sharding strategy then loads
+    each rank's part of model.path itself (no process ever holds the whole model).
+    """
     from persimmon_train.model import PersimmonConfig
 
     m = cfg.model
@@ -129,7 +140,13 @@ def build_model(cfg, tokenizer, data=None):
             raise ConfigError(f"model.path: {m.path!r} is not a model folder (no config.json)")
         if m.rope_scaling:
             overrides["rope_scaling"] = dict(m.rope_scaling)
-        model = head.from_pretrained(m.path, dtype=torch.float32, **overrides)
+        if meta:
+            config = PersimmonConfig.from_json_file(m.path)
+            config = config.replace(**overrides) if overrides else config
+            with torch.device("meta"):
+                model = head(config)
+        else:
+            model = head.from_pretrained(m.path, dtype=torch.float32, **overrides)
         if model.config.pad_token_id is None and tokenizer.pad_id is not None:
             model.config.pad_token_id = tokenizer.pad_id
         check_seq_len(cfg.data.seq_len, model.config.max_position_embeddings, model.config.rope_scaling,

@@ -9,6 +9,7 @@ only tensors and plain Python values, so it loads with `torch.load(weights_only=
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -24,6 +25,7 @@ log = logging.getLogger("persimmon_train")
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 TRAINER_STATE = "trainer_state{suffix}.pt"
+STRATEGY_INFO = "strategy.json"
 
 
 def checkpoints_root(output_dir: str) -> str:
@@ -98,8 +100,13 @@ def _plain(value):
 # ---------------------------------------------------------------------------- save / load
 
 
-def save_checkpoint(output_dir: str, step: int, *, strategy, trainer_state: dict, keep_last: int) -> str:
-    """Write step_<step>/ atomically (collective: every rank calls it) and prune old ones."""
+def save_checkpoint(output_dir: str, step: int, *, strategy, trainer_state: dict, keep_last: int,
+                    info: dict | None = None) -> str:
+    """Write step_<step>/ atomically (collective: every rank calls it) and prune old ones.
+
+    `strategy.json` names the strategy that wrote the weights (and its world size, peft config),
+    so readers pick `persimmon_train.parallel.<name>.iter_checkpoint_weights`.
+    """
     root = checkpoints_root(output_dir)
     final = os.path.join(root, f"step_{step}")
     tmp = final + ".tmp"
@@ -110,6 +117,9 @@ def save_checkpoint(output_dir: str, step: int, *, strategy, trainer_state: dict
     strategy.save_state(tmp)
     suffix = "" if strategy.rank == 0 else f"_rank{strategy.rank}"
     torch.save(_plain(trainer_state), os.path.join(tmp, TRAINER_STATE.format(suffix=suffix)))
+    if strategy.is_main:
+        with open(os.path.join(tmp, STRATEGY_INFO), "w", encoding="utf-8") as f:
+            json.dump({**strategy.checkpoint_info(), **(info or {})}, f, indent=2)
     strategy.barrier()
     if strategy.is_main:
         shutil.rmtree(final, ignore_errors=True)  # a re-run step after resume replaces it
@@ -125,8 +135,40 @@ def load_checkpoint(path: str, *, strategy) -> dict:
     """Restore model + optimizer into the strategy; return the trainer state dict."""
     strategy.load_state(path)
     suffix = "" if strategy.rank == 0 else f"_rank{strategy.rank}"
-    return torch.load(os.path.join(path, TRAINER_STATE.format(suffix=suffix)), map_location="cpu",
-                      weights_only=True)
+    own = os.path.join(path, TRAINER_STATE.format(suffix=suffix))
+    if not os.path.isfile(own):  # resumed on more ranks than wrote it: counters/loader are rank 0's
+        own = os.path.join(path, TRAINER_STATE.format(suffix=""))
+    return torch.load(own, map_location="cpu", weights_only=True)
+
+
+def adapt_loader_state(saved: dict, loader) -> dict:
+    """Let a run resume at another world size / micro-batch when the global batch is unchanged.
+
+    Loader positions count global batches of world_size x micro_batch_size rows; a run with
+    the same rows per optimizer step (e.g. 2 ranks x 4 rows -> 1 rank x 8 rows, or 1 rank x 4 rows
+    x 2 accumulation steps) continues with exactly the rows the uninterrupted run would see.
+    """
+    mine = loader.state_dict() if hasattr(loader, "state_dict") else {}
+    keys = ("world_size", "micro_batch_size", "num_rows", "batch")
+    if not all(k in saved and k in mine for k in keys):
+        return saved
+    if (saved["world_size"], saved["micro_batch_size"]) == (mine["world_size"], mine["micro_batch_size"]):
+        return saved
+    old = saved["world_size"] * saved["micro_batch_size"]
+    new = mine["world_size"] * mine["micro_batch_size"]
+    rows = saved["batch"] * old
+    epoch_rows_old, epoch_rows_new = saved["num_rows"] // old * old, saved["num_rows"] // new * new
+    if rows % new or epoch_rows_old != epoch_rows_new:
+        from persimmon_train.errors import DataError
+
+        raise DataError(f"cannot resume the data loader at world_size={mine['world_size']} x "
+                        f"micro_batch_size={mine['micro_batch_size']}: the checkpoint's position ({rows} rows "
+                        f"into epoch {saved['epoch']}, global batch {old}) does not fall on a global batch of "
+                        f"{new}; keep world_size x micro_batch_size x grad_accum_steps constant")
+    log.info("loader: resuming a world_size=%s x micro_batch_size=%s position at world_size=%s x "
+             "micro_batch_size=%s", saved["world_size"], saved["micro_batch_size"], mine["world_size"],
+             mine["micro_batch_size"])
+    return {**saved, "batch": rows // new, "world_size": mine["world_size"], "micro_batch_size": mine["micro_batch_size"]}
 
 
 def remove_stale_temporaries(output_dir: str) -> None:

@@ -70,9 +70,24 @@ class PeftConfig:
 
 @dataclass
 class StrategyConfig:
+    """How the model is placed: single | fsdp | deepspeed (docs/distributed.md)."""
+
     name: str = "single"
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    stage: Optional[int] = None  # deepspeed ZeRO stage (distributed strategies)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (distributed: cuda -> cuda:LOCAL_RANK)
+    # -- distributed (fsdp, deepspeed)
+    backend: str = "auto"  # process-group backend: auto (nccl on GPUs, gloo on CPU) | nccl | gloo
+    timeout_minutes: float = 30.0  # collective timeout
+    # -- fsdp
+    reshard_after_forward: bool = True  # free gathered layer weights after forward (re-gather in backward)
+    cpu_offload: bool = False  # parameter shards, grads and optimizer state in host memory
+    replicate_degree: int = 1  # HSDP: >1 replicas x (world/replicas) shards, e.g. the number of nodes
+    # -- deepspeed
+    stage: Optional[int] = None  # ZeRO stage 1 | 2 | 3
+    offload_optimizer: str = "none"  # none | cpu | nvme
+    offload_param: str = "none"  # none | cpu | nvme (stage 3 only)
+    nvme_path: Optional[str] = None  # for *_offload=nvme
+    config_file: Optional[str] = None  # a DeepSpeed JSON used as-is (checked against trainer.*)
+    extra: Any = None  # dict deep-merged into the generated DeepSpeed config
 
 
 @dataclass
@@ -203,6 +218,7 @@ def validate_run_config(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"peft.dropout: must be in [0, 1), got {p.dropout!r}")
         if not p.target_modules:
             raise ConfigError("peft.target_modules: empty; LoRA needs at least one module name")
+    validate_strategy(cfg)
     _one_of("tracker.backend", cfg.tracker.backend, TRACKERS)
     if cfg.tracker.mode is not None:
         _one_of("tracker.mode", cfg.tracker.mode, WANDB_MODES)
@@ -232,6 +248,33 @@ def validate_run_config(cfg: RunConfig) -> RunConfig:
     if cfg.resume is not None and cfg.output_dir is None and cfg.resume == "latest":
         raise ConfigError("resume: 'latest' needs output_dir=DIR (the run folder to continue)")
     return cfg
+
+
+STRATEGIES = ("single", "fsdp", "deepspeed")
+OFFLOAD = ("none", "cpu", "nvme")
+
+
+def validate_strategy(cfg: RunConfig) -> None:
+    s = cfg.strategy
+    _one_of("strategy.name", s.name, STRATEGIES)
+    _one_of("strategy.backend", s.backend, ("auto", "nccl", "gloo", "ccl", "mpi"))
+    if not s.timeout_minutes > 0:
+        raise ConfigError(f"strategy.timeout_minutes: must be > 0, got {s.timeout_minutes!r}")
+    _at_least("strategy.replicate_degree", s.replicate_degree, 1)
+    if s.name != "deepspeed":
+        return
+    if s.config_file is None:
+        if s.stage is None:
+            raise ConfigError("strategy.stage: strategy=deepspeed needs a ZeRO stage (1, 2 or 3)")
+        _one_of("strategy.stage", s.stage, (1, 2, 3))
+    _one_of("strategy.offload_optimizer", s.offload_optimizer, OFFLOAD)
+    _one_of("strategy.offload_param", s.offload_param, OFFLOAD)
+    if s.offload_param != "none" and s.stage != 3:
+        raise ConfigError(f"strategy.offload_param: parameter offload needs strategy.stage=3, got stage {s.stage}")
+    if "nvme" in (s.offload_optimizer, s.offload_param) and not s.nvme_path:
+        raise ConfigError("strategy.nvme_path: offload to nvme needs a folder on a fast local disk")
+    if s.extra is not None and not isinstance(s.extra, dict):
+        raise ConfigError(f"strategy.extra: expected a mapping of DeepSpeed config keys, got {s.extra!r}")
 
 
 def check_seq_len(seq_len: int, max_positions: int, rope_scaling, where: str) -> None:

@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-
-import torch
 
 from persimmon_train.adapters.lora import PEFT_PREFIX, merge_lora_state_dict
+from persimmon_train.export.hf_folder import DTYPES, write_hf_folder
 
 log = logging.getLogger("persimmon_train")
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def export_final_model(strategy, cfg, *, model_class, model_config, tokenizer, out_dir: str) -> str | None:
     """Gather the full weights (collective), merge LoRA, write config + safetensors + tokenizer.
 
-    Written into `<out_dir>.tmp` and renamed, so `final/` only ever holds a complete model.
+    Written by the same code as `recipes/export.py` (`write_hf_folder`: names and shapes checked,
+    `<out_dir>.tmp` renamed into place, so `final/` only ever holds a complete model).
     """
     state = strategy.full_state_dict()
     if not strategy.is_main:
@@ -26,20 +23,8 @@ def export_final_model(strategy, cfg, *, model_class, model_config, tokenizer, o
         state = merge_lora_state_dict(state, cfg.peft)
     else:
         state = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in state.items()}
-    dtype = DTYPES[cfg.export.dtype]
-    state = {k: v.detach().to("cpu", dtype) for k, v in state.items()}
-    with torch.device("meta"):
-        shell = model_class(model_config)  # only for its config and save_pretrained
-    expected = set(shell.state_dict())
-    if set(state) != expected:
-        raise RuntimeError(f"export: weight names differ from {model_class.__name__}: "
-                           f"missing {sorted(expected - set(state))[:5]} extra {sorted(set(state) - expected)[:5]}")
-    tmp = out_dir + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shell.save_pretrained(tmp, state_dict=state)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    write_hf_folder(out_dir, state.items(), model_class=model_class, config=model_config, tokenizer=tokenizer,
+                    dtype=DTYPES[cfg.export.dtype])
     log.info("final model (%s%s): %s", cfg.export.dtype, ", LoRA merged" if cfg.peft.method == "lora" else "",
              out_dir)
     return out_dir

@@ -29,6 +29,7 @@ class RunResult:
     first_eval: dict = field(default_factory=dict)
     final_eval: dict = field(default_factory=dict)
     last_checkpoint: str | None = None
+    is_main: bool = True  # rank 0 of a distributed run (the only one that prints the summary)
 
 
 def config_dict(cfg) -> dict:
@@ -71,7 +72,7 @@ def train(cfg, job: str) -> RunResult:
     tokenizer = builders.build_tokenizer(cfg)
     data = builders.build_data_bundle(cfg, tokenizer, strategy)
     builders.set_seed(cfg.trainer.seed)
-    base_model = builders.build_model(cfg, tokenizer, data)
+    base_model = builders.build_model(cfg, tokenizer, data, meta=strategy.loads_sharded_weights)
     model = builders.prepare_for_training(base_model, cfg)
     model, optimizer = strategy.wrap(model, lambda m: build_optimizer(m, cfg.optim))
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.trainer.max_steps)
@@ -86,7 +87,7 @@ def train(cfg, job: str) -> RunResult:
                       metrics_file=metrics_file, output_dir=output_dir, id2label=data.id2label,
                       flops_per_token=flops_per_token(base_model, base_model.config, cfg.data.seq_len,
                                                       cfg.peft.method == "none"))
-    result = RunResult(output_dir=output_dir, steps=0, seconds=0.0)
+    result = RunResult(output_dir=output_dir, steps=0, seconds=0.0, is_main=strategy.is_main)
     exit_code = 1
     try:
         if resume_path:
@@ -118,6 +119,8 @@ def _fmt(metrics: dict) -> str:
 
 def print_summary(result: RunResult, job: str) -> None:
     """Where things went, on stdout (rank 0)."""
+    if not result.is_main:
+        return
     d = result.output_dir
     lines = [f"{job}: {result.steps} steps in {result.seconds:.1f}s"]
     if result.first_eval.get("eval_loss") is not None and result.final_eval.get("eval_loss") is not None:
@@ -152,7 +155,7 @@ def evaluate(cfg, job: str = "evaluate") -> dict:
 
         raise ConfigError("data.eval_files: no eval data to evaluate on (set data.eval_files or data.eval_fraction)")
     builders.set_seed(cfg.trainer.seed)
-    base_model = builders.build_model(cfg, tokenizer, data)
+    base_model = builders.build_model(cfg, tokenizer, data, meta=strategy.loads_sharded_weights)
     model = builders.prepare_for_training(base_model, cfg, training=False)
     model, optimizer = strategy.wrap(model, lambda m: build_optimizer(m, cfg.optim))
     if cfg.resume:

@@ -131,7 +131,7 @@ class Trainer:
         """Restore everything; the RNG last, so nothing built afterwards can shift it."""
         state = checkpointing.load_checkpoint(path, strategy=self.strategy)
         self.scheduler.load_state_dict(state["scheduler"])
-        self.train_loader.load_state_dict(state["loader"])
+        self.train_loader.load_state_dict(checkpointing.adapt_loader_state(state["loader"], self.train_loader))
         self.state.step = int(state["step"])
         self.state.tokens_seen = int(state["tokens_seen"])
         self.state.skipped_steps = int(state.get("skipped_steps", 0))
@@ -141,9 +141,13 @@ class Trainer:
         return state
 
     def save(self) -> str:
+        peft = self.cfg.peft
+        info = {"task": self.task, "peft": None if peft.method == "none" else {
+            "method": peft.method, "r": peft.r, "alpha": peft.alpha, "use_rslora": peft.use_rslora,
+            "target_modules": list(peft.target_modules), "modules_to_save": list(peft.modules_to_save)}}
         path = checkpointing.save_checkpoint(self.output_dir, self.state.step, strategy=self.strategy,
                                              trainer_state=self.trainer_state_dict(),
-                                             keep_last=self.cfg.checkpoint.keep_last)
+                                             keep_last=self.cfg.checkpoint.keep_last, info=info)
         self.state.last_checkpoint = path
         log.info("checkpoint: %s", path)
         if self.on_checkpoint is not None:
@@ -179,11 +183,9 @@ class Trainer:
                 strategy.backward(loss)
             loss_sum += loss.detach().float()
         loss = strategy.reduce_sum(loss_sum)
-        grad_norm = strategy.clip_grad_norm(self.cfg.optim.grad_clip)
-        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
         lr = self.scheduler.get_last_lr()[0]
+        grad_norm, finite = strategy.clip_and_step(self.cfg.optim.grad_clip, bool(torch.isfinite(loss)))
         if finite:
-            strategy.optimizer_step()
             self.state.consecutive_nonfinite = 0
         else:
             self.state.consecutive_nonfinite += 1
@@ -227,6 +229,11 @@ class Trainer:
                 self._collect_classification(out.logits.float(), labels, preds, golds)
             elif self.task == "token_classification":
                 self._collect_tags(out.logits.float(), labels, preds, golds)
+        if self.strategy.world_size > 1 and self.task != "causal_lm":
+            # Metrics such as macro-F1 do not decompose over ranks: gather every rank's predictions.
+            gathered = self.strategy.all_gather_object((preds, golds))
+            preds = [p for rank_preds, _ in gathered for p in rank_preds]
+            golds = [g for _, rank_golds in gathered for g in rank_golds]
         totals = self.strategy.reduce_sum(torch.stack([loss_sum, torch.tensor(float(items), dtype=torch.float64,
                                                                                device=loss_sum.device)]))
         eval_loss = float(totals[0] / totals[1].clamp(min=1))

@@ -82,7 +82,7 @@ def test_checkpoint_keep_last_and_atomic_names(tmp_path):
     checkpointing.remove_stale_temporaries(str(tmp_path))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_4", "step_6"]
     files = sorted(os.listdir(tmp_path / "checkpoints" / "step_6"))
-    assert files == ["model.safetensors", "optimizer.pt", "trainer_state.pt"]
+    assert files == ["model.safetensors", "optimizer.pt", "strategy.json", "trainer_state.pt"]
 
 
 def test_in_process_resume_matches(tmp_path):

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Launch a recipe with torchrun (strategy=fsdp, or strategy=deepspeed: the recipes run under either launcher).
+#
+#   launch/torchrun.sh recipes/finetune.py strategy=fsdp model=persimmon_8b model.path=/models/persimmon-8b ...
+#
+# One node (default): torchrun --standalone, NPROC_PER_NODE processes (default: number of GPUs, or 1).
+# Many nodes: run this script once on every node with the same NNODES, MASTER_ADDR, MASTER_PORT and
+# RDZV_ID, and that node's NODE_RANK (launch/slurm/torchrun.sbatch does this for you):
+#   NNODES=4 NODE_RANK=0 MASTER_ADDR=node001 MASTER_PORT=29500 launch/torchrun.sh recipes/finetune.py ...
+# DRY_RUN=1 prints the command instead of running it.
+set -euo pipefail
+
+if [[ $# -lt 1 ]]; then
+  echo "usage: $0 RECIPE.py [key=value ...]" >&2
+  exit 2
+fi
+RECIPE=$1
+shift
+
+gpus() {
+  local n=0
+  if command -v nvidia-smi >/dev/null 2>&1; then n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true); fi
+  if [[ "$n" -gt 0 ]]; then echo "$n"; else echo 1; fi
+}
+NPROC_PER_NODE=${NPROC_PER_NODE:-$(gpus)}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+TORCHRUN=${TORCHRUN:-torchrun}
+# One torch thread pool per rank sized to the cores it gets, unless the caller chose.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+if [[ "$NNODES" == 1 ]]; then
+  CMD=("$TORCHRUN" --standalone --nnodes 1 --nproc_per_node "$NPROC_PER_NODE" "$RECIPE" "$@")
+else
+  : "${MASTER_ADDR:?MASTER_ADDR (the host of node rank 0) is required for NNODES>1}"
+  MASTER_PORT=${MASTER_PORT:-29500}
+  RDZV_ID=${RDZV_ID:-persimmon-train}
+  CMD=("$TORCHRUN" --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE"
+       --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$RDZV_ID"
+       "$RECIPE" "$@")
+fi
+
+if [[ "${DRY_RUN:-0}" == 1 ]]; then
+  printf '%q ' "${CMD[@]}"
+  echo
+  exit 0
+fi
+exec "${CMD[@]}"

@@ -1,0 +1,159 @@
+"""Fill a sharded (DTensor) model that was built on the meta device, each rank reading only its part.
+
+After `fully_shard` on meta tensors and `to_empty`, every parameter is a DTensor whose local shard
+is uninitialised memory. For each parameter we compute which slice of the global tensor this rank
+holds (from the DTensor's mesh and placements) and read exactly that slice from the HF
+safetensors file with `safe_open(...).get_slice(name)[...]` -- so no rank ever materialises a
+whole tensor it does not own, let alone the whole model.
+
+Parameters the file cannot have (LoRA adapters, a classification head on a causal-LM checkpoint)
+are initialised from a generator seeded identically on every rank: each rank builds the (small)
+full tensor and keeps its slice, so the shards agree.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from persimmon_train.adapters.lora import PEFT_PREFIX
+from persimmon_train.errors import WeightsError
+
+ADAPTER = "default"
+
+
+def file_name(param_name: str) -> str:
+    """The HF checkpoint name a (possibly peft-wrapped) model parameter is loaded from."""
+    name = param_name[len(PEFT_PREFIX):] if param_name.startswith(PEFT_PREFIX) else param_name
+    for wrapper in (".base_layer.", ".original_module.", f".modules_to_save.{ADAPTER}."):
+        name = name.replace(wrapper, ".")
+    return name
+
+
+def local_slices(param: torch.Tensor) -> tuple[slice, ...]:
+    """The global index ranges this rank's shard of `param` covers (whole tensor if not a DTensor)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(param, DTensor):
+        return tuple(slice(0, n) for n in param.shape)
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape))
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
+def _fresh_full(name: str, shape, generator: torch.Generator, std: float) -> torch.Tensor:
+    """peft's default LoRA init (A: kaiming-uniform a=sqrt(5), B: zeros); heads: normal(std), biases 0."""
+    full = torch.empty(shape, dtype=torch.float32)
+    if f".lora_A.{ADAPTER}." in name:
+        nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=generator)
+    elif f".lora_B.{ADAPTER}." in name or name.endswith("bias") or len(shape) < 2:
+        nn.init.zeros_(full)
+    else:
+        nn.init.normal_(full, std=std, generator=generator)
+    return full
+
+
+def load_sharded_safetensors(model: nn.Module, folder: str, *, fresh_prefixes: tuple[str, ...], ignore: tuple[str, ...],
+                             seed: int, init_std: float) -> dict:
+    """Fill every parameter's local shard from `folder` (HF safetensors) or a seeded fresh init.
+
+    `fresh_prefixes`: HF names that may be missing from the file (new heads); LoRA adapter weights
+    are always fresh. `ignore`: file names not to load (another head's weights).
+    Returns {"loaded": n, "fresh": [names]}.
+    """
+    from safetensors import safe_open
+
+    from persimmon_train.checkpoint import read_weight_map
+
+    weight_map = read_weight_map(folder)  # validates the folder and headers first
+    params = dict(model.named_parameters())
+    by_file: dict[str, list[str]] = defaultdict(list)
+    fresh, missing = [], []
+    for name in params:
+        source = file_name(name)
+        if ".lora_A." in name or ".lora_B." in name:
+            fresh.append(name)
+        elif source in weight_map:
+            by_file[weight_map[source]].append(name)
+        elif source.startswith(fresh_prefixes):
+            fresh.append(name)
+        else:
+            missing.append(source)
+    used = {file_name(n) for names in by_file.values() for n in names}
+    unexpected = sorted(set(weight_map) - used - set(ignore))
+    if missing or unexpected:
+        raise WeightsError(f"{folder}: weights do not match the model: missing {sorted(missing)[:5]} "
+                           f"unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for path, names in by_file.items():
+            entries, data_start = _header(path)
+            with open(path, "rb") as raw, safe_open(path, framework="pt", device="cpu") as handle:
+                for name in names:
+                    param = params[name]
+                    source = file_name(name)
+                    dtype, shape, begin, _ = entries[source]
+                    if tuple(shape) != tuple(param.shape):
+                        raise WeightsError(f"tensor {source} in {path} has shape {list(shape)} but "
+                                           f"the model expects {list(param.shape)}")
+                    index = local_slices(param)
+                    local = _local(param)
+                    if _rows_only(index, shape) and local.is_contiguous() and local.device.type == "cpu":
+                        _read_rows(raw, data_start + begin, dtype, shape, index[0] if index else slice(0, 1), local)
+                    else:  # column shards etc.: safetensors' (memory-mapped) slicing
+                        local.copy_(handle.get_slice(source)[index] if param.ndim else handle.get_tensor(source))
+        generator = torch.Generator().manual_seed(seed)
+        for name in fresh:  # module order: identical on every rank
+            param = params[name]
+            _local(param).copy_(_fresh_full(name, tuple(param.shape), generator, init_std)[local_slices(param)])
+    return {"loaded": sum(len(v) for v in by_file.values()), "fresh": fresh}
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _header(path: str) -> tuple[dict, int]:
+    """name -> (dtype, shape, begin, end) byte offsets in the data section; and where that section starts."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return ({k: (_DTYPES[v["dtype"]], v["shape"], *v["data_offsets"]) for k, v in header.items()}, 8 + size)
+
+
+def _rows_only(index: tuple[slice, ...], shape) -> bool:
+    """True when the shard is a block of whole rows (FSDP's Shard(0)): contiguous bytes in the file."""
+    return all(s.start == 0 and s.stop == n for s, n in zip(index[1:], shape[1:]))
+
+
+def _read_rows(raw, offset: int, dtype: torch.dtype, shape, rows: slice, out: torch.Tensor) -> None:
+    """Read rows [start, stop) straight from the file into `out` (a plain read, not a memory map, so
+    the file's pages do not count against this rank's memory); one shard-sized buffer if the dtype differs."""
+    row_elems = 1
+    for n in shape[1:]:
+        row_elems *= n
+    count = (rows.stop - rows.start) * row_elems
+    if count == 0:
+        return
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    buffer = out if out.dtype == dtype else torch.empty(out.shape, dtype=dtype)
+    raw.seek(offset + rows.start * row_elems * itemsize)
+    view = memoryview(buffer.view(torch.uint8).numpy() if dtype != torch.bool else buffer.numpy()).cast("B")
+    if raw.readinto(view) != count * itemsize:
+        raise WeightsError(f"{raw.name}: truncated tensor data")
+    if buffer is not out:
+        out.copy_(buffer)
+
+
+def model_path_exists(path: str | None) -> bool:
+    return bool(path) and os.path.isfile(os.path.join(path, "config.json"))

@@ -1,0 +1,90 @@
+"""2-rank CPU runs of the real recipes through launch/torchrun.sh (FSDP2, gloo) and
+launch/deepspeed.sh (ZeRO, DeepSpeed's CPU accelerator), shared by the tests of this folder.
+
+Every run is made at most once per session (`runs.get(name)`), so the equality, checkpoint and
+resume tests reuse the same jobs. The first DeepSpeed run on a fresh machine builds DeepSpeed's
+shared-memory op with ninja (minutes): its timeout is generous.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.recipes.conftest import FAST, REPO, read_metrics, recipe_env
+
+VENV_BIN = Path(sys.executable).parent
+STEPS = 10
+# fp32, AC on, 10 steps, global batch 8 rows: 1 rank x 8 or 2 ranks x 4.
+COMMON = [*FAST, f"trainer.max_steps={STEPS}", "trainer.eval_at_start=false", "trainer.eval_every_n_steps=0",
+          "trainer.eval_max_batches=2", "trainer.activation_checkpointing=1", "checkpoint.every_n_steps=5",
+          "checkpoint.keep_last=0", "optim.warmup_steps=2", "trainer.num_threads=1"]
+LORA = ["peft=lora", "peft.dropout=0.0"]
+# Tiny params would stay unpartitioned under ZeRO-3 (persistence threshold); partition everything.
+ZERO3 = ["strategy=deepspeed", "strategy.stage=3",
+         "strategy.extra={zero_optimization:{stage3_param_persistence_threshold:0}}"]
+JOBS = {
+    "single": ["strategy=single", "peft=none", "trainer.micro_batch_size=8"],
+    "single_lora": ["strategy=single", *LORA, "trainer.micro_batch_size=8"],
+    "fsdp": ["strategy=fsdp", "peft=none", "trainer.micro_batch_size=4"],
+    "fsdp_lora": ["strategy=fsdp", *LORA, "trainer.micro_batch_size=4"],
+    "zero2": ["strategy=deepspeed", "strategy.stage=2", "peft=none", "trainer.micro_batch_size=4"],
+    "zero3": [*ZERO3, "peft=none", "trainer.micro_batch_size=4"],
+    "zero3_lora": [*ZERO3, *LORA, "trainer.micro_batch_size=4"],
+}
+LAUNCHERS = {"single": "python", "fsdp": "torchrun", "deepspeed": "deepspeed"}
+
+
+def strategy_of(overrides) -> str:
+    names = [o.split("=", 1)[1] for o in overrides if o.startswith("strategy=")]
+    return names[-1] if names else "single"
+
+
+def launch(output_dir: Path, overrides: list[str], env: dict, timeout: float = 600, nproc: int = 2):
+    """Run recipes/finetune.py the way a user would: python, launch/torchrun.sh or launch/deepspeed.sh."""
+    launcher = LAUNCHERS[strategy_of(overrides)] if nproc > 1 else "python"
+    args = [*COMMON, *overrides, f"output_dir={output_dir}"]
+    if launcher == "python":
+        cmd = [sys.executable, str(REPO / "recipes" / "finetune.py"), *args]
+    else:
+        cmd = ["bash", str(REPO / "launch" / f"{launcher}.sh"), "recipes/finetune.py", *args]
+    env = dict(env, NPROC_PER_NODE=str(nproc), NUM_GPUS=str(nproc), TORCHRUN=str(VENV_BIN / "torchrun"),
+               DEEPSPEED=str(VENV_BIN / "deepspeed"), PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd[:4])} ... exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
+                             f"stderr:\n{proc.stderr[-6000:]}")
+    return proc
+
+
+class Runs:
+    def __init__(self, root: Path):
+        self.root = root
+        self.env = recipe_env(root)
+        self.done: dict[str, Path] = {}
+
+    def get(self, name: str) -> Path:
+        if name not in self.done:
+            out = self.root / name
+            launch(out, JOBS[name], self.env)
+            self.done[name] = out
+        return self.done[name]
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory) -> Runs:
+    return Runs(tmp_path_factory.mktemp("dist"))
+
+
+def train_losses(output_dir: Path) -> dict[int, float]:
+    return {row["step"]: row["loss"] for row in read_metrics(output_dir) if "loss" in row}
+
+
+def strategy_json(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / "strategy.json").read_text())

@@ -1,0 +1,93 @@
+"""Every kind of checkpoint exports to the folder training itself wrote at the same step, and the
+export loads in transformers with our logits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from persimmon_train.export import export_checkpoint
+from tests.export.conftest import checkpoint_of, load_tensors
+
+RUNS = ["full_run", "lora_run", "lora_random_run", "classify_run"]
+
+
+@pytest.fixture
+def cache_env(monkeypatch, export_env):
+    # In-process exports rebuild data / demo assets from the same cache the recipe runs used.
+    monkeypatch.setenv("PERSIMMON_TRAIN_CACHE", export_env["PERSIMMON_TRAIN_CACHE"])
+
+
+def _logits_match_transformers(folder, architecture: str) -> None:
+    transformers = pytest.importorskip("transformers")
+    import persimmon_train.model as ours_models
+
+    ours = getattr(ours_models, architecture).from_pretrained(folder).eval()
+    auto = {"PersimmonForCausalLM": transformers.AutoModelForCausalLM,
+            "PersimmonForSequenceClassification": transformers.AutoModelForSequenceClassification,
+            "PersimmonForTokenClassification": transformers.AutoModelForTokenClassification}[architecture]
+    theirs = auto.from_pretrained(folder, dtype=torch.float32).eval()
+    assert type(theirs).__name__ == architecture
+    ids = torch.randint(3, ours.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, attention_mask=mask).logits,
+                                   theirs(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("run_name", RUNS)
+def test_export_reproduces_final_and_loads_in_transformers(run_name, request, tmp_path, cache_env):
+    run = request.getfixturevalue(run_name)
+    out = tmp_path / "export"
+    result = export_checkpoint(str(checkpoint_of(run)), str(out), dtype="fp32", max_shard_size="150KB")
+
+    # Sharded like transformers: numbered files + an index naming every tensor's file.
+    assert len(result.files) > 1 and not (out / "model.safetensors").exists()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == sorted(result.files)
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (out / name).is_file(), name
+
+    # The same weights (bit for bit) and config as training's own export of the live model.
+    exported, final = load_tensors(out), load_tensors(run / "final")
+    assert sorted(exported) == sorted(final)
+    for name, tensor in final.items():
+        assert exported[name].dtype == torch.float32
+        assert torch.equal(exported[name], tensor), name
+    assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in final.values())
+    config = json.loads((out / "config.json").read_text())
+    assert config == json.loads((run / "final" / "config.json").read_text())
+    architecture = config["architectures"][0]
+    if architecture == "PersimmonForCausalLM":
+        assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == config["eos_token_id"]
+    else:
+        assert set(config["id2label"].values()) == {"neg", "pos"} and config["label2id"]["pos"] in (0, 1)
+    _logits_match_transformers(out, architecture)
+
+
+def test_bf16_export_casts_every_weight(lora_run, tmp_path, cache_env):
+    out = tmp_path / "bf16"
+    result = export_checkpoint(str(lora_run), str(out))  # a run folder: its newest checkpoint; bf16 default
+    assert result.files == ["model.safetensors"] and result.checkpoint == str(checkpoint_of(lora_run))
+    exported, final = load_tensors(out), load_tensors(lora_run / "final")
+    for name, tensor in final.items():
+        assert exported[name].dtype == torch.bfloat16
+        assert torch.equal(exported[name], tensor.to(torch.bfloat16)), name
+
+
+def test_reexport_replaces_an_earlier_export_but_never_another_folder(lora_run, tmp_path, cache_env):
+    from persimmon_train.errors import ConfigError
+
+    out = tmp_path / "again"
+    export_checkpoint(str(checkpoint_of(lora_run)), str(out), dtype="fp32", max_shard_size="150KB")
+    export_checkpoint(str(checkpoint_of(lora_run)), str(out), dtype="fp32")  # now one file
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+    assert not (out / "model.safetensors.index.json").exists()
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="output_dir"):
+        export_checkpoint(str(checkpoint_of(lora_run)), str(precious))
+    assert (precious / "notes.txt").read_text() == "keep me"
