@@ -10,12 +10,10 @@ there is nothing to compose). User errors print ``error: ...`` on one line and e
 
 from __future__ import annotations
 
-import logging
-import sys
-
 import torch
 
-from persimmon_train.errors import ConfigError, PersimmonTrainError
+from persimmon_train.cli_args import parse_key_values, run_main
+from persimmon_train.errors import ConfigError
 
 USAGE = ("usage: python recipes/convert_adept.py checkpoint=PATH tokenizer=PATH output_dir=OUT "
          "[dtype=bf16|fp32] [max_shard_size=5GB]")
@@ -26,16 +24,7 @@ OPTIONAL = {"dtype": "bf16", "max_shard_size": "5GB"}
 
 
 def parse_args(argv: list[str]) -> dict[str, str]:
-    values = dict(OPTIONAL)
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        key = key.lstrip("-").replace("-", "_")
-        if not sep or key not in (*REQUIRED, *OPTIONAL):
-            raise ConfigError(f"unknown argument {arg!r}; {USAGE}")
-        values[key] = value
-    missing = [key for key in REQUIRED if not values.get(key)]
-    if missing:
-        raise ConfigError(f"missing {', '.join(k + '=...' for k in missing)}; {USAGE}")
+    values = parse_key_values(argv, REQUIRED, OPTIONAL, USAGE)
     if values["dtype"] not in DTYPES:
         raise ConfigError(f"dtype={values['dtype']!r} is not one of bf16, fp32")
     return values
@@ -59,12 +48,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    if any(a in ("-h", "--help") for a in sys.argv[1:]):
-        print(USAGE)
-        sys.exit(0)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        main(sys.argv[1:])
-    except PersimmonTrainError as error:
-        print("error: " + " ".join(str(error).split()), file=sys.stderr)
-        sys.exit(2)
+    run_main(main, USAGE)

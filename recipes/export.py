@@ -12,7 +12,7 @@ config.yaml if it is not at output_dir/config.yaml. See docs/export.md.
 
 from __future__ import annotations
 
-from persimmon_train.export.args import as_bool, parse_key_values, run_main
+from persimmon_train.cli_args import as_bool, parse_key_values, run_main
 
 USAGE = ("usage: python recipes/export.py checkpoint=PATH output_dir=OUT [dtype=bf16|fp32] "
          "[merge=true|false] [max_shard_size=5GB] [config=PATH]")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from persimmon_train.export.args import as_bool, as_number, parse_key_values, run_main
+from persimmon_train.cli_args import as_bool, as_number, parse_key_values, run_main
 
 USAGE = ("usage: python recipes/generate.py model=PATH prompt=TEXT [max_new_tokens=64] [greedy=true] "
          "[temperature=0.7] [top_k=0] [top_p=0.9] [chat=true] [seed=0] [dtype=bf16|fp32] [device=auto]")

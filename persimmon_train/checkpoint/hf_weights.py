@@ -137,7 +137,7 @@ def save_safetensors(
 
     for file_name, names in zip(file_names, shards):
         shard = _cpu_shard(state_dict, names)
-        _atomic_write(os.path.join(folder, file_name), lambda tmp: save_file(shard, tmp, metadata=metadata))
+        _atomic_write(os.path.join(folder, file_name), lambda tmp, shard=shard: save_file(shard, tmp, metadata=metadata))
         del shard
 
     if len(shards) > 1:

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 from persimmon_train.data.config import PACKED_FORMATS, DataConfig
 from persimmon_train.data.formats import RowProcessor
 from persimmon_train.data.loader import PackedLoader, PaddedLoader
-from persimmon_train.data.packing import PackStats, pack
+from persimmon_train.data.packing import pack
 from persimmon_train.data.sources import Source, load_source, resolve
 from persimmon_train.data.streaming import StreamingPackedLoader
 from persimmon_train.data.tokenizer import Tokenizer

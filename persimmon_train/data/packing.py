@@ -17,7 +17,7 @@ non-empty free-space values: a bisect finds the best row in O(log seq_len).
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 

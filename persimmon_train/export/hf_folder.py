@@ -8,7 +8,6 @@ absent, the previous export, or a complete new one.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from typing import Iterable
@@ -33,11 +32,7 @@ def write_model_config(folder: str, model_class: type, config) -> None:
     """config.json (architectures = our class name, labels for heads) + generation_config.json (causal LM)."""
     config.save_pretrained(folder, architectures=[model_class.__name__])
     if model_class.__name__ == "PersimmonForCausalLM":
-        generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
-                      "pad_token_id": config.pad_token_id}
-        with open(os.path.join(folder, "generation_config.json"), "w", encoding="utf-8") as f:
-            json.dump({k: v for k, v in generation.items() if v is not None}, f, indent=2)
-            f.write("\n")
+        config.save_generation_config(folder)
 
 
 def write_hf_folder(out_dir: str, tensors: Iterable[tuple[str, torch.Tensor]], *, model_class: type, config,

@@ -211,5 +211,13 @@ class PersimmonConfig:
             json.dump(self.to_dict(architectures), f, indent=2, sort_keys=True)
             f.write("\n")
 
+    def save_generation_config(self, folder: str | os.PathLike) -> None:
+        """generation_config.json with the special ids (causal LM folders; transformers reads it)."""
+        ids = {"bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
+               "pad_token_id": self.pad_token_id}
+        with open(os.path.join(folder, "generation_config.json"), "w", encoding="utf-8") as f:
+            json.dump({k: v for k, v in ids.items() if v is not None}, f, indent=2)
+            f.write("\n")
+
     def replace(self, **changes) -> "PersimmonConfig":
         return dataclasses.replace(self, **changes)

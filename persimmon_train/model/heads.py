@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -172,12 +171,7 @@ class PersimmonForCausalLM(PersimmonPreTrainedModel):
 
     def save_pretrained(self, path, max_shard_size="5GB", state_dict=None) -> None:
         super().save_pretrained(path, max_shard_size, state_dict)
-        generation_config = {"bos_token_id": self.config.bos_token_id,
-                             "eos_token_id": self.config.eos_token_id,
-                             "pad_token_id": self.config.pad_token_id}
-        with open(os.path.join(path, "generation_config.json"), "w", encoding="utf-8") as f:
-            json.dump({k: v for k, v in generation_config.items() if v is not None}, f, indent=2)
-            f.write("\n")
+        self.config.save_generation_config(path)
 
 
 def _last_token_index(input_ids, attention_mask, pad_token_id) -> torch.Tensor:

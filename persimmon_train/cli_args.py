@@ -1,4 +1,4 @@
-"""`key=value` command lines for the export and generate recipes (nothing to compose: no Hydra).
+"""`key=value` command lines for the recipes with nothing to compose (export, generate, convert_adept).
 
 User errors print one line `error: ...` and exit 2, like every other recipe.
 """
