@@ -11,18 +11,12 @@
 # DRY_RUN=1 prints the command instead of running it.
 set -euo pipefail
 
-if [[ $# -lt 1 ]]; then
-  echo "usage: $0 RECIPE.py [key=value ...]" >&2
-  exit 2
-fi
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+require_recipe "$@"
 RECIPE=$1
 shift
 
-gpus() {
-  local n=0
-  if command -v nvidia-smi >/dev/null 2>&1; then n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true); fi
-  if [[ "$n" -gt 0 ]]; then echo "$n"; else echo 1; fi
-}
 NUM_GPUS=${NUM_GPUS:-$(gpus)}
 NNODES=${NNODES:-1}
 MASTER_PORT=${MASTER_PORT:-$((29500 + RANDOM % 2000))}
