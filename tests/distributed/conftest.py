@@ -34,6 +34,7 @@ JOBS = {
     "fsdp": ["strategy=fsdp", "peft=none", "trainer.micro_batch_size=4"],
     "fsdp_lora": ["strategy=fsdp", *LORA, "trainer.micro_batch_size=4"],
     "zero2": ["strategy=deepspeed", "strategy.stage=2", "peft=none", "trainer.micro_batch_size=4"],
+    "zero2_lora": ["strategy=deepspeed", "strategy.stage=2", *LORA, "trainer.micro_batch_size=4"],
     "zero3": [*ZERO3, "peft=none", "trainer.micro_batch_size=4"],
     "zero3_lora": [*ZERO3, *LORA, "trainer.micro_batch_size=4"],
 }

@@ -24,7 +24,7 @@ def test_full_finetune_matches_single(runs, name):
     _assert_same_losses(runs.get("single"), runs.get(name))
 
 
-@pytest.mark.parametrize("name", ["fsdp_lora", "zero3_lora"])
+@pytest.mark.parametrize("name", ["fsdp_lora", "zero2_lora", "zero3_lora"])
 def test_lora_matches_single(runs, name):
     _assert_same_losses(runs.get("single_lora"), runs.get(name))
 
