@@ -9,12 +9,11 @@ the folder onto transformers' Persimmon classes (or ours) built from the base mo
 from __future__ import annotations
 
 import os
-import shutil
 
 import torch
 
 from persimmon_train.adapters.lora import ADAPTER_NAME, lora_config
-from persimmon_train.export.safetensors_stream import write_safetensors_file
+from persimmon_train.export.safetensors_stream import staged_folder, write_safetensors_file
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -34,18 +33,10 @@ def write_adapter_folder(out_dir: str, raw: dict[str, torch.Tensor], cfg, *, dty
     config.base_model_name_or_path = cfg.model.path
     config.inference_mode = True
     weights = {peft_saved_name(k): v.detach().to("cpu", dtype).contiguous() for k, v in raw.items()}
-    out_dir = os.path.abspath(out_dir)
-    tmp = out_dir + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with staged_folder(out_dir) as tmp:
         os.makedirs(tmp)
         write_safetensors_file(os.path.join(tmp, ADAPTER_WEIGHTS), weights)
         config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
     return sorted(os.listdir(out_dir))

@@ -8,14 +8,12 @@ absent, the previous export, or a complete new one.
 
 from __future__ import annotations
 
-import os
-import shutil
 from typing import Iterable
 
 import torch
 
 from persimmon_train.errors import WeightsError
-from persimmon_train.export.safetensors_stream import ShardWriter
+from persimmon_train.export.safetensors_stream import ShardWriter, staged_folder
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -45,10 +43,7 @@ def write_hf_folder(out_dir: str, tensors: Iterable[tuple[str, torch.Tensor]], *
     with torch.device("meta"):
         shell = model_class(config)
     expected = {name: tuple(t.shape) for name, t in shell.state_dict().items()}
-    out_dir = os.path.abspath(out_dir)
-    tmp = out_dir + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with staged_folder(out_dir) as tmp:
         writer = ShardWriter(tmp, max_shard_size)
         for name, tensor in tensors:
             if name not in expected:
@@ -65,9 +60,4 @@ def write_hf_folder(out_dir: str, tensors: Iterable[tuple[str, torch.Tensor]], *
         files = writer.close()
         write_model_config(tmp, model_class, config)
         tokenizer.save_pretrained(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
     return files

@@ -13,10 +13,12 @@ and names the files (`model-0000i-of-0000n.safetensors` + `model.safetensors.ind
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import json
 import os
+import shutil
 import struct
 import sys
 from collections import defaultdict
@@ -208,3 +210,19 @@ class ShardWriter:
             with open(os.path.join(self.folder, SAFE_WEIGHTS_INDEX_NAME), "w", encoding="utf-8") as handle:
                 handle.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
         return names
+
+
+@contextlib.contextmanager
+def staged_folder(out_dir: str):
+    """Yield `<out_dir>.tmp` to write into; on success it replaces `out_dir` whole, on any error it
+    is removed. So `out_dir` only ever holds a complete export."""
+    out_dir = os.path.abspath(out_dir)
+    tmp = out_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
