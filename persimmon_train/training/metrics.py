@@ -1,4 +1,16 @@
-"""Evaluation metrics: accuracy / macro-F1 for classification, entity-level F1 for tagging."""
+"""Evaluation metrics, each the textbook definition (docs/training.md names them):
+
+- single-label classification: accuracy; macro-F1 = unweighted mean over classes of each class's F1;
+- multi-label classification: exact-match accuracy (every label of a row right); macro-F1 = the
+  unweighted mean over labels of the F1 of the label's POSITIVE class (sklearn's
+  `f1_score(average="macro")` on the indicator matrix). A label never predicted positive scores 0,
+  so a model that predicts no positives at all scores 0.0 -- averaging the F1 of the 0 class in
+  too would reward it for the (usually many) true negatives;
+- regression: mean squared error;
+- tagging: entity-level (span) micro precision / recall / F1.
+
+F1 is 0 where it is undefined (no true positive), as sklearn's zero_division=0.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +33,39 @@ def macro_f1(preds: list[int], labels: list[int], num_classes: int | None = None
         fn = sum(1 for p, t in zip(preds, labels) if p != c and t == c)
         scores.append(_f1(tp, fp, fn))
     return sum(scores) / len(scores)
+
+
+def multi_label_macro_f1(preds: list[list[int]], labels: list[list[int]]) -> float:
+    """Mean over labels j of the F1 of "label j is on" (rows are 0/1 indicator lists)."""
+    if not labels:
+        return 0.0
+    scores = []
+    for j in range(len(labels[0])):
+        tp = sum(1 for p, t in zip(preds, labels) if p[j] and t[j])
+        fp = sum(1 for p, t in zip(preds, labels) if p[j] and not t[j])
+        fn = sum(1 for p, t in zip(preds, labels) if not p[j] and t[j])
+        scores.append(_f1(tp, fp, fn))
+    return sum(scores) / len(scores)
+
+
+def mean_squared_error(preds: list[float], labels: list[float]) -> float:
+    if not labels:
+        return 0.0
+    return sum((p - t) ** 2 for p, t in zip(preds, labels)) / len(labels)
+
+
+def classification_metrics(preds: list, labels: list) -> dict[str, float]:
+    """Eval metrics of a sequence-classification head, by the kind of gold label:
+    float (regression), list of 0/1 (multi-label) or int (single-label)."""
+    if not labels:
+        return {}
+    first = labels[0]
+    if isinstance(first, float):
+        return {"eval_mse": mean_squared_error(preds, labels)}
+    if isinstance(first, list):
+        exact = sum(int(p == t) for p, t in zip(preds, labels)) / len(labels)
+        return {"eval_accuracy": exact, "eval_macro_f1": multi_label_macro_f1(preds, labels)}
+    return {"eval_accuracy": accuracy(preds, labels), "eval_macro_f1": macro_f1(preds, labels)}
 
 
 def _f1(tp: int, fp: int, fn: int) -> float:

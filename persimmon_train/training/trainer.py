@@ -19,7 +19,7 @@ import torch
 
 from persimmon_train.errors import PersimmonTrainError
 from persimmon_train.training import checkpointing
-from persimmon_train.training.metrics import accuracy, entity_f1, macro_f1
+from persimmon_train.training.metrics import classification_metrics, entity_f1
 
 log = logging.getLogger("persimmon_train")
 IGNORE_INDEX = -100
@@ -241,7 +241,7 @@ class Trainer:
         if self.task == "causal_lm":
             metrics["eval_ppl"] = math.exp(min(eval_loss, 50.0))
         elif self.task == "sequence_classification":
-            metrics.update(self._classification_metrics(preds, golds))
+            metrics.update(classification_metrics(preds, golds))
         else:
             metrics.update(entity_f1(preds, golds))
         self.model.train()
@@ -266,19 +266,6 @@ class Trainer:
             keep = labels != IGNORE_INDEX  # eval filler rows
             preds.extend(logits.argmax(-1)[keep].tolist())
             golds.extend(labels[keep].tolist())
-
-    def _classification_metrics(self, preds, golds) -> dict:
-        if not golds:
-            return {}
-        first = golds[0]
-        if isinstance(first, float):
-            return {"eval_mse": sum((p - g) ** 2 for p, g in zip(preds, golds)) / len(golds)}
-        if isinstance(first, list):  # multi-label: exact match + macro-F1 over labels
-            exact = sum(int(p == g) for p, g in zip(preds, golds)) / len(golds)
-            per_label = [macro_f1([p[j] for p in preds], [g[j] for g in golds], num_classes=None)
-                         for j in range(len(first))]
-            return {"eval_accuracy": exact, "eval_macro_f1": sum(per_label) / len(per_label)}
-        return {"eval_accuracy": accuracy(preds, golds), "eval_macro_f1": macro_f1(preds, golds)}
 
     def _collect_tags(self, logits, labels, preds, golds):
         predicted = logits.argmax(-1)

@@ -63,12 +63,21 @@ def test_nonfinite_loss_skips_step_then_stops(tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_gradient_clipping_reports_the_unclipped_norm(tmp_path):
+@pytest.mark.parametrize("clip", [1e-3, None])
+def test_gradient_clipping_bounds_the_update_and_reports_the_unclipped_norm(tmp_path, clip):
+    """Plain SGD with lr=1 moves the weights by exactly the (clipped) gradient: the update's norm is
+    max_norm when clipping is on, the full gradient norm when it is off."""
     model = tiny_model()
-    trainer = make_trainer(model, causal_rows(4), micro=4, accum=1, steps=1, output_dir=tmp_path, clip=1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = make_trainer(model, causal_rows(4), micro=4, accum=1, steps=1, output_dir=tmp_path, clip=clip,
+                           sgd=True, lr=1.0)
     batch = next(iter(trainer.train_loader))
     result = trainer.train_step([batch])
-    assert result["grad_norm"] > 1e-3
+    update = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.detach() - b)
+                                                   for p, b in zip(model.parameters(), before)]))
+    assert result["grad_norm"] > 1e-2  # the reported norm is the one before clipping
+    expected = clip if clip is not None else result["grad_norm"]
+    assert float(update) == pytest.approx(expected, rel=1e-3)
 
 
 def test_checkpoint_keep_last_and_atomic_names(tmp_path):

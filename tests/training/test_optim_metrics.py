@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
+from persimmon_train.training.config import OptimConfig
 from persimmon_train.training.metrics import accuracy, entities, entity_f1, macro_f1
-from persimmon_train.training.optim import lr_multiplier, parameter_groups
+from persimmon_train.training.optim import build_scheduler, lr_multiplier, parameter_groups
 from tests.training.helpers import tiny_model
 
 
@@ -34,6 +36,34 @@ def test_warmup_then_decay_to_min(schedule):
     assert all(a >= b for a, b in zip(f[10:], f[11:]))
     assert f[100] == pytest.approx(0.1)
     assert f[55] == pytest.approx(0.55, abs=1e-9)  # both are at the midpoint halfway between 1 and 0.1
+
+
+# max_steps 90, warmup 10: decay progress 0.25 / 0.5 / 0.75 at steps 30 / 50 / 70. By hand, with
+# min_lr_ratio 0.1: cosine = 0.1 + 0.9 * (1 + cos(pi * p)) / 2, linear = 0.1 + 0.9 * (1 - p).
+DECAY_POINTS = {
+    "cosine": {30: 0.1 + 0.9 * (2 + 2 ** 0.5) / 4, 50: 0.55, 70: 0.1 + 0.9 * (2 - 2 ** 0.5) / 4},
+    "linear": {30: 0.775, 50: 0.55, 70: 0.325},
+}
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_schedules_where_cosine_and_linear_differ(schedule):
+    points = DECAY_POINTS[schedule]
+    for step, want in points.items():
+        assert lr_multiplier(step, max_steps=90, warmup_steps=10, schedule=schedule,
+                             min_lr_ratio=0.1) == pytest.approx(want, abs=1e-12), step
+    # The scheduler the trainer steps follows the configured schedule (not a default one).
+    cfg = OptimConfig(lr=2.0, warmup_steps=10, schedule=schedule, min_lr_ratio=0.1)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    scheduler = build_scheduler(optimizer, cfg, max_steps=90)
+    seen = {}
+    for step in range(91):
+        seen[step] = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+    assert seen[9] == pytest.approx(2.0) and seen[90] == pytest.approx(0.2)
+    for step, want in points.items():
+        assert seen[step] == pytest.approx(2.0 * want, abs=1e-9), step
 
 
 def test_constant_schedule():
