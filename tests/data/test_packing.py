@@ -80,6 +80,17 @@ def test_nothing_lost_or_duplicated(long_docs):
     assert ids.shape[1] == 256
 
 
+def _greedy_rows(lengths, capacity: int) -> int:
+    """The naive packer, as the baseline: documents in corpus order, a new row whenever the next
+    one does not fit in the current row."""
+    rows, free = 0, 0
+    for n in lengths.tolist():
+        if n > free:
+            rows, free = rows + 1, capacity
+        free -= n
+    return rows
+
+
 def test_best_fit_beats_greedy_and_reaches_995_at_16k():
     rng = np.random.default_rng(0)
     lengths = np.minimum((rng.lognormal(6.0, 1.3, 6000)).astype(int) + 1, 16384)
@@ -87,7 +98,23 @@ def test_best_fit_beats_greedy_and_reaches_995_at_16k():
     assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
     assert all(lengths[b].sum() <= 16384 for b in bins)
     efficiency = lengths.sum() / (len(bins) * 16384)
+    greedy = _greedy_rows(lengths, 16384)
+    greedy_efficiency = lengths.sum() / (greedy * 16384)
+    print(f"16K rows: best-fit-decreasing {len(bins)} ({efficiency:.4f}), greedy {greedy} ({greedy_efficiency:.4f})")
     assert efficiency >= 0.995, efficiency
+    assert greedy_efficiency < 0.95 and len(bins) < 0.95 * greedy, (len(bins), greedy)
+    # Never more than one row above the bound no packer can beat.
+    assert len(bins) <= -(-lengths.sum() // 16384) + 1
+
+
+def test_pack_uses_best_fit_rows():
+    """`pack` itself (not only the bin function) fills rows as best-fit-decreasing does."""
+    lengths = [6, 6, 4, 4, 5, 5]  # greedy in order: [6] [6 4] [4 5] [5]; best fit: [6 4] [6 4] [5 5]
+    _, flat, labels, offsets = _docs(lengths)
+    rows, stats = pack(flat, labels, offsets, seq_len=10, pad_id=0)
+    assert _greedy_rows(np.array(lengths), 10) == 4
+    assert stats.rows == rows["input_ids"].shape[0] == len(best_fit_decreasing(np.array(lengths), 10)) == 3
+    assert stats.padding_tokens == 0
 
 
 def test_packed_logits_equal_each_document_alone(tok):

@@ -32,11 +32,24 @@ def test_generate_from_export_and_from_checkpoint(lora_run, export_env):
 
 
 def test_generate_sampling_is_seeded_and_errors_are_one_line(lora_run, export_env):
-    args = [f"model={lora_run / 'final'}", "prompt=hello", "max_new_tokens=12", "dtype=fp32", "greedy=false",
-            "temperature=1.5", "top_k=50", "top_p=0.95"]
-    first = run_script("generate.py", *args, "seed=3", env=export_env)
-    again = run_script("generate.py", *args, "seed=3", env=export_env)
-    assert first.returncode == 0 and first.stdout == again.stdout and first.stdout.strip()
+    """greedy=false samples (seeded); temperature / top_k / top_p reach the sampler: each alone,
+    pushed to its limit, turns sampling into greedy decoding, which hot sampling is not."""
+    def generate(*options: str) -> str:
+        proc = run_script("generate.py", f"model={lora_run / 'final'}", "prompt=hello", "max_new_tokens=12",
+                          "dtype=fp32", "chat=false", *options, env=export_env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.strip(), options
+        return proc.stdout
+
+    hot = ["greedy=false", "temperature=3.0", "top_k=0", "top_p=1.0"]
+    first = generate(*hot, "seed=3")
+    assert generate(*hot, "seed=3") == first
+    assert generate(*hot, "seed=4") != first
+    greedy = generate("greedy=true")
+    assert first != greedy
+    assert generate(*hot, "seed=3", "top_k=1") == greedy
+    assert generate(*hot, "seed=3", "top_p=0.0001") == greedy
+    assert generate(*hot, "seed=3", "temperature=0.00001") == greedy
     bad = run_script("generate.py", f"model={lora_run / 'nope'}", "prompt=hi", env=export_env)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: model:")
     assert "nope" in bad.stderr and "Traceback" not in bad.stderr

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from persimmon_train.model import PersimmonConfig
+from persimmon_train.model.generation import generate
 
 from .helpers import tiny_config, twins
 
@@ -156,6 +157,74 @@ def test_sampling_is_seeded_and_respects_top_k():
     x = ours.generate(prompt, generator=torch.Generator().manual_seed(3), **kw)
     y = ours.generate(prompt, generator=torch.Generator().manual_seed(3), **kw)
     assert torch.equal(x, y)
+
+
+    z = ours.generate(prompt, generator=torch.Generator().manual_seed(4), **kw)
+    assert not torch.equal(x, z)  # it samples: another seed, another continuation
+
+
+# Sampling, through `generate`, on a model whose next-token logits are always this vector (its
+# best tokens deliberately not at the lowest ids). 20000 draws: each frequency is within 0.02 of
+# its probability with > 4 sigma to spare, and every allowed token is drawn.
+LOGITS = torch.tensor([0.5, -1.0, 3.0, 0.0, 2.0, -2.0, 2.5, 1.0])
+RANKED = [2, 6, 4, 7, 0, 3, 1, 5]  # token ids, best first
+DRAWS = 20000
+
+
+class FixedLogits(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.config = PersimmonConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                      num_attention_heads=1, eos_token_id=None, pad_token_id=None)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=LOGITS.expand(*input_ids.shape, -1))
+
+
+def _frequencies(seed=0, **kw) -> torch.Tensor:
+    out = generate(FixedLogits(), torch.zeros(DRAWS, 1, dtype=torch.long), max_new_tokens=1, do_sample=True,
+                   generator=torch.Generator().manual_seed(seed), **kw)
+    return torch.bincount(out[:, -1], minlength=len(LOGITS)).double() / DRAWS
+
+
+def _expected(temperature=1.0, allowed=RANKED) -> torch.Tensor:
+    keep = torch.full_like(LOGITS, float("-inf"))
+    keep[allowed] = 0.0
+    return (LOGITS / temperature + keep).softmax(-1).double()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.5])
+def test_temperature_shapes_the_sampled_distribution(temperature):
+    freq = _frequencies(temperature=temperature)
+    assert (freq - _expected(temperature)).abs().max() < 0.02, freq
+    if temperature != 1.0:  # and the temperature really moved it
+        assert (freq - _expected(1.0)).abs().max() > 0.08
+
+
+def test_top_k_never_samples_outside_the_k_best():
+    freq = _frequencies(top_k=2, temperature=2.0)
+    assert set(freq.nonzero().flatten().tolist()) == {2, 6}
+    assert (freq - _expected(2.0, allowed=[2, 6])).abs().max() < 0.02
+
+
+@pytest.mark.parametrize("temperature, nucleus", [
+    (1.0, [2, 6, 4]),  # probabilities .44 .27 .16 ...: cumulative .44 .71 .87 -> three tokens reach 0.8
+    (2.0, [2, 6, 4, 7, 0]),  # .29 .22 .17 .11 .08: cumulative .29 .51 .69 .79 .87 -> five tokens
+])
+def test_top_p_never_samples_outside_the_nucleus(temperature, nucleus):
+    freq = _frequencies(top_p=0.8, temperature=temperature)
+    assert set(freq.nonzero().flatten().tolist()) == set(nucleus)
+    assert (freq - _expected(temperature, allowed=nucleus)).abs().max() < 0.02
+
+
+def test_sampling_draws_differ_by_seed_and_repeat_by_seed():
+    a, b = _frequencies(seed=1), _frequencies(seed=1)
+    assert torch.equal(a, b)
+    out = [generate(FixedLogits(), torch.zeros(64, 1, dtype=torch.long), max_new_tokens=1, do_sample=True,
+                    generator=torch.Generator().manual_seed(seed)) for seed in (1, 2)]
+    assert not torch.equal(out[0], out[1])
 
 
 def test_config_json_loads_in_transformers_both_spellings():
