@@ -14,8 +14,9 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from persimmon_train.errors import PersimmonTrainError
 
@@ -24,9 +25,17 @@ CONFIG_DIR_ENV = "PERSIMMON_TRAIN_CONFIG_DIR"
 
 
 def config_dir() -> Path:
+    """The shipped config tree: inside the package, so a plain (non-editable) wheel has it too."""
     if os.environ.get(CONFIG_DIR_ENV):
         return Path(os.environ[CONFIG_DIR_ENV]).resolve()
-    return Path(__file__).resolve().parent.parent / "conf"
+    return Path(__file__).resolve().parent / "conf"
+
+
+def prog(job: str) -> str:
+    """How the user started `job`, for usage lines: the console script or a top-level recipe file."""
+    if Path(sys.argv[0]).name.startswith("persimmon-train"):
+        return f"persimmon-train {job.replace('_', '-')}"
+    return f"python recipes/{job}.py"
 
 
 def strip_local_rank(argv: list[str]) -> list[str]:
@@ -57,29 +66,67 @@ def _register_resolvers() -> None:
             return [str(v) for v in value] if isinstance(value, (list, tuple)) else str(value)
 
         OmegaConf.register_new_resolver("demo", demo)
+    if not OmegaConf.has_resolver("demo_eval_files"):
+        def demo_eval_files(train_files):
+            # The demo's eval files belong to the demo's train files: a user who brings their own
+            # data.train_files gets no demo eval data mixed in (set data.eval_files or eval_fraction).
+            from persimmon_train.data import demo_assets
+
+            assets = demo_assets()
+            train = [str(f) for f in (train_files or [])]
+            return [str(v) for v in assets.eval_files] if train == [str(v) for v in assets.train_files] else []
+
+        OmegaConf.register_new_resolver("demo_eval_files", demo_eval_files)
 
 
-def compose_config(job: str, overrides: list[str]):
-    """Hydra-compose `conf/<job>.yaml` with `overrides`; returns the (unresolved) DictConfig."""
-    from hydra import compose, initialize_config_dir
+def compose_config(job: str, overrides: list[str], config_path: str | None = None, config_name: str | None = None):
+    """Hydra-compose `conf/<job>.yaml` with `overrides`; returns the (unresolved) DictConfig.
+
+    `config_path` (a folder) / `config_name`: a user's own configs, e.g. made with
+    `persimmon-train cp finetune my.yaml`. The folder comes first on Hydra's search path and the
+    shipped tree after it, so a copied primary config still finds its groups (model: tiny, ...),
+    a group file in the folder (experiment/mine.yaml) is found, and one named like a shipped
+    option shadows it. (`hydra.searchpath` would put the folder last and cannot hold the primary.)
+    """
+    from hydra import compose, version
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
     from hydra.core.global_hydra import GlobalHydra
 
+    from persimmon_train.errors import ConfigError
     from persimmon_train.training.config import register_schema
 
     register_schema()
     _register_resolvers()
+    primary = config_dir()
+    if config_path is not None:
+        primary = Path(config_path).expanduser().resolve()
+        if not primary.is_dir():
+            raise ConfigError(f"--config-path: {config_path!r} is not a folder")
+    name = config_name or job
+    if name.endswith((".yaml", ".yml")):
+        name = name.rsplit(".", 1)[0]
+    version.setbase("1.3")
+    search_path = create_config_search_path(str(primary))
+    if config_path is not None:
+        search_path.append(provider="persimmon-train", path=f"file://{config_dir()}",
+                           anchor=SearchPathQuery(provider="main"))  # right after the user's folder
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name=job):
-        return compose(config_name=job, overrides=overrides)
+    Hydra.create_main_hydra2(task_name=job, config_search_path=search_path)
+    try:
+        return compose(config_name=name, overrides=overrides)
+    finally:
+        GlobalHydra.instance().clear()
 
 
-def load_config(job: str, overrides: list[str]):
+def load_config(job: str, overrides: list[str], config_path: str | None = None, config_name: str | None = None):
     """Compose, resolve and validate: returns a `RunConfig` dataclass."""
     from omegaconf import OmegaConf
 
     from persimmon_train.training.config import validate_run_config
 
-    cfg = compose_config(job, overrides)
+    cfg = compose_config(job, overrides, config_path, config_name)
     _reject_unknown_keys(cfg)
     return validate_run_config(OmegaConf.to_object(cfg))
 
@@ -104,7 +151,7 @@ def _reject_unknown_keys(cfg) -> None:
 
     unknown = [k for k in _unknown_keys(cfg, RunConfig) if k != "hydra"]
     if unknown:
-        raise ConfigError(f"config key '{unknown[0]}': not a known key (see python recipes/<job>.py --print-config)")
+        raise ConfigError(f"config key '{unknown[0]}': not a known key (see --print-config)")
 
 
 def _one_line(text: str) -> str:
@@ -138,18 +185,69 @@ def _is_config_error(exc: BaseException) -> bool:
     return isinstance(exc, (HydraException, OmegaConfBaseException))
 
 
+@dataclass
+class Invocation:
+    """A recipe command line split into Hydra overrides and the Hydra-style flags we honour."""
+
+    overrides: list[str] = field(default_factory=list)
+    config_path: str | None = None  # --config-path / -cp: a folder holding the user's primary config
+    config_name: str | None = None  # --config-name / -cn: its name (default: the job's)
+    multirun: bool = False  # -m / --multirun: expand sweeps (optim.lr=1e-4,3e-4) into one job each
+    print_only: bool = False  # --cfg / --print-config: print the resolved config, run nothing
+    help: bool = False
+
+
+_VALUE_FLAGS = {"--config-path": "config_path", "-cp": "config_path", "--config-name": "config_name",
+                "-cn": "config_name"}
+
+
+def parse_invocation(args: list[str]) -> Invocation:
+    from persimmon_train.errors import ConfigError
+
+    inv, i = Invocation(), 0
+    while i < len(args):
+        arg = args[i]
+        flag, eq, value = arg.partition("=")
+        if flag in _VALUE_FLAGS:
+            if not eq:
+                if i + 1 >= len(args):
+                    raise ConfigError(f"{flag}: needs a value")
+                i, value = i + 1, args[i + 1]
+            setattr(inv, _VALUE_FLAGS[flag], value)
+        elif arg in ("-m", "--multirun"):
+            inv.multirun = True
+        elif arg in ("--cfg", "--print-config"):
+            inv.print_only = True
+            if i + 1 < len(args) and args[i + 1] in ("job", "all", "hydra"):  # Hydra spells it `--cfg job`
+                i += 1
+        elif arg in ("-h", "--help"):
+            inv.help = True
+        else:
+            inv.overrides.append(arg)
+        i += 1
+    return inv
+
+
 def run_recipe(job: str, main: Callable, argv: list[str] | None = None) -> None:
-    """Parse overrides for `job`, run `main(cfg)`, and turn user errors into one line + exit 2."""
+    """Parse overrides for `job`, run `main(cfg)`, and turn user errors into one line + exit 2.
+
+    With -m / --multirun every sweep override (`optim.lr=1e-4,3e-4`) expands into one job per
+    combination, each in its own output folder (persimmon_train.recipes.sweep).
+    """
     args = strip_local_rank(list(sys.argv[1:] if argv is None else argv))
-    print_only = any(a in ("--cfg", "--print-config") for a in args)
-    args = [a for a in args if a not in ("--cfg", "--print-config")]
-    if any(a in ("-h", "--help") for a in args):
-        print(f"usage: python recipes/{job}.py [key=value ...] [--print-config]\n"
-              f"config tree: {config_dir()} (see docs/training.md)")
-        return
     try:
-        cfg = load_config(job, args)
-        if print_only:
+        inv = parse_invocation(args)
+        if inv.help:
+            print(f"usage: {prog(job)} [key=value ...] [-m] [--config-path DIR --config-name NAME] "
+                  f"[--print-config]\nconfig tree: {config_dir()} (see docs/training.md)")
+            return
+        if inv.multirun and not inv.print_only:
+            from persimmon_train.recipes.sweep import run_sweep
+
+            run_sweep(job, main, inv)
+            return
+        cfg = load_config(job, inv.overrides, inv.config_path, inv.config_name)
+        if inv.print_only:
             from omegaconf import OmegaConf
 
             print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))

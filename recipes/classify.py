@@ -1,16 +1,17 @@
-"""Sequence classification: `python recipes/classify.py data.train_files=[...] [key=value ...]`.
+"""Sequence classification: `python recipes/classify.py data.train_files=[...] [key=value ...]`
+(the same as `persimmon-train classify ...`).
 
-Configs: conf/classify.yaml; eval reports loss, accuracy and macro-F1 (docs/training.md).
+A thin entry point: the recipe lives in persimmon_train/recipes/classify.py, inside the package, so an
+installed wheel has it too.
 """
 
-from persimmon_train.cli import run_recipe
+import sys
+from pathlib import Path
 
+# Run this checkout's package, not whatever copy of persimmon_train is installed elsewhere.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-def main(cfg):
-    from persimmon_train.training.run import print_summary, train
-
-    print_summary(train(cfg, "classify"), "classify")
-
+from persimmon_train.recipes.classify import main, run  # noqa: E402,F401
 
 if __name__ == "__main__":
-    run_recipe("classify", main)
+    run()

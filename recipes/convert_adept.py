@@ -1,51 +1,17 @@
-"""Convert ADEPT's original Persimmon release to a Hugging Face model folder.
+"""Convert ADEPT's original release: `python recipes/convert_adept.py checkpoint=PATH tokenizer=PATH output_dir=OUT`
+(the same as `persimmon-train convert-adept ...`).
 
-    python recipes/convert_adept.py checkpoint=PATH tokenizer=PATH output_dir=OUT \
-        [dtype=bf16|fp32] [max_shard_size=5GB]
-
-checkpoint: ``model_optim_rng.pt`` or its ``mp_rank_00`` / ``iter_N`` / release folder;
-tokenizer: ``adept_vocab.model``. See docs/conversion.md. Plain ``key=value`` arguments (no Hydra:
-there is nothing to compose). User errors print ``error: ...`` on one line and exit 2.
+A thin entry point: the recipe lives in persimmon_train/recipes/convert_adept.py, inside the package, so an
+installed wheel has it too.
 """
 
-from __future__ import annotations
+import sys
+from pathlib import Path
 
-import torch
+# Run this checkout's package, not whatever copy of persimmon_train is installed elsewhere.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from persimmon_train.cli_args import parse_key_values, run_main
-from persimmon_train.errors import ConfigError
-
-USAGE = ("usage: python recipes/convert_adept.py checkpoint=PATH tokenizer=PATH output_dir=OUT "
-         "[dtype=bf16|fp32] [max_shard_size=5GB]")
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
-          "float32": torch.float32}
-REQUIRED = ("checkpoint", "tokenizer", "output_dir")
-OPTIONAL = {"dtype": "bf16", "max_shard_size": "5GB"}
-
-
-def parse_args(argv: list[str]) -> dict[str, str]:
-    values = parse_key_values(argv, REQUIRED, OPTIONAL, USAGE)
-    if values["dtype"] not in DTYPES:
-        raise ConfigError(f"dtype={values['dtype']!r} is not one of bf16, fp32")
-    return values
-
-
-def main(argv: list[str]) -> None:
-    from persimmon_train.checkpoint.adept import convert_adept_checkpoint
-
-    values = parse_args(argv)
-    result = convert_adept_checkpoint(values["checkpoint"], values["tokenizer"], values["output_dir"],
-                                      dtype=DTYPES[values["dtype"]],
-                                      max_shard_size=values["max_shard_size"])
-    config = result.config
-    print(f"converted {result.checkpoint_file}"
-          + (f" (iteration {result.iteration})" if result.iteration is not None else ""))
-    print(f"  {result.num_parameters:,} parameters, {values['dtype']}, "
-          f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, vocab {config.vocab_size}, "
-          f"rope_theta {config.rope_theta:g}, bos/eos {config.bos_token_id}/{config.eos_token_id}")
-    print(f"wrote {result.output_dir} ({', '.join(result.weight_files)}, config.json, "
-          "generation_config.json, tokenizer.model)")
-
+from persimmon_train.recipes.convert_adept import USAGE, main, parse_args, run  # noqa: E402,F401
 
 if __name__ == "__main__":
-    run_main(main, USAGE)
+    run()

@@ -1,17 +1,17 @@
-"""Evaluate a model folder or a training checkpoint:
-`python recipes/evaluate.py model.path=DIR data.eval_files=[...] [task=...] [data=...]`.
+"""Evaluate a model folder or checkpoint: `python recipes/evaluate.py model.path=DIR data.eval_files=[...]`
+(the same as `persimmon-train evaluate ...`).
 
-Configs: conf/evaluate.yaml. Prints the metrics and writes output_dir/eval_metrics.json.
+A thin entry point: the recipe lives in persimmon_train/recipes/evaluate.py, inside the package, so an
+installed wheel has it too.
 """
 
-from persimmon_train.cli import run_recipe
+import sys
+from pathlib import Path
 
+# Run this checkout's package, not whatever copy of persimmon_train is installed elsewhere.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-def main(cfg):
-    from persimmon_train.training.run import evaluate
-
-    evaluate(cfg, "evaluate")
-
+from persimmon_train.recipes.evaluate import main, run  # noqa: E402,F401
 
 if __name__ == "__main__":
-    run_recipe("evaluate", main)
+    run()

@@ -1,17 +1,17 @@
-"""Causal-LM fine-tuning, full or LoRA: `python recipes/finetune.py [key=value ...]`.
+"""Causal-LM fine-tuning, full or LoRA: `python recipes/finetune.py [key=value ...]`
+(the same as `persimmon-train finetune ...`).
 
-No overrides: the embedded default (LoRA, tiny model, demo chat data, CPU, about a minute).
-Configs: conf/finetune.yaml and its groups; docs/training.md.
+A thin entry point: the recipe lives in persimmon_train/recipes/finetune.py, inside the package, so an
+installed wheel has it too.
 """
 
-from persimmon_train.cli import run_recipe
+import sys
+from pathlib import Path
 
+# Run this checkout's package, not whatever copy of persimmon_train is installed elsewhere.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-def main(cfg):
-    from persimmon_train.training.run import print_summary, train
-
-    print_summary(train(cfg, "finetune"), "finetune")
-
+from persimmon_train.recipes.finetune import main, run  # noqa: E402,F401
 
 if __name__ == "__main__":
-    run_recipe("finetune", main)
+    run()

@@ -1,52 +1,17 @@
-"""Generate from an exported model or a training checkpoint, streaming tokens to the console.
+"""Generate from an export or a checkpoint: `python recipes/generate.py model=PATH prompt=TEXT [...]`
+(the same as `persimmon-train generate ...`).
 
-    python recipes/generate.py model=PATH prompt="..." [max_new_tokens=64] [greedy=true]
-        [temperature=0.7] [top_k=0] [top_p=0.9] [chat=true] [seed=0] [dtype=bf16|fp32] [device=auto]
-
-model: an HF folder (e.g. an export or a run's final/) or a checkpoint (`checkpoints/step_N`, or a
-run folder: its newest checkpoint), which is exported to a temporary folder first. chat=true wraps
-the prompt as `human: {prompt}\\n\\nadept:`. greedy=false samples with temperature / top_k / top_p.
-Generation stops at the tokenizer's eos or after max_new_tokens. See docs/export.md.
+A thin entry point: the recipe lives in persimmon_train/recipes/generate.py, inside the package, so an
+installed wheel has it too.
 """
 
-from __future__ import annotations
-
 import sys
+from pathlib import Path
 
-from persimmon_train.cli_args import as_bool, as_number, parse_key_values, run_main
+# Run this checkout's package, not whatever copy of persimmon_train is installed elsewhere.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-USAGE = ("usage: python recipes/generate.py model=PATH prompt=TEXT [max_new_tokens=64] [greedy=true] "
-         "[temperature=0.7] [top_k=0] [top_p=0.9] [chat=true] [seed=0] [dtype=bf16|fp32] [device=auto]")
-REQUIRED = ("model", "prompt")
-OPTIONAL = {"max_new_tokens": "64", "greedy": "true", "temperature": "0.7", "top_k": "0", "top_p": "0.9",
-            "chat": "true", "seed": "0", "dtype": "bf16", "device": "auto"}
-
-
-def main(argv: list[str]) -> None:
-    import torch
-
-    from persimmon_train.export.generate import load_causal_lm, stream_generate
-    from persimmon_train.export.hf_folder import export_dtype
-
-    values = parse_key_values(argv, REQUIRED, OPTIONAL, USAGE)
-    options = dict(max_new_tokens=as_number(values, "max_new_tokens", int, 1),
-                   greedy=as_bool(values, "greedy"), chat=as_bool(values, "chat"),
-                   temperature=as_number(values, "temperature", float, 0.0),
-                   top_k=as_number(values, "top_k", int, 0), top_p=as_number(values, "top_p", float, 0.0, 1.0),
-                   seed=as_number(values, "seed", int, 0))
-    dtype = export_dtype(values["dtype"])
-    device = values["device"]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_causal_lm(values["model"], dtype, device)
-
-    def write(text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-
-    stream_generate(model, tokenizer, values["prompt"], write=write, **options)
-    sys.stdout.write("\n")
-
+from persimmon_train.recipes.generate import USAGE, main, run  # noqa: E402,F401
 
 if __name__ == "__main__":
-    run_main(main, USAGE)
+    run()

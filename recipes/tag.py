@@ -1,16 +1,17 @@
-"""Token classification (NER-style tags): `python recipes/tag.py data.train_files=[...] [key=value ...]`.
+"""Token classification: `python recipes/tag.py data.train_files=[...] [key=value ...]`
+(the same as `persimmon-train tag ...`).
 
-Configs: conf/tag.yaml; eval reports loss and entity-level precision / recall / F1.
+A thin entry point: the recipe lives in persimmon_train/recipes/tag.py, inside the package, so an
+installed wheel has it too.
 """
 
-from persimmon_train.cli import run_recipe
+import sys
+from pathlib import Path
 
+# Run this checkout's package, not whatever copy of persimmon_train is installed elsewhere.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-def main(cfg):
-    from persimmon_train.training.run import print_summary, train
-
-    print_summary(train(cfg, "tag"), "tag")
-
+from persimmon_train.recipes.tag import main, run  # noqa: E402,F401
 
 if __name__ == "__main__":
-    run_recipe("tag", main)
+    run()

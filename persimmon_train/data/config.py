@@ -19,8 +19,9 @@ _NOT_IN_CACHE_KEY = {"num_proc", "cache_dir", "streaming", "stream_buffer_rows"}
 class DataConfig:
     # Sources: paths, globs, folders (files or a save_to_disk folder), or "hf:NAME[:CONFIG][@SPLIT]"
     # for a Hugging Face hub dataset already in the local cache (read offline).
-    train_files: list[str] = field(default_factory=list)
-    eval_files: list[str] = field(default_factory=list)
+    # null and [] both mean "none" (e.g. data.eval_files=null drops a config's eval files).
+    train_files: Optional[list[str]] = field(default_factory=list)
+    eval_files: Optional[list[str]] = field(default_factory=list)
     eval_fraction: float = 0.0  # held out of train_files when eval_files is empty
     split_seed: int = 0  # which rows the eval fraction takes (independent of the training seed)
     format: str = "text"  # text | chat | classification | token_classification
@@ -47,7 +48,13 @@ class DataConfig:
     streaming: bool = False
     stream_buffer_rows: int = 64  # streaming: packed rows per best-fit window (and shuffle buffer)
 
-    def validate(self) -> "DataConfig":
+    def __post_init__(self):
+        # Hydra builds this dataclass through its constructor, so null lands here as None.
+        for key in ("train_files", "eval_files"):
+            value = getattr(self, key)
+            setattr(self, key, [value] if isinstance(value, str) else list(value or []))
+
+    def validate(self) -> DataConfig:
         def bad(key, msg):
             raise ConfigError(f"data.{key}: {msg}")
 
@@ -82,7 +89,7 @@ class DataConfig:
         return {k: v for k, v in d.items() if k not in _NOT_IN_CACHE_KEY}
 
     @classmethod
-    def from_any(cls, cfg) -> "DataConfig":
+    def from_any(cls, cfg) -> DataConfig:
         """Accept a DataConfig, a dict, or an OmegaConf node (as Hydra passes it)."""
         if isinstance(cfg, cls):
             return cfg
@@ -97,8 +104,4 @@ class DataConfig:
         unknown = set(cfg) - known
         if unknown:
             raise ConfigError(f"data: unknown key(s) {', '.join(sorted(unknown))}")
-        out = cls(**cfg)
-        for key in ("train_files", "eval_files"):
-            v = getattr(out, key)
-            setattr(out, key, [v] if isinstance(v, str) else list(v or []))
-        return out
+        return cls(**cfg)  # __post_init__ normalizes the file lists
