@@ -21,3 +21,11 @@ class WeightsError(PersimmonTrainError):
 
 class DataError(PersimmonTrainError, ValueError):
     """A data file, row or field is unusable (the message names the file, row and field)."""
+
+
+class StorageError(PersimmonTrainError):
+    """The disk refused a write or read (full, read-only, a file where a folder should be): names the path."""
+
+
+class CheckpointError(WeightsError):
+    """A training checkpoint is incomplete, damaged or does not fit this run (names the file or key)."""

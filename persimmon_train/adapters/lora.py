@@ -73,6 +73,14 @@ def merge_lora_state_dict(state_dict: dict[str, torch.Tensor], cfg) -> dict[str,
     return merged
 
 
-def save_adapter(peft_model: nn.Module, path: str) -> None:
-    """adapter_config.json + adapter_model.safetensors, loadable with peft's PeftModel.from_pretrained."""
-    peft_model.save_pretrained(path)
+def peft_saved_name(key: str) -> str:
+    """Training name -> the name peft writes (and expects) in adapter_model.safetensors."""
+    return (key.replace(f".modules_to_save.{ADAPTER_NAME}.", ".")
+               .replace(f".lora_A.{ADAPTER_NAME}.", ".lora_A.")
+               .replace(f".lora_B.{ADAPTER_NAME}.", ".lora_B."))
+
+
+def peft_settings(cfg) -> dict:
+    """The LoRA settings a checkpoint manifest records (everything `lora_config` and the merge need)."""
+    return {"method": "lora", "r": cfg.r, "alpha": cfg.alpha, "dropout": cfg.dropout, "use_rslora": cfg.use_rslora,
+            "target_modules": list(cfg.target_modules), "modules_to_save": list(cfg.modules_to_save)}

@@ -1,24 +1,28 @@
-"""Checkpoint -> HF folder (merged) or PEFT adapter folder: what `recipes/export.py` runs."""
+"""Checkpoint -> HF folder (merged) or PEFT adapter folder: what `persimmon-train export` and the end
+of every training run do.
+
+Everything comes from the checkpoint itself (validated against its manifest first): the weights,
+the model config and head, the peft settings, the tokenizer. The merge is a stream -- one base
+tensor read, merged and written at a time -- so host memory stays near one shard at any model size
+and no process group is needed.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
 
 from persimmon_train.errors import ConfigError
-from persimmon_train.export.adapter import write_adapter_folder
-from persimmon_train.export.checkpoint_source import (
-    iter_checkpoint_weights,
-    load_run_config,
-    locate_checkpoint,
-    run_config_path,
-)
-from persimmon_train.export.hf_folder import export_dtype, write_hf_folder
 from persimmon_train.export.merge import iter_full, iter_merged_lora, split_lora
-from persimmon_train.export.run_model import rebuild_run_model
+from persimmon_train.export.model_source import load_model_source
 
 log = logging.getLogger("persimmon_train")
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass
@@ -28,55 +32,82 @@ class ExportResult:
     strategy: str
     kind: str  # "merged" | "full" | "adapter"
     model_class: str
+    dtype: str
     files: list[str]
 
 
-def _check_output_dir(out_dir: str, checkpoint: str) -> None:
-    """Replacing a folder is fine for an earlier export, never for anything else."""
+def export_dtype(name: str | None, key: str = "dtype") -> torch.dtype | None:
+    if name in (None, "", "auto"):
+        return None
+    if name not in DTYPES:
+        raise ConfigError(f"{key}: {name!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _check_not_inside(out_dir: str, checkpoint: str) -> None:
     out = os.path.abspath(out_dir)
-    if out == checkpoint or checkpoint.startswith(out + os.sep):
-        raise ConfigError(f"output_dir: {out} would replace the checkpoint it exports")
-    if os.path.isdir(out) and os.listdir(out) and not any(
-            os.path.isfile(os.path.join(out, name)) for name in ("config.json", "adapter_config.json")):
-        raise ConfigError(f"output_dir: {out} exists and is not an earlier export (no config.json); "
-                          f"choose a new or empty folder")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ConfigError(f"output_dir: {out} exists and is not a folder")
+    if out == checkpoint or checkpoint.startswith(out + os.sep) or out.startswith(checkpoint + os.sep):
+        raise ConfigError(f"output_dir: {out} overlaps the checkpoint it exports ({checkpoint})")
 
 
-def export_checkpoint(checkpoint: str, output_dir: str, *, dtype: str = "bf16", merge: bool = True,
-                      max_shard_size: int | str = "5GB", config: str | None = None) -> ExportResult:
+def export_checkpoint(checkpoint: str, output_dir: str, *, dtype: str | None = "bf16", merge: bool = True,
+                      max_shard_size: int | str = "5GB", overwrite: bool = False) -> ExportResult:
     """Export a training checkpoint (any strategy; full or LoRA; any head).
 
     merge=True: a plain HF model folder (LoRA folded into the base) with config, generation config,
-    sharded safetensors + index, and the tokenizer. merge=False: the LoRA adapter alone, PEFT format.
+    sharded safetensors + index, and the tokenizer; `dtype` bf16 | fp32 | auto (as trained).
+    merge=False: the LoRA adapter alone, PEFT format, in the dtype it was trained in unless `dtype`
+    says otherwise. A non-empty `output_dir` is refused unless `overwrite`, which replaces only the
+    files the export writes.
     """
+    from persimmon_train.adapters import peft_saved_name
+    from persimmon_train.storage import (
+        check_output_folder,
+        find_checkpoint,
+        iter_checkpoint_weights,
+        parse_size,
+        validate_checkpoint,
+        write_adapter_folder,
+        write_hf_folder,
+    )
+
     torch_dtype = export_dtype(dtype)
-    from persimmon_train.checkpoint import parse_size
-
     parse_size(max_shard_size)  # a bad size fails before any work
-    source = locate_checkpoint(checkpoint)
-    _check_output_dir(output_dir, source.path)
-    cfg = load_run_config(run_config_path(source, config))
-    lora = cfg.peft.method == "lora"
-    if not merge and not lora:
-        raise ConfigError(f"merge=false: checkpoint {source.path} is a full fine-tuning run (peft.method=none), "
+    path = find_checkpoint(checkpoint)
+    _check_not_inside(output_dir, path)
+    check_output_folder(output_dir, "output_dir", overwrite)
+    manifest = validate_checkpoint(path)
+    source = load_model_source(path, manifest)
+    strategy = manifest["strategy"]["name"]
+    peft = manifest.get("peft")
+    if not merge and not peft:
+        raise ConfigError(f"merge=false: checkpoint {path} is a full fine-tuning run (no LoRA), "
                           f"it has no adapter to export alone; use merge=true")
-    run = rebuild_run_model(cfg)
-    where = f"checkpoint {source.path}"
-    log.info("export: %s (%s strategy, %s, %s) -> %s", source.path, source.strategy,
-             "LoRA" if lora else "full fine-tuning", run.model_class.__name__, output_dir)
-
-    if lora:
-        adapter = split_lora(iter_checkpoint_weights(source), where)
+    where = f"checkpoint {path}"
+    name = source.model_class.__name__
+    log.info("export: %s (%s strategy, %s, %s) -> %s", path, strategy, "LoRA" if peft else "full fine-tuning",
+             name, output_dir)
+    weights = iter_checkpoint_weights(path, manifest)
+    if peft:
+        settings = SimpleNamespace(**peft)
+        adapter = split_lora(weights, where)
         if not merge:
-            files = write_adapter_folder(output_dir, adapter.raw, cfg, dtype=torch_dtype, tokenizer=run.tokenizer)
-            return ExportResult(os.path.abspath(output_dir), source.path, source.strategy, "adapter",
-                                run.model_class.__name__, files)
-        tensors = iter_merged_lora(run.iter_base(), adapter, cfg.peft, set(run.expected_shapes()), where)
+            from persimmon_train.adapters import lora_config
+
+            config = lora_config(settings, manifest["task"])
+            config.base_model_name_or_path = manifest["model"]["base"].get("path")
+            config.inference_mode = True
+            files = write_adapter_folder(output_dir, {peft_saved_name(k): v for k, v in adapter.raw.items()},
+                                         adapter_config=config, tokenizer=source.tokenizer, dtype=torch_dtype,
+                                         overwrite=overwrite)
+            return ExportResult(os.path.abspath(output_dir), path, strategy, "adapter", name,
+                                dtype or "auto", files)
+        tensors = iter_merged_lora(source.iter_base(), adapter, settings, set(source.expected_shapes()), where)
     else:
-        tensors = iter_full(iter_checkpoint_weights(source), where)
-    files = write_hf_folder(output_dir, tensors, model_class=run.model_class, config=run.config,
-                            tokenizer=run.tokenizer, dtype=torch_dtype, max_shard_size=max_shard_size)
-    return ExportResult(os.path.abspath(output_dir), source.path, source.strategy, "merged" if lora else "full",
-                        run.model_class.__name__, files)
+        tensors = iter_full(weights, where)
+    shapes = source.expected_shapes()
+    files = write_hf_folder(output_dir, tensors, architecture=name, config=source.config, tokenizer=source.tokenizer,
+                            expected_shapes=shapes, dtype=torch_dtype, max_shard_size=max_shard_size,
+                            overwrite=overwrite, progress_total=len(shapes))
+    return ExportResult(os.path.abspath(output_dir), path, strategy, "merged" if peft else "full", name,
+                        dtype or "auto", files)

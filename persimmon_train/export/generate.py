@@ -16,15 +16,15 @@ from persimmon_train.errors import ConfigError
 @contextlib.contextmanager
 def model_folder(path: str) -> Iterator[str]:
     """An HF model folder for `path`: the folder itself, or a checkpoint exported to a temp folder."""
-    from persimmon_train.export.checkpoint_source import is_checkpoint
     from persimmon_train.export.exporter import export_checkpoint
+    from persimmon_train.storage.checkpoints import MANIFEST
 
     if not os.path.exists(path):
         raise ConfigError(f"model: {path} does not exist")
     if os.path.isfile(os.path.join(path, "config.json")):
         yield path
         return
-    if not (is_checkpoint(path) or os.path.isdir(os.path.join(path, "checkpoints"))):
+    if not (os.path.isfile(os.path.join(path, MANIFEST)) or os.path.isdir(os.path.join(path, "checkpoints"))):
         raise ConfigError(f"model: {path} is neither a model folder (config.json) nor a training checkpoint")
     with tempfile.TemporaryDirectory(prefix="persimmon-generate-") as tmp:
         # fp32: the exact trained weights; the caller casts once when loading.

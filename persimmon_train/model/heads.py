@@ -80,7 +80,7 @@ class PersimmonPreTrainedModel(nn.Module):
         precision training wants); pass torch.bfloat16 for inference. Keyword arguments override
         config.json keys (e.g. `hidden_dropout=0.0`, `num_labels=3`).
         """
-        from persimmon_train.checkpoint import load_safetensors_into, read_weight_map
+        from persimmon_train.storage import load_safetensors_into, read_weight_map
 
         path = os.fspath(path)
         config = PersimmonConfig.from_json_file(path)
@@ -106,14 +106,17 @@ class PersimmonPreTrainedModel(nn.Module):
         return model
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB",
-                        state_dict: dict | None = None) -> None:
-        """Write config.json (+ generation_config.json) and safetensors shards transformers loads."""
-        from persimmon_train.checkpoint import save_safetensors
+                        state_dict: dict | None = None, tokenizer=None) -> None:
+        """Write config.json (+ generation_config.json) and safetensors shards transformers loads.
 
-        os.makedirs(path, exist_ok=True)
-        self.config.save_pretrained(path, architectures=[type(self).__name__])
-        save_safetensors(state_dict if state_dict is not None else self.state_dict(), path,
-                         max_shard_size=max_shard_size)
+        Like transformers, an existing folder is updated: our files are replaced (stale shards of
+        an earlier save removed), anything else in it is left alone.
+        """
+        from persimmon_train.storage import write_hf_folder
+
+        state = state_dict if state_dict is not None else self.state_dict()
+        write_hf_folder(os.fspath(path), state.items(), architecture=type(self).__name__, config=self.config,
+                        tokenizer=tokenizer, max_shard_size=max_shard_size, overwrite=True, key="path")
 
 
 class LMHead(nn.Linear):
@@ -154,10 +157,6 @@ class PersimmonForCausalLM(PersimmonPreTrainedModel):
         from .generation import generate
 
         return generate(self, input_ids, **kwargs)
-
-    def save_pretrained(self, path, max_shard_size="5GB", state_dict=None) -> None:
-        super().save_pretrained(path, max_shard_size, state_dict)
-        self.config.save_generation_config(path)
 
 
 def _last_token_index(input_ids, attention_mask, pad_token_id) -> torch.Tensor:

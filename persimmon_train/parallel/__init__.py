@@ -11,7 +11,7 @@ import importlib
 from persimmon_train.parallel.base import Strategy
 from persimmon_train.parallel.single import SingleDeviceStrategy
 
-# name -> (module, class); each module also has iter_checkpoint_weights(checkpoint_dir).
+# name -> (module, class). Reading weights back out of their checkpoints: persimmon_train.storage.
 STRATEGIES = {
     "single": ("persimmon_train.parallel.single", "SingleDeviceStrategy"),
     "fsdp": ("persimmon_train.parallel.fsdp", "FSDPStrategy"),
@@ -37,14 +37,5 @@ def build_strategy_from_config(cfg) -> Strategy:
     return strategy_class(cfg.strategy.name).from_run_config(cfg)
 
 
-def iter_checkpoint_weights(checkpoint_dir: str):
-    """Full trainable weights of any training checkpoint, by the strategy its strategy.json names."""
-    from persimmon_train.parallel.distributed import read_strategy_info
-
-    name = read_strategy_info(checkpoint_dir).get("name", "single")
-    module, _ = STRATEGIES[name]
-    return importlib.import_module(module).iter_checkpoint_weights(checkpoint_dir)
-
-
 __all__ = ["Strategy", "SingleDeviceStrategy", "STRATEGIES", "build_strategy", "build_strategy_from_config",
-           "iter_checkpoint_weights", "strategy_class"]
+           "strategy_class"]

@@ -122,15 +122,8 @@ class Strategy(ABC):
         """Restore what `save_state` wrote, exactly (collective)."""
 
     def checkpoint_info(self) -> dict:
-        """What goes into a checkpoint's strategy.json (readers pick `iter_checkpoint_weights` by name)."""
+        """What a checkpoint's manifest records about the strategy (readers pick the weights reader by name)."""
         return {"name": self.name, "world_size": self.world_size}
-
-    @abstractmethod
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """All weights, unsharded, with the unwrapped model's names, on rank 0 (None on other ranks).
-
-        Used for export; may gather a sharded model onto rank 0's CPU.
-        """
 
     def trainable_parameters(self) -> Iterable[nn.Parameter]:
         return (p for p in self.unwrapped_model().parameters() if p.requires_grad)

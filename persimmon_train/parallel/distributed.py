@@ -9,7 +9,6 @@ written by more ranks, in a single process).
 from __future__ import annotations
 
 import datetime
-import json
 import os
 
 import torch
@@ -18,7 +17,6 @@ import torch.distributed as dist
 from persimmon_train.errors import ConfigError
 from persimmon_train.parallel.base import Strategy
 
-STRATEGY_INFO = "strategy.json"
 
 
 def launched_world() -> tuple[int, int, int]:
@@ -102,12 +100,3 @@ class DistributedStrategy(Strategy):
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
-
-
-def read_strategy_info(checkpoint_dir: str) -> dict:
-    """The checkpoint's strategy.json ({"name", "world_size", "peft", ...}); {} for old checkpoints."""
-    path = os.path.join(checkpoint_dir, STRATEGY_INFO)
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)

@@ -28,17 +28,16 @@ shards of the trainable weights and optimizer state, and a load reshards to any 
 from __future__ import annotations
 
 import os
-from typing import Iterator
 
 import torch
 from torch import nn
 
-from persimmon_train.errors import WeightsError
+from persimmon_train.errors import CheckpointError, WeightsError
 from persimmon_train.parallel.distributed import DistributedStrategy
 from persimmon_train.parallel.single import resolve_precision
-
-DCP_DIR = "dcp"
-MODEL_KEY, OPTIM_KEY = "model", "optim"
+from persimmon_train.storage.checkpoints import DCP_DIR
+from persimmon_train.storage.checkpoints import DCP_MODEL_KEY as MODEL_KEY
+from persimmon_train.storage.checkpoints import DCP_OPTIM_KEY as OPTIM_KEY
 
 
 class FSDPStrategy(DistributedStrategy):
@@ -174,23 +173,16 @@ class FSDPStrategy(DistributedStrategy):
 
         path = os.path.join(directory, DCP_DIR)
         if not os.path.isdir(path):
-            raise WeightsError(f"{directory}: no {DCP_DIR}/ folder; not a strategy=fsdp checkpoint "
-                               f"(see its strategy.json)")
+            raise CheckpointError(f"{directory}: no {DCP_DIR}/ folder; not a strategy=fsdp checkpoint "
+                               f"(see its manifest.json)")
         state = self._state()  # templates: this run's shapes and sharding; DCP reshards into them
         try:
             dcp.load(state, checkpoint_id=path)
         except Exception as exc:  # noqa: BLE001 - DCP raises CheckpointException wrapping per-rank errors
-            raise WeightsError(f"{path}: cannot load into the model being trained ({_first_line(exc)}); "
+            raise CheckpointError(f"{path}: cannot load into the model being trained ({_first_line(exc)}); "
                                f"was it written with another model/peft config?") from None
         set_state_dict(self.model, self.optimizer, model_state_dict=state[MODEL_KEY],
                        optim_state_dict=state[OPTIM_KEY], options=self._options())
-
-    def full_state_dict(self):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        # Gathered onto rank 0's host memory, tensor by tensor (export only).
-        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return state if self.is_main else None
 
     def checkpoint_info(self) -> dict:
         return {**super().checkpoint_info(), "replicate_degree": self.replicate_degree, "format": "dcp"}
@@ -199,27 +191,3 @@ class FSDPStrategy(DistributedStrategy):
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def iter_checkpoint_weights(checkpoint_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, FULL tensor) for each trainable weight of an fsdp checkpoint, one tensor at a time.
-
-    Runs in one process without torch.distributed: reads the DCP metadata, then loads key by key
-    into a freshly allocated full tensor (peak memory: one tensor). Names are the unwrapped
-    model's (peft `base_model.model.` prefixes under LoRA), as in single's model.safetensors.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    path = os.path.join(checkpoint_dir, DCP_DIR)
-    if not os.path.isdir(path):
-        raise WeightsError(f"{checkpoint_dir}: no {DCP_DIR}/ folder; not a strategy=fsdp checkpoint")
-    metadata = dcp.FileSystemReader(path).read_metadata()
-    prefix = MODEL_KEY + "."
-    for key, entry in metadata.state_dict_metadata.items():
-        if not key.startswith(prefix) or not isinstance(entry, TensorStorageMetadata):
-            continue
-        name = key[len(prefix):]
-        tensor = torch.empty(entry.size, dtype=entry.properties.dtype)
-        dcp.load({MODEL_KEY: {name: tensor}}, storage_reader=dcp.FileSystemReader(path), no_dist=True)
-        yield name, tensor

@@ -13,7 +13,6 @@ full tensor and keeps its slice, so the shards agree.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections import defaultdict
@@ -73,7 +72,7 @@ def load_sharded_safetensors(model: nn.Module, folder: str, *, fresh_prefixes: t
     """
     from safetensors import safe_open
 
-    from persimmon_train.checkpoint import read_weight_map
+    from persimmon_train.storage import read_header, read_weight_map
 
     weight_map = read_weight_map(folder)  # validates the folder and headers first
     params = dict(model.named_parameters())
@@ -96,19 +95,20 @@ def load_sharded_safetensors(model: nn.Module, folder: str, *, fresh_prefixes: t
                            f"unexpected {unexpected[:5]}")
     with torch.no_grad():
         for path, names in by_file.items():
-            entries, data_start = _header(path)
+            entries = read_header(path)
             with open(path, "rb") as raw, safe_open(path, framework="pt", device="cpu") as handle:
                 for name in names:
                     param = params[name]
                     source = file_name(name)
-                    dtype, shape, begin, _ = entries[source]
+                    entry = entries[source]
+                    dtype, shape = entry.torch_dtype, entry.shape
                     if tuple(shape) != tuple(param.shape):
                         raise WeightsError(f"tensor {source} in {path} has shape {list(shape)} but "
                                            f"the model expects {list(param.shape)}")
                     index = local_slices(param)
                     local = _local(param)
                     if _rows_only(index, shape) and local.is_contiguous() and local.device.type == "cpu":
-                        _read_rows(raw, data_start + begin, dtype, shape, index[0] if index else slice(0, 1), local)
+                        _read_rows(raw, entry.begin, dtype, shape, index[0] if index else slice(0, 1), local)
                     else:  # column shards etc.: safetensors' (memory-mapped) slicing
                         local.copy_(handle.get_slice(source)[index] if param.ndim else handle.get_tensor(source))
         generator = torch.Generator().manual_seed(seed)
@@ -116,19 +116,6 @@ def load_sharded_safetensors(model: nn.Module, folder: str, *, fresh_prefixes: t
             param = params[name]
             _local(param).copy_(_fresh_full(name, tuple(param.shape), generator, init_std)[local_slices(param)])
     return {"loaded": sum(len(v) for v in by_file.values()), "fresh": fresh}
-
-
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-           "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def _header(path: str) -> tuple[dict, int]:
-    """name -> (dtype, shape, begin, end) byte offsets in the data section; and where that section starts."""
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-    header.pop("__metadata__", None)
-    return ({k: (_DTYPES[v["dtype"]], v["shape"], *v["data_offsets"]) for k, v in header.items()}, 8 + size)
 
 
 def _rows_only(index: tuple[slice, ...], shape) -> bool:

@@ -6,14 +6,11 @@ import contextlib
 import os
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from persimmon_train.errors import WeightsError
+from persimmon_train.errors import CheckpointError
 from persimmon_train.parallel.base import OptimizerFactory, Strategy
-
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
+from persimmon_train.storage.checkpoints import SINGLE_MODEL_FILE, SINGLE_OPTIMIZER_FILE
 
 
 def pick_device(requested: str) -> torch.device:
@@ -93,44 +90,38 @@ class SingleDeviceStrategy(Strategy):
         return {n: p.detach().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
 
     def save_state(self, directory):
-        save_file(self._trainable_state(), os.path.join(directory, MODEL_FILE))
-        torch.save(self.optimizer.state_dict(), os.path.join(directory, OPTIMIZER_FILE))
+        from persimmon_train.storage.files import disk_errors
+        from persimmon_train.storage.safetensors_io import write_safetensors_file
+
+        weights = {name: tensor.cpu() for name, tensor in self._trainable_state().items()}
+        write_safetensors_file(os.path.join(directory, SINGLE_MODEL_FILE), weights)
+        path = os.path.join(directory, SINGLE_OPTIMIZER_FILE)
+        with disk_errors(path):
+            torch.save(self.optimizer.state_dict(), path)
 
     def load_state(self, directory):
-        path = os.path.join(directory, MODEL_FILE)
-        try:
-            weights = load_file(path, device=str(self._device))
-        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-            raise WeightsError(f"{path}: cannot read checkpoint weights ({exc})") from None
+        from persimmon_train.storage import iter_safetensors_file
+
+        path = os.path.join(directory, SINGLE_MODEL_FILE)
+        weights = dict(iter_safetensors_file(path))
         expected = {n for n, p in self.model.named_parameters() if p.requires_grad}
         missing, unexpected = expected - set(weights), set(weights) - expected
         if missing or unexpected:
-            raise WeightsError(
+            raise CheckpointError(
                 f"{path}: does not match the model being trained (missing {sorted(missing)[:3]}, "
                 f"unexpected {sorted(unexpected)[:3]}); was it written with another model/peft config?")
         params = dict(self.model.named_parameters())
+        for name, tensor in weights.items():
+            if tuple(tensor.shape) != tuple(params[name].shape):
+                raise CheckpointError(f"{path}: tensor {name} has shape {list(tensor.shape)} but the model being "
+                                      f"trained has {list(params[name].shape)}")
         with torch.no_grad():
             for name, tensor in weights.items():
                 params[name].copy_(tensor)
-        opt_path = os.path.join(directory, OPTIMIZER_FILE)
-        # weights_only: never unpickle arbitrary objects from a checkpoint folder.
-        state = torch.load(opt_path, map_location=self._device, weights_only=True)
-        self.optimizer.load_state_dict(state)
-
-    def full_state_dict(self):
-        return {k: v.detach() for k, v in self.model.state_dict().items()}
-
-
-def iter_checkpoint_weights(checkpoint_dir: str):
-    """(name, full tensor) for the trainable weights of a `single` checkpoint, one at a time.
-
-    Names are the unwrapped model's (peft's `base_model.model.` prefixes under LoRA).
-    """
-    from safetensors import safe_open
-
-    path = os.path.join(checkpoint_dir, MODEL_FILE)
-    if not os.path.isfile(path):
-        raise WeightsError(f"{checkpoint_dir}: no {MODEL_FILE}; not a strategy=single checkpoint")
-    with safe_open(path, framework="pt", device="cpu") as handle:
-        for name in handle.keys():
-            yield name, handle.get_tensor(name)
+        opt_path = os.path.join(directory, SINGLE_OPTIMIZER_FILE)
+        try:
+            # weights_only: never unpickle arbitrary objects from a checkpoint folder.
+            state = torch.load(opt_path, map_location=self._device, weights_only=True)
+            self.optimizer.load_state_dict(state)
+        except Exception as exc:  # noqa: BLE001 - torch raises several types for a damaged/foreign file
+            raise CheckpointError(f"{opt_path}: cannot restore the optimizer ({str(exc).splitlines()[0][:200]})") from None

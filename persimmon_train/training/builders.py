@@ -25,16 +25,25 @@ def set_seed(seed: int) -> None:
 
 
 def resolve_output_dir(cfg, job: str, strategy) -> str:
-    """output_dir, or outputs/<job>/<timestamp> (the same folder on every rank)."""
+    """output_dir, or outputs/<job>/<timestamp> (the same folder on every rank). Creates nothing:
+    only checks that the folder could be written (not a file, parent writable)."""
+    from persimmon_train.storage import check_writable_folder
+
     if cfg.output_dir:
         path = cfg.output_dir
     else:
         path = strategy.broadcast_object(os.path.join("outputs", job, time.strftime("%Y%m%d-%H%M%S")))
-    path = os.path.abspath(path)
+    return check_writable_folder(path, "output_dir")
+
+
+def create_output_dir(path: str, strategy) -> None:
+    """Called once config, data, model and checkpoint have validated."""
+    from persimmon_train.storage import disk_errors
+
     if strategy.is_main:
-        os.makedirs(path, exist_ok=True)
+        with disk_errors(path, "creating"):
+            os.makedirs(path, exist_ok=True)
     strategy.barrier()
-    return path
 
 
 class _TqdmHandler(logging.StreamHandler):
@@ -55,7 +64,7 @@ class _Redact(logging.Filter):
         return True
 
 
-def setup_logging(output_dir: str, is_main: bool) -> None:
+def setup_logging(output_dir: str | None, is_main: bool) -> None:
     """Console (rank 0) + output_dir/train.log (rank 0) for the `persimmon_train` loggers."""
     root = logging.getLogger("persimmon_train")
     root.setLevel(logging.INFO)
@@ -68,11 +77,20 @@ def setup_logging(output_dir: str, is_main: bool) -> None:
         return
     console = _TqdmHandler()
     console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    console.addFilter(_Redact())
+    root.addHandler(console)
+    if output_dir is not None:
+        add_file_logging(output_dir, is_main)
+
+
+def add_file_logging(output_dir: str, is_main: bool) -> None:
+    """output_dir/train.log (rank 0), once the output folder may be written."""
+    if not is_main:
+        return
     logfile = logging.FileHandler(os.path.join(output_dir, "train.log"), encoding="utf-8")
     logfile.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    for handler in (console, logfile):
-        handler.addFilter(_Redact())
-        root.addHandler(handler)
+    logfile.addFilter(_Redact())
+    logging.getLogger("persimmon_train").addHandler(logfile)
 
 
 def build_strategy(cfg):
@@ -136,6 +154,8 @@ def build_model(cfg, tokenizer, data=None, meta: bool = False):
     head = model_class(cfg.task)
     overrides = _config_overrides(cfg, tokenizer, data)
     if m.path:
+        if os.path.isfile(m.path):
+            raise ConfigError(f"model.path: {m.path!r} is a file; give the model folder (config.json + safetensors)")
         if not os.path.isfile(os.path.join(m.path, "config.json")):
             raise ConfigError(f"model.path: {m.path!r} is not a model folder (no config.json)")
         if m.rope_scaling:

@@ -1,61 +1,26 @@
-"""Training checkpoints: `output_dir/checkpoints/step_<N>/`, complete or absent.
+"""Training checkpoints from the trainer's side: what goes into one, and getting it back.
 
-A checkpoint is written into `step_<N>.tmp/` and renamed to `step_<N>/` only once every file is
-in place, so a run killed mid-write never leaves a half checkpoint that `resume=latest` would pick.
-Contents: the strategy's model (trainable weights, safetensors) + optimizer files, and
-`trainer_state.pt` (scheduler, step counters, loader state, RNG states, tracker run id) holding
-only tensors and plain Python values, so it loads with `torch.load(weights_only=True)`.
+The bytes on disk (layout, manifest with sizes and checksums, validation, what to resume) belong
+to `persimmon_train.storage.checkpoints`; this module hands it the stateful pieces -- the
+strategy's model + optimizer files, the trainer state (scheduler, step counters, loader position,
+RNG states, tracker run id; tensors and plain values only, so it loads with weights_only=True),
+the tokenizer -- and the manifest metadata export needs to rebuild the model without any other
+file: architecture, exact model config (labels included), peft settings, base weights, strategy.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
-import re
-import shutil
 
 import numpy as np
 import torch
 
-from persimmon_train.errors import ConfigError
+from persimmon_train.errors import CheckpointError, DataError
+from persimmon_train.storage import checkpoints as store
 
 log = logging.getLogger("persimmon_train")
-
-STEP_DIR = re.compile(r"^step_(\d+)$")
-TRAINER_STATE = "trainer_state{suffix}.pt"
-STRATEGY_INFO = "strategy.json"
-
-
-def checkpoints_root(output_dir: str) -> str:
-    return os.path.join(output_dir, "checkpoints")
-
-
-def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
-    """Complete checkpoints, oldest first."""
-    root = checkpoints_root(output_dir)
-    if not os.path.isdir(root):
-        return []
-    found = []
-    for name in os.listdir(root):
-        match = STEP_DIR.match(name)
-        if match and os.path.isfile(os.path.join(root, name, TRAINER_STATE.format(suffix=""))):
-            found.append((int(match.group(1)), os.path.join(root, name)))
-    return sorted(found)
-
-
-def resolve_resume(resume: str | None, output_dir: str) -> str | None:
-    """`resume=latest` -> newest complete checkpoint (None: start fresh); a path must be a checkpoint."""
-    if resume is None:
-        return None
-    if resume == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1][1] if found else None
-    if not os.path.isfile(os.path.join(resume, TRAINER_STATE.format(suffix=""))):
-        raise ConfigError(f"resume: {resume!r} is not a training checkpoint folder "
-                          f"(expected {TRAINER_STATE.format(suffix='')} inside)")
-    return resume
 
 
 # ---------------------------------------------------------------------------- RNG
@@ -100,45 +65,71 @@ def _plain(value):
 # ---------------------------------------------------------------------------- save / load
 
 
-def save_checkpoint(output_dir: str, step: int, *, strategy, trainer_state: dict, keep_last: int,
-                    info: dict | None = None) -> str:
-    """Write step_<step>/ atomically (collective: every rank calls it) and prune old ones.
+def manifest_metadata(cfg, strategy, model) -> dict:
+    """What export and resume read back: never the run's config.yaml, which a later command rewrites."""
+    from persimmon_train.adapters import peft_settings
 
-    `strategy.json` names the strategy that wrote the weights (and its world size, peft config),
-    so readers pick `persimmon_train.parallel.<name>.iter_checkpoint_weights`.
-    """
-    root = checkpoints_root(output_dir)
-    final = os.path.join(root, f"step_{step}")
-    tmp = final + ".tmp"
-    if strategy.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    strategy.barrier()
-    strategy.save_state(tmp)
-    suffix = "" if strategy.rank == 0 else f"_rank{strategy.rank}"
-    torch.save(_plain(trainer_state), os.path.join(tmp, TRAINER_STATE.format(suffix=suffix)))
-    if strategy.is_main:
-        with open(os.path.join(tmp, STRATEGY_INFO), "w", encoding="utf-8") as f:
-            json.dump({**strategy.checkpoint_info(), **(info or {})}, f, indent=2)
-    strategy.barrier()
-    if strategy.is_main:
-        shutil.rmtree(final, ignore_errors=True)  # a re-run step after resume replaces it
-        os.replace(tmp, final)
-        if keep_last > 0:
-            for _, old in list_checkpoints(output_dir)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-    strategy.barrier()
-    return final
+    return {
+        "task": cfg.task,
+        "strategy": strategy.checkpoint_info(),
+        "model": {"architecture": type(model).__name__, "config": model.config.to_dict(),
+                  "base": {"path": os.path.abspath(cfg.model.path) if cfg.model.path else None,
+                           "seed": cfg.trainer.seed}},
+        "peft": peft_settings(cfg.peft) if cfg.peft.method == "lora" else None,
+    }
+
+
+def save_checkpoint(output_dir: str, step: int, *, strategy, trainer_state: dict, metadata: dict, tokenizer,
+                    keep_last: int) -> str:
+    """Write step_<step>/ (collective: every rank calls it); old ones beyond keep_last are pruned."""
+
+    def write_files(folder: str) -> None:
+        strategy.save_state(folder)
+        store.save_trainer_state(folder, strategy.rank, _plain(trainer_state))
+        if strategy.is_main:
+            tokenizer.save_pretrained(os.path.join(folder, store.TOKENIZER_DIR))
+
+    return store.save_checkpoint(output_dir, step, comm=strategy, write_files=write_files, metadata=metadata,
+                                 keep_last=keep_last)
 
 
 def load_checkpoint(path: str, *, strategy) -> dict:
-    """Restore model + optimizer into the strategy; return the trainer state dict."""
+    """Restore model + optimizer into the strategy; return this rank's trainer state dict."""
     strategy.load_state(path)
-    suffix = "" if strategy.rank == 0 else f"_rank{strategy.rank}"
-    own = os.path.join(path, TRAINER_STATE.format(suffix=suffix))
-    if not os.path.isfile(own):  # resumed on more ranks than wrote it: counters/loader are rank 0's
-        own = os.path.join(path, TRAINER_STATE.format(suffix=""))
-    return torch.load(own, map_location="cpu", weights_only=True)
+    return store.load_trainer_state(path, strategy.rank)
+
+
+_ARCHITECTURE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                      "partial_rotary_factor", "qk_layernorm", "num_labels")
+
+
+def check_resumable(path: str, manifest: dict, cfg, model_config, model_class: type) -> None:
+    """A checkpoint resumes only into the run that wrote it: same head, shapes and LoRA settings.
+
+    Checked from the manifest before any tensor is read; the message names the key that differs.
+    """
+    from persimmon_train.adapters import peft_settings
+
+    where = os.path.join(path, store.MANIFEST)
+    model = manifest.get("model") or {}
+    if model.get("architecture") != model_class.__name__:
+        raise CheckpointError(f"resume: {where} was written by a {model.get('architecture')} run, this run "
+                              f"trains a {model_class.__name__} (task={cfg.task})")
+    saved, mine = model.get("config") or {}, model_config.to_dict()
+    for key in _ARCHITECTURE_KEYS:
+        if saved.get(key) != mine.get(key):
+            raise CheckpointError(f"resume: model.{key} is {mine.get(key)} but {where} was trained with "
+                                  f"{saved.get(key)}")
+    saved_peft = manifest.get("peft")
+    mine_peft = peft_settings(cfg.peft) if cfg.peft.method == "lora" else None
+    if (saved_peft is None) != (mine_peft is None):
+        raise CheckpointError(f"resume: peft={cfg.peft.method} but {where} was trained with "
+                              f"peft={'lora' if saved_peft else 'none'}")
+    if saved_peft:
+        for key in ("r", "alpha", "use_rslora", "target_modules", "modules_to_save"):
+            if saved_peft.get(key) != mine_peft.get(key):
+                raise CheckpointError(f"resume: peft.{key} is {mine_peft.get(key)} but {where} was trained with "
+                                      f"{saved_peft.get(key)}")
 
 
 def adapt_loader_state(saved: dict, loader) -> dict:
@@ -159,8 +150,6 @@ def adapt_loader_state(saved: dict, loader) -> dict:
     rows = saved["batch"] * old
     epoch_rows_old, epoch_rows_new = saved["num_rows"] // old * old, saved["num_rows"] // new * new
     if rows % new or epoch_rows_old != epoch_rows_new:
-        from persimmon_train.errors import DataError
-
         raise DataError(f"cannot resume the data loader at world_size={mine['world_size']} x "
                         f"micro_batch_size={mine['micro_batch_size']}: the checkpoint's position ({rows} rows "
                         f"into epoch {saved['epoch']}, global batch {old}) does not fall on a global batch of "
@@ -169,11 +158,3 @@ def adapt_loader_state(saved: dict, loader) -> dict:
              "micro_batch_size=%s", saved["world_size"], saved["micro_batch_size"], mine["world_size"],
              mine["micro_batch_size"])
     return {**saved, "batch": rows // new, "world_size": mine["world_size"], "micro_batch_size": mine["micro_batch_size"]}
-
-
-def remove_stale_temporaries(output_dir: str) -> None:
-    root = checkpoints_root(output_dir)
-    if os.path.isdir(root):
-        for name in os.listdir(root):
-            if name.endswith(".tmp"):
-                shutil.rmtree(os.path.join(root, name), ignore_errors=True)

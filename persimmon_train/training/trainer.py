@@ -97,7 +97,7 @@ def _rewind(loader) -> None:
 class Trainer:
     def __init__(self, cfg, *, strategy, model, optimizer, scheduler, train_loader, eval_loader,
                  tracker, metrics_file, output_dir: str, id2label: dict | None, flops_per_token: float,
-                 on_checkpoint=None):
+                 on_checkpoint=None, tokenizer=None, checkpoint_metadata: dict | None = None):
         self.cfg = cfg
         self.task = cfg.task
         self.strategy = strategy
@@ -114,6 +114,8 @@ class Trainer:
         self.peak_flops = device_peak_flops(strategy.device, cfg.trainer.peak_tflops)
         self.state = TrainState()
         self.on_checkpoint = on_checkpoint
+        self.tokenizer = tokenizer  # saved into each checkpoint, so export needs no other file
+        self.checkpoint_metadata = checkpoint_metadata or {}
 
     # ------------------------------------------------------------------ checkpoints
     def trainer_state_dict(self) -> dict:
@@ -141,13 +143,9 @@ class Trainer:
         return state
 
     def save(self) -> str:
-        peft = self.cfg.peft
-        info = {"task": self.task, "peft": None if peft.method == "none" else {
-            "method": peft.method, "r": peft.r, "alpha": peft.alpha, "use_rslora": peft.use_rslora,
-            "target_modules": list(peft.target_modules), "modules_to_save": list(peft.modules_to_save)}}
         path = checkpointing.save_checkpoint(self.output_dir, self.state.step, strategy=self.strategy,
-                                             trainer_state=self.trainer_state_dict(),
-                                             keep_last=self.cfg.checkpoint.keep_last, info=info)
+                                             trainer_state=self.trainer_state_dict(), metadata=self.checkpoint_metadata,
+                                             tokenizer=self.tokenizer, keep_last=self.cfg.checkpoint.keep_last)
         self.state.last_checkpoint = path
         log.info("checkpoint: %s", path)
         if self.on_checkpoint is not None:

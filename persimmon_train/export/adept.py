@@ -40,7 +40,6 @@ import logging
 import os
 import pickle
 import re
-import shutil
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -521,13 +520,15 @@ def convert_adept_checkpoint(
     output_dir: str | os.PathLike,
     dtype: torch.dtype = torch.bfloat16,
     max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
 ) -> ConversionResult:
     """Write an HF model folder (config.json, safetensors, tokenizer, generation_config.json).
 
     ``checkpoint_path``: ``model_optim_rng.pt`` or its ``mp_rank_00`` / ``iter_N`` / release folder.
     ``tokenizer_path``: ADEPT's ``adept_vocab.model`` (copied as ``tokenizer.model``).
     """
-    from persimmon_train.checkpoint.hf_weights import save_safetensors
+    from persimmon_train.data import Tokenizer
+    from persimmon_train.storage import check_output_folder, write_hf_folder
 
     if dtype not in (torch.bfloat16, torch.float32, torch.float16):
         raise ConfigError(f"dtype {dtype} is not supported: use torch.bfloat16 or torch.float32")
@@ -539,8 +540,7 @@ def convert_adept_checkpoint(
         raise WeightsError(f"tokenizer {tokenizer_path} does not exist (pass adept_vocab.model)")
     output_dir = os.fspath(output_dir)
     source = find_checkpoint_file(checkpoint_path)
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise WeightsError(f"output_dir {output_dir} exists and is not a folder")
+    check_output_folder(output_dir, "output_dir", overwrite)  # before the (long) checkpoint load
     bos, eos, pieces = special_token_ids(tokenizer_path)
 
     logger.info("loading %s (memory-mapped)", source)
@@ -569,34 +569,14 @@ def convert_adept_checkpoint(
         hf_to_megatron["lm_head.weight"] = _EMBEDDING
     state = ConvertedTensors(flat, hf_to_megatron, dtype)
 
-    os.makedirs(output_dir, exist_ok=True)
-    config.save_pretrained(output_dir, architectures=["PersimmonForCausalLM"])
-    weight_files = save_safetensors(state, output_dir, max_shard_size=max_shard_size)
     num_parameters = sum(flat[m].numel() for m in hf_to_megatron.values())
+    weight_files = write_hf_folder(output_dir, ((name, state[name]) for name in state),
+                                   architecture="PersimmonForCausalLM", config=config,
+                                   tokenizer=Tokenizer(tokenizer_path), max_shard_size=max_shard_size,
+                                   overwrite=overwrite, progress_total=len(state))
     del state, flat
-    _write_generation_config(output_dir, config)
-    _write_tokenizer(tokenizer_path, output_dir)
     logger.info("wrote %s (%d parameters, %s)", output_dir, num_parameters, dtype)
     return ConversionResult(output_dir, source, config, weight_files, num_parameters, iteration)
-
-
-def _write_generation_config(output_dir: str, config) -> None:
-    import json
-
-    values = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
-    with open(os.path.join(output_dir, "generation_config.json"), "w", encoding="utf-8") as handle:
-        json.dump({k: v for k, v in values.items() if v is not None}, handle, indent=2)
-        handle.write("\n")
-
-
-def _write_tokenizer(tokenizer_path: str, output_dir: str) -> None:
-    target = os.path.join(output_dir, "tokenizer.model")
-    if os.path.abspath(tokenizer_path) != os.path.abspath(target):
-        shutil.copyfile(tokenizer_path, target)
-    # tokenizer_config.json / special_tokens_map.json, with the ids config.json now holds.
-    from persimmon_train.data import Tokenizer
-
-    Tokenizer(output_dir).save_pretrained(output_dir)
 
 
 __all__ = [
