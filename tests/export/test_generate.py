@@ -31,11 +31,11 @@ def test_generate_from_export_and_from_checkpoint(lora_run, export_env):
         assert proc.stdout == expected + "\n", (model, proc.stdout, expected)
 
 
-def test_generate_sampling_is_seeded_and_errors_are_one_line(lora_run, export_env):
+def test_generate_sampling_is_seeded_and_errors_are_one_line(base_dir, export_env):
     """greedy=false samples (seeded); temperature / top_k / top_p reach the sampler: each alone,
     pushed to its limit, turns sampling into greedy decoding, which hot sampling is not."""
     def generate(*options: str) -> str:
-        proc = run_script("generate.py", f"model={lora_run / 'final'}", "prompt=hello", "max_new_tokens=12",
+        proc = run_script("generate.py", f"model={base_dir}", "prompt=hello", "max_new_tokens=12",
                           "dtype=fp32", "chat=false", *options, env=export_env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert proc.stdout.strip(), options
@@ -50,7 +50,7 @@ def test_generate_sampling_is_seeded_and_errors_are_one_line(lora_run, export_en
     assert generate(*hot, "seed=3", "top_k=1") == greedy
     assert generate(*hot, "seed=3", "top_p=0.0001") == greedy
     assert generate(*hot, "seed=3", "temperature=0.00001") == greedy
-    bad = run_script("generate.py", f"model={lora_run / 'nope'}", "prompt=hi", env=export_env)
+    bad = run_script("generate.py", f"model={base_dir.parent / 'nope'}", "prompt=hi", env=export_env)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: model:")
     assert "nope" in bad.stderr and "Traceback" not in bad.stderr
 

@@ -18,12 +18,18 @@ def test_defaults_are_the_released_8b():
 
 
 def test_8b_builds_on_meta_and_reports_parameter_count():
+    """Counted against an independent oracle: transformers' PersimmonForCausalLM built on meta from
+    the same config, tensor by tensor (name and shape), and in total."""
+    transformers = pytest.importorskip("transformers")
     config = PersimmonConfig()
     with torch.device("meta"):
         model = PersimmonForCausalLM(config)
+        oracle = transformers.PersimmonForCausalLM(transformers.PersimmonConfig.from_dict(config.to_dict()))
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    assert shapes == {name: tuple(p.shape) for name, p in oracle.named_parameters()}
     n = model.num_parameters()
-    assert n == config.num_parameters()
-    assert 9.0e9 < n < 9.5e9  # 8B body + untied 262144 x 4096 embeddings and head: ~9.4B
+    assert n == config.num_parameters() == sum(p.numel() for p in oracle.parameters())
+    assert 9.0e9 < n < 9.5e9  # 8B body + untied 262144 x 4096 embeddings and head: ~9.4B (published: 9.4B)
     assert all(p.device.type == "meta" for p in model.parameters())
     assert len(model.model.layers) == 36
 
