@@ -84,7 +84,7 @@ class FSDPStrategy(DistributedStrategy):
         """fully_shard each decoder layer, then the root; gradients summed over ranks."""
         from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-        from persimmon_train.training.activation_checkpointing import decoder_layers
+        from persimmon_train.parallel.activation_checkpointing import decoder_layers
 
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if self.precision == "bf16" else MixedPrecisionPolicy())

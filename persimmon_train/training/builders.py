@@ -193,7 +193,7 @@ def build_model(cfg, tokenizer, data=None, meta: bool = False):
 
 def prepare_for_training(model, cfg, training: bool = True):
     """LoRA (peft=lora) and activation checkpointing on the plain model."""
-    from persimmon_train.training.activation_checkpointing import apply_activation_checkpointing
+    from persimmon_train.parallel.activation_checkpointing import apply_activation_checkpointing
 
     if cfg.peft.method == "lora":
         from persimmon_train.adapters import apply_lora

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from persimmon_train.parallel import SingleDeviceStrategy
-from persimmon_train.training.activation_checkpointing import apply_activation_checkpointing
+from persimmon_train.parallel.activation_checkpointing import apply_activation_checkpointing
 from persimmon_train.training.config import PeftConfig
 from persimmon_train.training.optim import build_optimizer
 from persimmon_train.training.config import OptimConfig
