@@ -26,6 +26,10 @@ def recipe_env(tmp_path: Path, **extra) -> dict:
     env.update(PERSIMMON_TRAIN_CACHE=str(tmp_path / "cache"), WANDB_DIR=str(tmp_path / "wandb_dir"),
                WANDB_MODE="offline", PYTHONUNBUFFERED="1", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"))
     env.pop("WANDB_API_KEY", None)
+    # `python recipes/x.py` puts recipes/ first on sys.path, not the checkout: without this an
+    # installed copy of persimmon_train (site-packages, another checkout's editable install, a
+    # mutation-check copy's original) would be what the child runs.
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     env.update(extra)
     return env
 
