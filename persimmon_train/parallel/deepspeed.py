@@ -2,7 +2,8 @@
 
 The DeepSpeed config is generated from our keys (strategy.stage, offload_*, trainer.micro_batch_size,
 trainer.grad_accum_steps, optim.grad_clip, trainer.precision) -- or taken as-is from
-`strategy.config_file=ds.json`, after checking that the keys the trainer also decides agree.
+`strategy.config_file=ds.json`, with `"auto"` filled and the keys the trainer also decides checked
+(parallel/ds_config.py).
 
 How it meets the trainer's contract:
 - The trainer divides each micro-batch's summed loss by the global target count, so gradients
@@ -13,10 +14,14 @@ How it meets the trainer's contract:
   `engine.step()` at the accumulation boundary, returning the engine's pre-clip global norm.
 - The optimizer is ours (AdamW over the trainer's parameter groups) and so is the LR schedule:
   ZeRO shares the client optimizer's param_groups, so the trainer's LambdaLR drives its lr.
+- The trainer marks the accumulation boundary (`set_gradient_accumulation_boundary`), so
+  trainer.grad_accum_steps > 1 steps once per optimizer step.
+- A NaN/Inf loss or gradient skips the step inside ZeRO (weights and optimizer state untouched);
+  `clip_and_step` reports whether the engine applied it.
 
 Checkpoints: `engine.save_checkpoint(step_N, tag="deepspeed")`, every rank writing its own
-partition (frozen LoRA bases excluded); `iter_checkpoint_weights` rebuilds full tensors in one
-process with DeepSpeed's zero_to_fp32 helpers.
+partition (frozen LoRA bases excluded); `persimmon_train.storage.iter_checkpoint_weights` rebuilds
+full tensors in one process with DeepSpeed's zero_to_fp32 helpers.
 
 Weights from model.path: every rank loads the model (from_pretrained) before ZeRO partitions
 it; for models that do not fit host memory per rank use `strategy=fsdp` (meta-device sharded
@@ -25,90 +30,16 @@ loading), see docs/distributed.md.
 
 from __future__ import annotations
 
-import copy
-import json
 import os
-from typing import Iterator
 
 import torch
 from torch import nn
 
-from persimmon_train.errors import ConfigError, WeightsError
+from persimmon_train.errors import CheckpointError
 from persimmon_train.parallel.distributed import DistributedStrategy
+from persimmon_train.parallel.ds_config import build_ds_config, check_user_config, fill_model_autos, read_user_config
 from persimmon_train.parallel.single import resolve_precision
-
-TAG = "deepspeed"
-
-
-def _deep_merge(base: dict, extra: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in (extra or {}).items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def build_ds_config(*, stage: int, micro_batch_size: int, grad_accum_steps: int, world_size: int,
-                    grad_clip: float | None, precision: str, offload_optimizer: str = "none",
-                    offload_param: str = "none", nvme_path: str | None = None, extra: dict | None = None) -> dict:
-    """The DeepSpeed JSON our keys mean."""
-    zero: dict = {"stage": stage, "overlap_comm": False, "contiguous_gradients": True}
-    if offload_optimizer != "none":
-        zero["offload_optimizer"] = {"device": offload_optimizer, "pin_memory": True,
-                                     **({"nvme_path": nvme_path} if offload_optimizer == "nvme" else {})}
-    if offload_param != "none":
-        zero["offload_param"] = {"device": offload_param, "pin_memory": True,
-                                 **({"nvme_path": nvme_path} if offload_param == "nvme" else {})}
-    config = {
-        "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": grad_accum_steps,
-        "train_batch_size": micro_batch_size * grad_accum_steps * world_size,
-        "gradient_clipping": float(grad_clip) if grad_clip else 0.0,
-        "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16"},
-        # Our AdamW (torch) under ZeRO, also with offload (DeepSpeedCPUAdam would need a compiled op).
-        "zero_allow_untested_optimizer": True,
-        "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-    }
-    return _deep_merge(config, extra or {})
-
-
-def check_user_config(config: dict, path: str, *, micro_batch_size: int, grad_accum_steps: int, world_size: int,
-                      grad_clip: float | None, precision: str) -> dict:
-    """A user's DeepSpeed JSON, as-is, once the keys the trainer also decides agree with trainer.*."""
-    for section in ("optimizer", "scheduler"):
-        if section in config:
-            raise ConfigError(f"strategy.config_file: {path} has an '{section}' section; the optimizer and LR "
-                              f"schedule come from optim.* -- remove it")
-    expected = {"train_micro_batch_size_per_gpu": (micro_batch_size, "trainer.micro_batch_size"),
-                "gradient_accumulation_steps": (grad_accum_steps, "trainer.grad_accum_steps"),
-                "train_batch_size": (micro_batch_size * grad_accum_steps * world_size,
-                                     "trainer.micro_batch_size x trainer.grad_accum_steps x world size")}
-    config = copy.deepcopy(config)
-    for key, (value, ours) in expected.items():
-        if config.get(key, "auto") == "auto":
-            config[key] = value
-        elif config[key] != value:
-            raise ConfigError(f"strategy.config_file: {path} sets {key}={config[key]} but {ours} gives {value}")
-    clip = float(grad_clip) if grad_clip else 0.0
-    if config.get("gradient_clipping", "auto") == "auto":
-        config["gradient_clipping"] = clip
-    elif float(config["gradient_clipping"]) != clip:
-        raise ConfigError(f"strategy.config_file: {path} sets gradient_clipping={config['gradient_clipping']} "
-                          f"but optim.grad_clip is {grad_clip}")
-    for section, wanted in (("bf16", precision == "bf16"), ("fp16", False)):
-        enabled = config.get(section, {}).get("enabled", False)
-        if enabled == "auto":
-            config.setdefault(section, {})["enabled"] = wanted
-        elif bool(enabled) != wanted:
-            raise ConfigError(f"strategy.config_file: {path} sets {section}.enabled={enabled} but "
-                              f"trainer.precision is {precision}")
-    if "stage" not in config.get("zero_optimization", {}):
-        raise ConfigError(f"strategy.config_file: {path} has no zero_optimization.stage")
-    config.setdefault("zero_allow_untested_optimizer", True)
-    config.setdefault("zero_force_ds_cpu_optimizer", False)
-    return config
+from persimmon_train.storage.checkpoints import DEEPSPEED_TAG as TAG
 
 
 class DeepSpeedStrategy(DistributedStrategy):
@@ -124,6 +55,8 @@ class DeepSpeedStrategy(DistributedStrategy):
             backend = get_accelerator().communication_backend_name()
             backend = "gloo" if backend == "ccl" else backend
         self._join(device, backend, timeout_minutes)
+        # Started with plain `python` (a one-rank group, no launcher): DeepSpeed insists on LOCAL_RANK.
+        os.environ.setdefault("LOCAL_RANK", str(self.local_rank))
         deepspeed.init_distributed(dist_backend=self.backend, auto_mpi_discovery=False)
         self.precision = resolve_precision(precision, self._device)
         self.ds_config = ds_config if ds_config is not None else make_config(self.world_size, self.precision)
@@ -139,16 +72,14 @@ class DeepSpeedStrategy(DistributedStrategy):
         keys = dict(micro_batch_size=t.micro_batch_size, grad_accum_steps=t.grad_accum_steps,
                     grad_clip=cfg.optim.grad_clip)
         if s.config_file:
-            try:
-                with open(s.config_file, encoding="utf-8") as f:
-                    raw = json.load(f)
-            except (OSError, json.JSONDecodeError) as exc:
-                raise ConfigError(f"strategy.config_file: cannot read {s.config_file} ({exc})") from None
-            strategy = cls(ds_config={}, config_source=s.config_file, **common)
-            strategy.ds_config = check_user_config(raw, s.config_file, world_size=strategy.world_size,
-                                                   precision=strategy.precision, **keys)
-            strategy.stage = int(strategy.ds_config["zero_optimization"]["stage"])
-            return strategy
+            # Read before joining the process group: a bad file fails before anything starts.
+            raw = read_user_config(s.config_file)
+
+            def make_user(world_size, precision):
+                return check_user_config(raw, s.config_file, world_size=world_size, precision=precision,
+                                         optim=cfg.optim, max_steps=t.max_steps, **keys)
+
+            return cls(make_config=make_user, config_source=s.config_file, **common)
 
         def make(world_size, precision):
             return build_ds_config(stage=s.stage, world_size=world_size, precision=precision,
@@ -165,9 +96,17 @@ class DeepSpeedStrategy(DistributedStrategy):
     def wrap(self, model, make_optimizer):
         import deepspeed
 
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        hidden = getattr(getattr(base, "config", None), "hidden_size", None)
+        if hidden:
+            fill_model_autos(self.ds_config, int(hidden), self.config_source)
         optimizer = make_optimizer(model)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config,
                                                     dist_init_required=False)
+        # A NaN/Inf gradient must skip the step on every stage and precision: ZeRO-1/2 check only
+        # when asked (bf16's default, not fp32's); ZeRO-3 treats a non-finite norm as overflow.
+        if hasattr(self.engine.optimizer, "check_grad_overflow"):
+            self.engine.optimizer.check_grad_overflow = True
         # ZeRO keeps the client optimizer's param_groups: an LR scheduler over it drives ZeRO's lr.
         self.optimizer = optimizer
         return self.engine, self.optimizer
@@ -176,9 +115,19 @@ class DeepSpeedStrategy(DistributedStrategy):
         return self.engine.module
 
     # ------------------------------------------------------------------ the step
+    def accumulation_context(self, is_last_micro_batch: bool):
+        # The trainer, not DeepSpeed's micro-step counter, decides where the accumulation boundary
+        # is (it calls engine.step() once per optimizer step): ZeRO reduces gradients there.
+        self.engine.set_gradient_accumulation_boundary(is_last_micro_batch)
+        return super().accumulation_context(is_last_micro_batch)
+
     def backward(self, loss):
         # Sum over ranks (DeepSpeed averages); the loss is already normalised over accumulation.
-        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+        # A non-finite loss on any rank makes every gradient NaN (x NaN, not x world_size, with no
+        # host sync), so ZeRO's overflow check -- all-reduced over ranks -- skips the whole step
+        # even where the loss was Inf but the gradients happened to stay finite.
+        scale = torch.where(torch.isfinite(loss.detach()), float(self.world_size), float("nan"))
+        self.engine.backward(loss * scale, scale_wrt_gas=False)
 
     def clip_grad_norm(self, max_norm):
         raise NotImplementedError("DeepSpeed clips inside engine.step(); the trainer calls clip_and_step")
@@ -188,15 +137,16 @@ class DeepSpeedStrategy(DistributedStrategy):
 
     def clip_and_step(self, max_norm, loss_is_finite):
         # One engine.step() at the accumulation boundary: clip (gradient_clipping), step, zero grads.
-        # A NaN/Inf loss cannot be skipped here without desynchronising the engine's counters; the
-        # trainer still counts it and stops after trainer.max_nonfinite_steps.
+        # On NaN/Inf gradients ZeRO discards the step (no weight, no optimizer state changes) and
+        # zeroes the gradients; was_step_applied() tells the trainer the truth.
         if not self.engine.is_gradient_accumulation_boundary():
             raise RuntimeError("deepspeed: optimizer step requested before the accumulation boundary "
-                               f"(gradient_accumulation_steps={self.grad_accum_steps} must equal trainer.grad_accum_steps)")
+                               f"(gradient_accumulation_steps={self.grad_accum_steps} must equal "
+                               f"trainer.grad_accum_steps)")
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         norm = torch.tensor(float("nan") if norm is None else float(norm))
-        return norm, loss_is_finite and bool(torch.isfinite(norm))
+        return norm, bool(self.engine.was_step_applied())
 
     def zero_grad(self):
         pass  # engine.step() zeroes the gradients at the boundary
@@ -208,50 +158,13 @@ class DeepSpeedStrategy(DistributedStrategy):
 
     def load_state(self, directory):
         if not os.path.isdir(os.path.join(directory, TAG)):
-            raise WeightsError(f"{directory}: no {TAG}/ folder; not a strategy=deepspeed checkpoint "
-                               f"(see its strategy.json)")
+            raise CheckpointError(f"{directory}: no {TAG}/ folder; not a strategy=deepspeed checkpoint "
+                               f"(see its manifest.json)")
         frozen = any(not p.requires_grad for p in self.engine.module.parameters())
         path, _ = self.engine.load_checkpoint(directory, tag=TAG, load_module_strict=not frozen,
                                               load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:
-            raise WeightsError(f"{directory}/{TAG}: DeepSpeed could not load this checkpoint")
-
-    def full_state_dict(self):
-        module = self.engine.module
-        if self.stage < 3:
-            state = {k: v.detach().cpu() for k, v in module.state_dict().items()} if self.is_main else None
-            return state
-        import deepspeed
-
-        # Gather one parameter at a time onto rank 0 (export only).
-        state = {}
-        params = dict(module.named_parameters())
-        for name, tensor in module.state_dict(keep_vars=True).items():
-            param = params.get(name)
-            if param is not None and hasattr(param, "ds_id"):
-                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                    if self.is_main:
-                        state[name] = param.detach().cpu().clone()
-            elif self.is_main:
-                state[name] = tensor.detach().cpu().clone()
-        return state if self.is_main else None
+            raise CheckpointError(f"{directory}/{TAG}: DeepSpeed could not load this checkpoint")
 
     def checkpoint_info(self) -> dict:
         return {**super().checkpoint_info(), "stage": self.stage, "format": "deepspeed", "tag": TAG}
-
-
-def iter_checkpoint_weights(checkpoint_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, FULL fp32 tensor) for each trainable weight of a deepspeed checkpoint, one at a time.
-
-    One process, no torch.distributed: DeepSpeed's zero_to_fp32 merges the per-rank partitions
-    (lazy mode: each tensor is assembled when asked for). Names are the unwrapped model's.
-    """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    if not os.path.isdir(os.path.join(checkpoint_dir, TAG)):
-        raise WeightsError(f"{checkpoint_dir}: no {TAG}/ folder; not a strategy=deepspeed checkpoint")
-    state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=TAG, exclude_frozen_parameters=True,
-                                                     lazy_mode=True)
-    for name in list(state):
-        value = state.pop(name)
-        yield name, value.contiguous() if hasattr(value, "contiguous") else value

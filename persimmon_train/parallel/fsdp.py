@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from persimmon_train.errors import CheckpointError, WeightsError
-from persimmon_train.parallel.distributed import DistributedStrategy
+from persimmon_train.parallel.distributed import DistributedStrategy, launched_world, pick_device
 from persimmon_train.parallel.single import resolve_precision
 from persimmon_train.storage.checkpoints import DCP_DIR
 from persimmon_train.storage.checkpoints import DCP_MODEL_KEY as MODEL_KEY
@@ -47,6 +47,14 @@ class FSDPStrategy(DistributedStrategy):
     def __init__(self, precision: str = "bf16", device: str = "auto", backend: str = "auto",
                  timeout_minutes: float = 30.0, reshard_after_forward: bool = True, cpu_offload: bool = False,
                  replicate_degree: int = 1, model_path: str | None = None, seed: int = 0):
+        if cpu_offload and pick_device(device, launched_world()[2]).type == "cpu":
+            from persimmon_train.errors import ConfigError
+
+            # FSDP's CPUOffloadPolicy moves shards between host memory and an accelerator; with the
+            # model already on the CPU there is nothing to offload (torch fails deep inside instead).
+            # Checked before joining the process group: nothing has started yet.
+            raise ConfigError("strategy.cpu_offload: true needs an accelerator (this rank's device is cpu, where "
+                              "everything is already in host memory); set strategy.cpu_offload=false")
         self._join(device, backend, timeout_minutes)
         self.precision = resolve_precision(precision, self._device)
         self.reshard_after_forward = reshard_after_forward

@@ -119,8 +119,8 @@ class TrainerConfig:
     seed: int = 0
     micro_batch_size: int = 1  # per rank
     grad_accum_steps: int = 1
-    # bf16 (autocast, float32 master weights) | fp32 | auto: bf16 where the hardware has native bf16
-    # matmuls (CUDA with bf16, CPUs with AMX / AVX512-BF16), else fp32 (emulated bf16 is ~40x slower).
+    # bf16 (autocast, float32 master weights) | fp32 | auto: bf16 where bf16 matmuls beat fp32 (CUDA
+    # with bf16, CPUs with AMX), else fp32 (AVX512-BF16 without AMX is ~2x slower, emulation ~40x).
     precision: str = "auto"
     activation_checkpointing: int = 0  # 0: off, 1: every layer, k: every k-th layer
     log_every_n_steps: int = 1
