@@ -40,7 +40,7 @@ def test_rows_are_full_and_documents_whole():
     # every document appears once, whole, with positions 0..n-1
     got = sorted(tuple(p[0].tolist()) for p in pieces if tuple(p[0].tolist()) in {tuple(d.tolist()) for d in docs})
     assert got == sorted(tuple(d.tolist()) for d in docs)
-    for ids, lab, pos in pieces:
+    for _ids, lab, pos in pieces:
         assert (pos == np.arange(len(pos))).all()
         assert lab[0] == IGNORE
     assert real  # sanity

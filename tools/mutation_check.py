@@ -1,0 +1,270 @@
+"""Mutation check: does a test fail when the code it guards is broken on purpose?
+
+    python tools/mutation_check.py                  # every mutant (a few minutes on 2 cores)
+    python tools/mutation_check.py --group loss     # loss | packing | trainer | features
+    python tools/mutation_check.py --only loss.no_shift packing.no_first_label_mask
+    python tools/mutation_check.py --list
+
+Each mutant is one textual edit (an operator swapped, a line dropped, an option ignored) to one
+source file, with the tests that should catch it. The checkout is copied to a temporary folder
+(tracked and untracked-but-not-ignored files), each mutant is applied there alone, its tests run
+there with that copy first on PYTHONPATH (the test helpers pin subprocesses to the copy too), and
+the copy is restored. The working tree is never touched, so it is safe beside other work.
+
+A mutant is KILLED when its tests fail, SURVIVED when they pass. Mutants marked `equivalent` are
+expected to survive (the edit cannot change behaviour the tests can see; the reason is given) and
+are listed in docs/testing.md; any other survivor makes the exit status 1. Tests that already fail
+on the unmutated copy are reported and deselected, so they neither kill nor hide a mutant.
+
+mutmut would generate mutants automatically, but it re-runs whole suites per mutant (far beyond a
+2-core CI budget for this project) and its operator mutants are mostly equivalent here; a short
+curated list that states what each test is for is the reviewable artifact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Mutant:
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: list[str]
+    equivalent: str = ""  # why it cannot be killed (expected survivor); empty: must be killed
+    extra: list[str] = field(default_factory=list)  # extra pytest args, e.g. ["-m", "not slow"]
+
+
+LOSS = "persimmon_train/model/loss.py"
+PACKING = "persimmon_train/data/packing.py"
+TRAINER = "persimmon_train/training/trainer.py"
+LOSS_TESTS = ["tests/model/test_loss.py", "tests/model/test_parity.py::test_causal_lm_loss_matches",
+              "tests/training/test_loop.py::test_update_does_not_depend_on_micro_batch_split"]
+PACKING_TESTS = ["tests/data/test_packing.py"]
+TRAINER_TESTS = ["tests/training/test_loop.py", "tests/training/test_metrics.py"]
+
+MUTANTS = [
+    # ------------------------------------------------------------------ model/loss.py
+    Mutant("loss.no_shift", LOSS, "return F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)", "return labels",
+           LOSS_TESTS),
+    Mutant("loss.shift_wrong_side", LOSS, "F.pad(labels[..., 1:], (0, 1)", "F.pad(labels[..., 1:], (1, 0)",
+           LOSS_TESTS),
+    Mutant("loss.count_unshifted", LOSS, "return int((labels[..., 1:] != IGNORE_INDEX).sum())",
+           "return int((labels != IGNORE_INDEX).sum())", LOSS_TESTS),
+    Mutant("loss.first_chunk_only", LOSS, "for start in range(0, targets.shape[0], chunk_size):",
+           "for start in range(0, min(targets.shape[0], chunk_size), chunk_size):", LOSS_TESTS),
+    Mutant("loss.mean_over_all_positions", LOSS, "denominator = max(targets.shape[0], 1)",
+           "denominator = max(labels.numel(), 1)", LOSS_TESTS),
+    Mutant("loss.ignore_num_items_in_batch", LOSS, "denominator = num_items_in_batch",
+           "denominator = max(targets.shape[0], 1)", LOSS_TESTS),
+    Mutant("loss.no_checkpoint_per_chunk", LOSS, "if needs_grad:", "if False:", LOSS_TESTS),
+    Mutant("loss.keep_all_positions", LOSS, "if not bool(keep.all()):", "if False:", LOSS_TESTS,
+           equivalent="dropping ignored positions before the matmul is a speed-up only: cross_entropy's "
+                      "ignore_index drops the same positions after it (same sum, same denominator)"),
+    Mutant("loss.no_ignore_index_in_ce", LOSS, "F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, "
+           "reduction=\"sum\")", "F.cross_entropy(logits, targets, reduction=\"sum\")", LOSS_TESTS,
+           equivalent="ignored positions were already removed (keep mask) before the cross-entropy; "
+                      "ignore_index is a second guard (loss.keep_all_positions shows the pair is covered)"),
+    Mutant("loss.no_float32_logits", LOSS, "logits = F.linear(hidden, weight).float()",
+           "logits = F.linear(hidden, weight)", LOSS_TESTS,
+           equivalent="the CPU tests run in float32, where .float() is a no-op; it matters for bf16 "
+                      "logits (GPU), whose loss precision no CPU test can see"),
+    # ------------------------------------------------------------------ data/packing.py
+    Mutant("packing.not_decreasing", PACKING, 'order = np.argsort(-lengths, kind="stable")',
+           "order = np.arange(len(lengths))", PACKING_TESTS),
+    Mutant("packing.worst_fit", PACKING, "k = bisect.bisect_left(free_values, n)",
+           "k = len(free_values) - 1 if free_values and free_values[-1] >= n else len(free_values)",
+           PACKING_TESTS),
+    Mutant("packing.new_row_always", PACKING, "if k == len(free_values):", "if True:", PACKING_TESTS),
+    Mutant("packing.no_first_label_mask", PACKING, "            out_labels[r, col] = IGNORE  # a document",
+           "            pass  # a document", PACKING_TESTS),
+    Mutant("packing.positions_do_not_restart", PACKING, "out_pos[r, col:col + n] = ar[:n]",
+           "out_pos[r, col:col + n] = ar[col:col + n]", PACKING_TESTS),
+    Mutant("packing.padding_positions_zero", PACKING, "out_pos[r, col:] = ar[: seq_len - col]",
+           "out_pos[r, col:] = 0", PACKING_TESTS),
+    Mutant("packing.padding_not_counted", PACKING, "stats.padding_tokens += seq_len - col",
+           "stats.padding_tokens += 0", PACKING_TESTS),
+    Mutant("packing.dropped_tokens_miscounted", PACKING, "stats.dropped_tokens += int(lengths[long].sum())",
+           "stats.dropped_tokens += int(long.sum())", PACKING_TESTS),
+    Mutant("packing.split_overlaps", PACKING, "start = k * seq_len", "start = k * (seq_len - 1)", PACKING_TESTS),
+    Mutant("packing.long_docs_always_split", PACKING, 'if long_docs == "drop":', "if False:", PACKING_TESTS),
+    Mutant("packing.keep_full_rows_open", PACKING, "        if free > 0:\n", "        if free >= 0:\n",
+           PACKING_TESTS,
+           equivalent="a full row lands in the free-space-0 bucket, which bisect_left(free_values, n) never "
+                      "returns for a document of n >= 1 tokens: the rows are the same"),
+    # ------------------------------------------------------------------ training/trainer.py
+    Mutant("trainer.count_items_unshifted", TRAINER, "return int((labels[:, 1:] != IGNORE_INDEX).sum())",
+           "return int((labels != IGNORE_INDEX).sum())", TRAINER_TESTS),
+    Mutant("trainer.per_micro_batch_mean", TRAINER, "num_items_in_batch=global_items).loss",
+           "num_items_in_batch=None).loss", TRAINER_TESTS),
+    Mutant("trainer.classification_rows_not_reweighted", TRAINER,
+           "return out.loss * (count_items(batch, self.task) / global_items)", "return out.loss", TRAINER_TESTS),
+    Mutant("trainer.reported_loss_last_micro_batch", TRAINER, "loss_sum += loss.detach().float()",
+           "loss_sum = loss.detach().float()", TRAINER_TESTS),
+    Mutant("trainer.no_zero_grad", TRAINER, "        strategy.zero_grad()\n        self.scheduler.step()",
+           "        self.scheduler.step()", TRAINER_TESTS),
+    Mutant("trainer.no_scheduler_step", TRAINER, "        strategy.zero_grad()\n        self.scheduler.step()",
+           "        strategy.zero_grad()", TRAINER_TESTS),
+    Mutant("trainer.nonfinite_counter_not_reset", TRAINER,
+           "        if finite:\n            self.state.consecutive_nonfinite = 0\n        else:",
+           "        if finite:\n            pass\n        else:", TRAINER_TESTS),
+    Mutant("trainer.eval_not_gathered", TRAINER, "if self.strategy.world_size > 1 and self.task != \"causal_lm\":",
+           "if False:", TRAINER_TESTS),
+    Mutant("trainer.eval_loss_not_reduced", TRAINER,
+           "totals = self.strategy.reduce_sum(torch.stack(", "totals = (lambda t: t)(torch.stack(", TRAINER_TESTS),
+    Mutant("trainer.multi_label_threshold_inclusive", TRAINER, "preds.extend((logits > 0).int().tolist())",
+           "preds.extend((logits >= 0).int().tolist())", TRAINER_TESTS,
+           equivalent="a logit of exactly 0.0 has probability zero for a trained float model"),
+    Mutant("trainer.checkpoint_while_nonfinite", TRAINER,
+           "if every and state.step % every == 0 and state.consecutive_nonfinite == 0:",
+           "if every and state.step % every == 0:", TRAINER_TESTS),
+    # ------------------------------------------------------------------ the features named in issue 11
+    Mutant("features.sampling_is_greedy", "persimmon_train/model/generation.py", "if do_sample:", "if False:",
+           ["tests/model/test_parity.py::test_sampling_is_seeded_and_respects_top_k",
+            "tests/model/test_parity.py::test_temperature_shapes_the_sampled_distribution",
+            "tests/export/test_generate.py::test_generate_sampling_is_seeded_and_errors_are_one_line"]),
+    Mutant("features.temperature_ignored", "persimmon_train/model/generation.py",
+           "logits = filter_logits(logits / max(temperature, 1e-5), top_k, top_p)",
+           "logits = filter_logits(logits, top_k, top_p)",
+           ["tests/model/test_parity.py::test_temperature_shapes_the_sampled_distribution",
+            "tests/export/test_generate.py::test_generate_sampling_is_seeded_and_errors_are_one_line"]),
+    Mutant("features.top_k_ignored", "persimmon_train/model/generation.py", "if top_k and top_k < logits.shape[-1]:",
+           "if False:", ["tests/model/test_parity.py::test_top_k_never_samples_outside_the_k_best",
+                         "tests/model/test_parity.py::test_sampling_is_seeded_and_respects_top_k",
+                         "tests/export/test_generate.py::test_generate_sampling_is_seeded_and_errors_are_one_line"]),
+    Mutant("features.top_p_ignored", "persimmon_train/model/generation.py", "if top_p < 1.0:", "if False:",
+           ["tests/model/test_parity.py::test_top_p_never_samples_outside_the_nucleus",
+            "tests/export/test_generate.py::test_generate_sampling_is_seeded_and_errors_are_one_line"]),
+    Mutant("features.cosine_is_linear", "persimmon_train/training/optim.py",
+           "shape = 0.5 * (1.0 + math.cos(math.pi * progress))", "shape = 1.0 - progress",
+           ["tests/training/test_optim_metrics.py"]),
+    Mutant("features.linear_is_cosine", "persimmon_train/training/optim.py", "shape = 1.0 - progress",
+           "shape = 0.5 * (1.0 + math.cos(math.pi * progress))", ["tests/training/test_optim_metrics.py"]),
+    Mutant("features.clipping_off", "persimmon_train/parallel/single.py",
+           "return torch.nn.utils.clip_grad_norm_(params, max_norm)",
+           "return torch.nn.utils.get_total_norm([p.grad for p in params])",
+           ["tests/training/test_loop.py::test_gradient_clipping_bounds_the_update_and_reports_the_unclipped_norm"]),
+    Mutant("features.stream_drops_every_10th_document", "persimmon_train/data/streaming.py",
+           "        for doc_ids, doc_labels in self.documents():\n",
+           "        for doc_ids, doc_labels in (d for i, d in enumerate(self.documents()) if i % 10 != 9):\n",
+           ["tests/data/test_sources.py::test_one_streamed_epoch_is_the_in_memory_documents"]),
+    Mutant("features.multi_label_f1_over_both_classes", "persimmon_train/training/metrics.py",
+           "        scores.append(_f1(tp, fp, fn))\n    return sum(scores) / len(scores)\n\n\ndef mean_squared_error",
+           "        tn = len(labels) - tp - fp - fn\n        scores.append((_f1(tp, fp, fn) + _f1(tn, fn, fp)) / 2)\n"
+           "    return sum(scores) / len(scores)\n\n\ndef mean_squared_error",
+           ["tests/training/test_metrics.py"]),
+    Mutant("features.mse_is_mae", "persimmon_train/training/metrics.py", "return sum((p - t) ** 2 for p, t",
+           "return sum(abs(p - t) for p, t", ["tests/training/test_metrics.py"]),
+    Mutant("features.param_count_missing_bias", "persimmon_train/model/config.py",
+           "mlp = h * i + i + i * h + h", "mlp = h * i + i * h + h",
+           ["tests/model/test_config.py::test_8b_builds_on_meta_and_reports_parameter_count"]),
+]
+
+GROUPS = {"loss": LOSS, "packing": PACKING, "trainer": TRAINER}
+
+
+def copy_checkout(dest: Path) -> None:
+    """Tracked files plus untracked ones git does not ignore (work in progress counts)."""
+    files = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=REPO, check=True,
+                           capture_output=True).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+
+
+def run_pytest(root: Path, tests: list[str], extra: list[str], deselect: set[str], report: Path,
+               timeout: float, stop_at_first: bool = True) -> tuple[int, float]:
+    cmd = [sys.executable, "-m", "pytest", "-q", *(["-x"] if stop_at_first else []), "-p", "no:cacheprovider",
+           f"--junitxml={report}",
+           *extra, *tests, *[a for d in sorted(deselect) for a in ("--deselect", d)]]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])]),
+               PYTHONDONTWRITEBYTECODE="1")
+    start = time.perf_counter()
+    try:
+        rc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+        rc = -1
+    return rc, time.perf_counter() - start
+
+
+def failing_tests(report: Path) -> set[str]:
+    """Node ids of the failed/errored test cases in a junit report."""
+    if not report.exists():
+        return set()
+    failed = set()
+    for case in ET.parse(report).getroot().iter("testcase"):
+        if case.find("failure") is not None or case.find("error") is not None:
+            module = case.get("classname", "").replace(".", "/")
+            failed.add(f"{module}.py::{case.get('name')}")
+    return failed
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--group", choices=[*GROUPS, "features"], action="append")
+    parser.add_argument("--only", nargs="+", metavar="NAME")
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per pytest run")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTANTS if (not args.only or m.name in args.only)
+              and (not args.group or m.name.split(".")[0] in args.group)]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:45s} {m.path}  [{'equivalent' if m.equivalent else 'must be killed'}]")
+        return 0
+    if not chosen:
+        print("no mutant matches", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="persimmon-mutants-") as tmp:
+        root = Path(tmp) / "checkout"
+        copy_checkout(root)
+        # Baseline: the unmutated copy. Its failures are deselected below (not ours to judge here).
+        deselect: set[str] = set()
+        for tests in sorted({tuple(m.tests) for m in chosen}):
+            report = Path(tmp) / "baseline.xml"
+            rc, _ = run_pytest(root, list(tests), [], set(), report, args.timeout, stop_at_first=False)
+            if rc not in (0, 5):
+                broken = failing_tests(report)
+                print(f"baseline failures, deselected: {sorted(broken) or rc}")
+                deselect |= broken
+        results = []
+        for m in chosen:
+            target = root / m.path
+            original = target.read_text()
+            if original.count(m.old) != 1:
+                results.append((m, "STALE", 0.0))  # the code moved on: update the mutant
+                print(f"{m.name:45s} STALE (pattern found {original.count(m.old)} times in {m.path})", flush=True)
+                continue
+            target.write_text(original.replace(m.old, m.new))
+            try:
+                rc, seconds = run_pytest(root, m.tests, m.extra, deselect, Path(tmp) / "mutant.xml", args.timeout)
+            finally:
+                target.write_text(original)
+            outcome = "survived" if rc in (0, 5) else "KILLED" if rc != -1 else "KILLED (timeout)"
+            results.append((m, outcome, seconds))
+            note = f"  [equivalent: {m.equivalent}]" if m.equivalent and outcome == "survived" else ""
+            print(f"{m.name:45s} {outcome:10s} {seconds:6.1f}s{note}", flush=True)
+    bad = [m.name for m, outcome, _ in results if (outcome == "survived" and not m.equivalent) or outcome == "STALE"]
+    killed = sum(outcome.startswith("KILLED") for _, outcome, _ in results)
+    print(f"\n{killed} killed, {len(results) - killed} not killed of {len(results)}; "
+          f"unexpected survivors / stale: {bad or 'none'}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
