@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from persimmon_train.errors import ConfigError, PersimmonTrainError
 

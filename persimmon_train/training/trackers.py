@@ -57,47 +57,132 @@ class NullTracker:
         pass
 
 
+# W&B retries an unreachable server for ~90 s by default; a compute node without internet should
+# give up quickly and log offline instead. WANDB_INIT_TIMEOUT (seconds) overrides this.
+INIT_TIMEOUT_S = 10.0
+
+
+def _first_line(exc: BaseException) -> str:
+    text = redact_secrets(str(exc)).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class WandbTracker:
-    """W&B run; offline unless an API key is present (or tracker.mode says otherwise)."""
+    """W&B run; offline unless an API key is present (or tracker.mode says otherwise).
+
+    - online but the service does not answer within INIT_TIMEOUT_S: the run goes on in offline
+      mode, and the log names the `wandb sync DIR` command that uploads it later;
+    - `run_id` (saved in every checkpoint's trainer_state): a resumed run continues that W&B run;
+    - at the end the run's summary gets the final eval metrics and where the outputs are;
+    - a failing init / log / summary / finish logs ONE warning and never stops training.
+    """
 
     def __init__(self, cfg, *, config: dict, output_dir: str, run_name: str, run_id: str | None):
         self.run = None
         self.run_id = run_id
-        mode = cfg.mode or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        self.output_dir = output_dir
+        self.mode = cfg.mode or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        self.final_eval: dict = {}
+        self._warned = False
+        self._logging = True
         try:
             import wandb
-
-            self._wandb = wandb
-            self.run = wandb.init(
-                project=cfg.project, entity=cfg.entity, name=cfg.name or run_name, tags=list(cfg.tags),
-                mode=mode, config=config, dir=os.environ.get("WANDB_DIR") or output_dir,
-                id=run_id, resume="allow" if run_id else None,
-                settings=wandb.Settings(console="off", silent=True),
-            )
-            self.run_id = getattr(self.run, "id", run_id)
-            log.info("W&B run %s (mode=%s) in %s", self.run_id, mode, getattr(self.run, "dir", "?"))
         except Exception as exc:  # noqa: BLE001 - tracking must never stop training
-            self._fail("init", exc)
+            self._warn("import", exc)
+            return
+        self._wandb = wandb
+        kwargs = dict(project=cfg.project, entity=cfg.entity, name=cfg.name or run_name, tags=list(cfg.tags),
+                      config=config, dir=os.environ.get("WANDB_DIR") or output_dir, id=run_id,
+                      resume="allow" if run_id else None)
+        try:
+            self.run = self._init(self.mode, kwargs)
+        except Exception as exc:  # noqa: BLE001
+            if self.mode != "online":
+                self._warn("init", exc)
+                return
+            log.warning("W&B did not answer within %gs (%s); logging offline instead", self.init_timeout(),
+                        _first_line(exc))
+            try:
+                self.mode = "offline"
+                self.run = self._init("offline", kwargs)
+            except Exception as exc2:  # noqa: BLE001
+                self._warn("init", exc2)
+                return
+        self.run_id = getattr(self.run, "id", None) or run_id
+        log.info("W&B run %s (mode=%s%s) in %s", self.run_id, self.mode, ", resumed" if run_id else "",
+                 self.run_dir or "?")
+        if self.mode == "offline":
+            log.info("W&B is offline; upload the run later with: %s", self.sync_command)
 
-    def _fail(self, what: str, exc: Exception) -> None:
-        log.warning("W&B %s failed, continuing without W&B: %s", what, redact_secrets(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__)
-        self.run = None
+    @staticmethod
+    def init_timeout() -> float:
+        try:
+            return float(os.environ.get("WANDB_INIT_TIMEOUT") or INIT_TIMEOUT_S)
+        except ValueError:
+            return INIT_TIMEOUT_S
+
+    def _init(self, mode: str, kwargs: dict):
+        settings = self._wandb.Settings(console="off", silent=True, init_timeout=self.init_timeout())
+        return self._wandb.init(mode=mode, settings=settings, **kwargs)
+
+    @property
+    def run_dir(self) -> str | None:
+        """The run's own folder (`.../wandb/offline-run-<time>-<id>`), what `wandb sync` takes."""
+        files = getattr(self.run, "dir", None)
+        return os.path.dirname(files) if isinstance(files, str) and files else None
+
+    @property
+    def sync_command(self) -> str:
+        return f"wandb sync {self.run_dir or os.path.join(os.environ.get('WANDB_DIR') or self.output_dir, 'wandb')}"
+
+    def _warn(self, what: str, exc: BaseException) -> None:
+        if not self._warned:
+            log.warning("W&B %s failed, training goes on (W&B may be incomplete): %s", what, _first_line(exc))
+            self._warned = True
+        else:
+            log.debug("W&B %s failed again: %s", what, _first_line(exc))
 
     def log(self, metrics: dict, step: int) -> None:
-        if self.run is None:
+        evals = {k: v for k, v in metrics.items() if k.startswith("eval_")}
+        if evals:
+            self.final_eval = evals
+        if self.run is None or not self._logging:
             return
         try:
             self.run.log(metrics, step=step)
         except Exception as exc:  # noqa: BLE001
-            self._fail("log", exc)
+            self._warn("log", exc)
+            self._logging = False  # one broken call is enough; finish() still tries to close the run
+
+    def summary(self) -> dict:
+        """What lands in the W&B run summary at the end: final eval metrics and where the outputs are."""
+        out = {f"final/{k}": v for k, v in self.final_eval.items()}
+        out["output_dir"] = self.output_dir
+        for key, name in (("final_model", "final"), ("adapter", "adapter"), ("metrics_file", "metrics.jsonl"),
+                          ("config_file", "config.yaml"), ("log_file", "train.log")):
+            if os.path.exists(os.path.join(self.output_dir, name)):
+                out[key] = os.path.join(self.output_dir, name)
+        checkpoints = os.path.join(self.output_dir, "checkpoints")
+        steps = [d for d in os.listdir(checkpoints) if d.startswith("step_")] if os.path.isdir(checkpoints) else []
+        if steps:
+            newest = max(steps, key=lambda d: int(d.split("_")[-1]) if d.split("_")[-1].isdigit() else -1)
+            out["last_checkpoint"] = os.path.join(checkpoints, newest)
+        return out
 
     def finish(self, exit_code: int = 0) -> None:
         if self.run is None:
             return
         try:
+            self.run.summary.update(self.summary())
+        except Exception as exc:  # noqa: BLE001
+            self._warn("summary", exc)
+        try:
             self.run.finish(exit_code=exit_code)
         except Exception as exc:  # noqa: BLE001
-            self._fail("finish", exc)
+            self._warn("finish", exc)
+        self.run = None
+        if self.mode == "offline":
+            log.info("W&B offline run saved; upload it with: %s", self.sync_command)
 
 
 def build_tracker(cfg, *, config: dict, output_dir: str, run_name: str, run_id: str | None, is_main: bool):

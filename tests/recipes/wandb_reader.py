@@ -55,3 +55,23 @@ def config(path: str) -> dict:
         for item in updates:
             out[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
     return out
+
+
+def summary(path: str) -> dict:
+    """The run summary as the file leaves it (summary records update keys; the last value wins)."""
+    out = {}
+    for record in records(path):
+        if record.WhichOneof("record_type") == "summary":
+            for item in record.summary.update:
+                out[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+            for item in record.summary.remove:
+                out.pop(item.key or "/".join(item.nested_key), None)
+    return out
+
+
+def run_id(path: str) -> str:
+    """The W&B run id this file belongs to (from its run record)."""
+    for record in records(path):
+        if record.WhichOneof("record_type") == "run":
+            return record.run.run_id
+    raise AssertionError(f"{path} has no run record")
