@@ -20,6 +20,8 @@ from persimmon_train.errors import ConfigError
 ACTIVATIONS = ("relu2", "relu", "gelu", "silu")
 ROPE_SCALING_TYPES = ("linear", "dynamic")
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+# Attention kernels (model/attention.py). A runtime choice, not architecture: never written to config.json.
+ATTENTION_BACKENDS = ("auto", "sdpa", "segments", "flex", "varlen")
 
 # Keys transformers writes that carry no architecture information for us; dropped silently.
 _IGNORED_KEYS = {
@@ -56,6 +58,8 @@ class PersimmonConfig:
     id2label: dict[int, str] | None = None
     label2id: dict[str, int] | None = None
     problem_type: str | None = None
+    # Which attention kernel runs (see ATTENTION_BACKENDS); not saved to config.json.
+    attention: str = "auto"
     # Keys we do not model but keep so a config round-trips (e.g. quantization settings).
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -131,6 +135,9 @@ class PersimmonConfig:
             if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor <= 1.0:
                 raise ConfigError(f"config key 'rope_scaling.factor' must be a number > 1, got {factor!r}")
             self.rope_scaling = {"type": kind, "factor": float(factor)}
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ConfigError(
+                f"config key 'attention' is {self.attention!r}; known: {', '.join(ATTENTION_BACKENDS)}")
         if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
             raise ConfigError(
                 f"config key 'problem_type' is {self.problem_type!r}; known: {', '.join(PROBLEM_TYPES)}")
@@ -184,7 +191,7 @@ class PersimmonConfig:
 
     def to_dict(self, architectures: list[str] | None = None) -> dict:
         """A config.json dict that transformers 4.x and 5.x both load with these numbers."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("extra", "attention")}
         d.update(self.extra)
         rope_parameters = {"rope_type": "default", "rope_theta": self.rope_theta,
                            "partial_rotary_factor": self.partial_rotary_factor}

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import BACKENDS, AttentionLayout, build_layout
+from .attention import AttentionLayout, attend, build_layout
 from .config import PersimmonConfig
 from .rope import apply_partial_rope, rotary_cos_sin
 
@@ -21,6 +21,14 @@ _ACTIVATIONS = {
     "gelu": F.gelu,
     "silu": F.silu,
 }
+
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype attention will run in: autocast's when it is on, else the activations'."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return hidden.dtype
 
 
 class KVCache:
@@ -61,7 +69,6 @@ class PersimmonAttention(nn.Module):
         if config.qk_layernorm:
             self.q_layernorm = nn.LayerNorm(self.head_dim, eps=config.layer_norm_eps)
             self.k_layernorm = nn.LayerNorm(self.head_dim, eps=config.layer_norm_eps)
-        self.attend = BACKENDS["sdpa"]
 
     def forward(self, hidden, cos, sin, layout: AttentionLayout, cache: KVCache | None = None):
         batch, seq, _ = hidden.shape
@@ -74,7 +81,7 @@ class PersimmonAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         dropout = self.config.attention_dropout if self.training else 0.0
-        out = self.attend(q, k.to(q.dtype), v.to(q.dtype), layout, self.scale, dropout)
+        out = attend(q, k.to(q.dtype), v.to(q.dtype), layout, self.scale, dropout)
         return self.dense(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -121,7 +128,10 @@ class PersimmonModel(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + seq, device=input_ids.device).expand(batch, seq)
         hidden = self.embed_tokens(input_ids)
-        layout = build_layout(seq, past + seq, attention_mask, position_ids, input_ids.device)
+        # One layout per forward, shared by every layer (a flex BlockMask, cu_seqlens or segment
+        # groups are built here once, not per layer).
+        layout = build_layout(seq, past + seq, attention_mask, position_ids, input_ids.device,
+                              backend=self.config.attention, dtype=_compute_dtype(hidden))
         cos, sin = rotary_cos_sin(self.config, position_ids, hidden.dtype)
         for layer in self.layers:
             hidden = layer(hidden, cos, sin, layout, cache)
