@@ -176,13 +176,14 @@ class WandbTracker:
             self.run.summary.update(self.summary())
         except Exception as exc:  # noqa: BLE001
             self._warn("summary", exc)
+        sync = self.sync_command
         try:
             self.run.finish(exit_code=exit_code)
         except Exception as exc:  # noqa: BLE001
             self._warn("finish", exc)
         self.run = None
         if self.mode == "offline":
-            log.info("W&B offline run saved; upload it with: %s", self.sync_command)
+            log.info("W&B offline run saved; upload it with: %s", sync)
 
 
 def build_tracker(cfg, *, config: dict, output_dir: str, run_name: str, run_id: str | None, is_main: bool):
