@@ -120,11 +120,12 @@ class PersimmonPreTrainedModel(nn.Module):
 
 
 class LMHead(nn.Linear):
-    """The output projection; given labels it returns the chunked loss instead of logits.
+    """The output projection; given labels it returns the fused chunked loss instead of logits.
 
     The loss runs inside this module's own forward on purpose: sharding engines (DeepSpeed ZeRO-3,
-    FSDP2) gather a module's weights around its forward and backward hooks only, and the chunked
-    loss re-reads `weight` during backward (activation checkpointing of each chunk).
+    FSDP2) gather a module's weights around its own forward (and backward) only, and the fused loss
+    reads `weight` chunk by chunk in forward, where it also computes the weight's gradient
+    (loss.py); backward hands that gradient to the engine like any Linear's.
     """
 
     def forward(self, hidden, labels=None, chunk_size: int = 1024, num_items_in_batch=None):

@@ -1,19 +1,33 @@
-"""Causal-LM loss computed in chunks through the LM head.
+"""Causal-LM loss fused with the LM head: one chunk of logits at a time, the head run once.
 
 With a 262144-token vocabulary the float32 logits of one 16K row are 16 GiB, and autograd would
-keep them (plus their softmax) alive until backward. Here the tokens are cut into chunks; each
-chunk's `lm_head` matmul + cross-entropy runs under activation checkpointing, so only the chunk's
-hidden states are saved and its logits are rebuilt, one chunk at a time, during backward. Peak
-memory is one chunk of logits instead of all of them; the price is one extra `lm_head` forward.
+keep them (plus their softmax) alive until backward. Here the target tokens are cut into chunks,
+and for each chunk the forward pass computes its logits, its loss, and right away the gradient of
+that loss with respect to the chunk's hidden states and the head's weight (softmax - one-hot, then
+two matmuls), as Liger's fused linear cross-entropy and torchtitan's chunked loss do. Only the two
+gradients are kept; the chunk's logits are freed before the next chunk. Backward then just scales
+the stored gradients by the incoming gradient (a scalar). Peak memory: one chunk of float32 logits
+(capped at `LOGITS_CHUNK_BYTES`) plus a weight-sized gradient accumulator; matmuls: three per token,
+the same as an unfused head + cross-entropy (the former checkpointed chunked loss needed four).
+
+Gradient contract (parallel/base.py): the loss is sum / `num_items_in_batch` (the trainer passes
+the number of target tokens in the whole global batch), else the mean over this batch's targets.
+The stored gradients already carry that 1 / denominator.
+
+The loss must run inside `LMHead.forward` (heads.py): FSDP2 and DeepSpeed ZeRO-3 gather a module's
+weight around its own forward only, and this is where the weight is read.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
+
+# A chunk's float32 logits stay below this (256 tokens at vocab 262144): bounds the peak on top of
+# the weight-sized gradient, while each chunk's matmuls stay large enough to run at full speed.
+LOGITS_CHUNK_BYTES = 256 * 2**20
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -26,9 +40,58 @@ def count_targets(labels: torch.Tensor) -> int:
     return int((labels[..., 1:] != IGNORE_INDEX).sum())
 
 
-def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(hidden, weight).float()
-    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """What the head's matmuls run in: autocast's dtype when it is on (as an nn.Linear would)."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weight.T, targets_i) * scale, gradients computed in forward, chunk by chunk.
+
+    hidden: [n, h] (every row has a valid target); weight: [vocab, h]; targets: [n].
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, scale, chunk_size: int, need_hidden: bool, need_weight: bool):
+        dtype = _matmul_dtype(hidden, weight)
+        w = weight.to(dtype)  # cast once, not once per chunk (autocast would cast per call)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        # Accumulated in the matmul dtype with addmm_ (no weight-sized temporary per chunk).
+        grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_weight else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], chunk_size):
+                h = hidden[start:start + chunk_size].to(dtype)
+                t = targets[start:start + chunk_size]
+                logits = (h @ w.t()).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                if not (need_hidden or need_weight):
+                    continue
+                # d(sum CE)/d logits = softmax - one_hot, built in place in the logits buffer.
+                grad_logits = logits.sub_(lse[:, None]).exp_()
+                grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+                grad_logits = grad_logits.mul_(scale).to(dtype)
+                if need_hidden:
+                    grad_hidden[start:start + chunk_size] = grad_logits @ w
+                if need_weight:
+                    grad_weight.addmm_(grad_logits.t(), h)
+                del logits, grad_logits
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_output.to(grad_weight.dtype)).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def chunked_causal_lm_loss(
@@ -38,11 +101,12 @@ def chunked_causal_lm_loss(
     chunk_size: int = 1024,
     num_items_in_batch: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Shifted cross-entropy of `hidden @ lm_head_weight.T` against `labels`.
+    """Shifted cross-entropy of `hidden @ lm_head_weight.T` against `labels`, fused with the head.
 
     hidden: [batch, seq, hidden]; labels: [batch, seq] (unshifted, -100 = ignore).
     Returns sum / num_items_in_batch when that is given (the trainer passes the number of target
     tokens in the whole global batch), else the mean over this batch's target tokens.
+    `chunk_size` caps the tokens per chunk (LOGITS_CHUNK_BYTES caps it further for big vocabularies).
     """
     targets = shift_labels(labels).reshape(-1)
     flat = hidden.reshape(-1, hidden.shape[-1])
@@ -54,18 +118,13 @@ def chunked_causal_lm_loss(
     if targets.shape[0] == 0:
         # Nothing to predict: a zero that still connects to the graph, so backward() works.
         return hidden.sum().float() * 0.0
-    total = flat.new_zeros((), dtype=torch.float32)
-    needs_grad = torch.is_grad_enabled() and (flat.requires_grad or lm_head_weight.requires_grad)
-    for start in range(0, targets.shape[0], chunk_size):
-        h, t = flat[start:start + chunk_size], targets[start:start + chunk_size]
-        if needs_grad:
-            total = total + checkpoint(_chunk_loss_sum, h, lm_head_weight, t, use_reentrant=False)
-        else:
-            total = total + _chunk_loss_sum(h, lm_head_weight, t)
-    if num_items_in_batch is None:
-        denominator = max(targets.shape[0], 1)
-    else:
-        denominator = num_items_in_batch
+    denominator = targets.shape[0] if num_items_in_batch is None else num_items_in_batch
     if torch.is_tensor(denominator):
-        denominator = denominator.to(total.device)
-    return total / denominator
+        scale = 1.0 / denominator.to(device=flat.device, dtype=torch.float32)
+    else:
+        scale = torch.tensor(1.0 / denominator, dtype=torch.float32, device=flat.device)
+    vocab = lm_head_weight.shape[0]
+    chunk = max(1, min(chunk_size, LOGITS_CHUNK_BYTES // (4 * vocab)))
+    grad_on = torch.is_grad_enabled()
+    return FusedLinearCrossEntropy.apply(flat, lm_head_weight, targets, scale, chunk,
+                                         grad_on and flat.requires_grad, grad_on and lm_head_weight.requires_grad)

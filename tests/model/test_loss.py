@@ -57,3 +57,109 @@ def test_model_loss_does_not_materialise_full_logits():
     both = model(ids, labels=ids, return_logits=True)
     assert both.logits.shape == (2, 20, 300)
     assert torch.allclose(both.loss, plain_loss(model.model(ids), model.lm_head.weight, ids), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- fused linear + CE
+
+
+def test_fused_loss_and_grads_equal_transformers():
+    """Whole model, fused loss vs transformers' full-logits loss: loss and every gradient (fp32)."""
+    from .helpers import tiny_config, twins
+
+    ours, hf = twins(tiny_config())
+    ids = torch.randint(1, 160, (2, 30), generator=torch.Generator().manual_seed(5))
+    labels = ids.clone()
+    labels[0, :7] = -100
+    labels[1, 20:] = -100
+    ours.loss_chunk_size = 8  # several chunks
+    a = ours(ids, labels=labels).loss
+    b = hf(ids, labels=labels).loss
+    a.backward()
+    b.backward()
+    assert abs(a.item() - b.item()) <= 1e-5
+    theirs = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        assert torch.allclose(p.grad, theirs[name].grad, atol=1e-5, rtol=1e-4), name
+
+
+class _OpRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records (op name, largest output numel) of every aten op run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        numel = max((o.numel() for o in outs if isinstance(o, torch.Tensor)), default=0)
+        self.ops.append((func.__name__, numel))
+        return out
+
+
+def test_one_chunk_of_logits_and_no_head_matmul_in_backward(monkeypatch):
+    import persimmon_train.model.loss as loss_mod
+
+    vocab, dim, tokens = 1000, 16, 200
+    monkeypatch.setattr(loss_mod, "LOGITS_CHUNK_BYTES", 4 * vocab * 24)  # 24-token chunks
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, tokens, dim, generator=g, requires_grad=True)
+    weight = (torch.randn(vocab, dim, generator=g) * 0.1).requires_grad_()
+    labels = torch.randint(0, vocab, (1, tokens), generator=g)
+    with _OpRecorder() as fwd:
+        loss = chunked_causal_lm_loss(hidden, weight, labels, chunk_size=1024)
+    with _OpRecorder() as bwd:
+        loss.backward()
+    biggest = max(n for _, n in fwd.ops)
+    assert biggest <= 24 * vocab, biggest  # one chunk of logits (the weight gradient is 16 * vocab)
+    assert not [op for op, _ in bwd.ops if op.startswith(("mm", "addmm", "bmm", "matmul"))]
+    # and the result is still right
+    h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    plain_loss(h2, w2, labels).backward()
+    assert torch.allclose(hidden.grad, h2.grad, atol=1e-6, rtol=1e-5)
+    assert torch.allclose(weight.grad, w2.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_frozen_head_and_no_grad():
+    """LoRA freezes lm_head: no weight gradient is built; under no_grad no gradient at all."""
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 10, 8, generator=g, requires_grad=True)
+    weight = torch.randn(50, 8, generator=g)
+    labels = torch.randint(0, 50, (2, 10), generator=g)
+    loss = chunked_causal_lm_loss(hidden, weight, labels, chunk_size=4)
+    loss.backward()
+    assert weight.grad is None and hidden.grad is not None
+    with torch.no_grad():
+        value = chunked_causal_lm_loss(hidden, weight, labels, chunk_size=4)
+    assert not value.requires_grad and abs(value.item() - loss.item()) <= 1e-6
+
+
+def test_loss_scale_contract_with_tensor_count():
+    """sum / num_items_in_batch (a tensor, as the trainer passes it), gradients scaled the same way."""
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(1, 12, 8, generator=g)
+    weight = torch.randn(40, 8, generator=g)
+    labels = torch.randint(0, 40, (1, 12), generator=g)
+    h1, h2 = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+    a = chunked_causal_lm_loss(h1, weight, labels, chunk_size=5, num_items_in_batch=torch.tensor(33))
+    (a * 3.0).backward()  # an upstream factor must reach the stored gradients
+    b = plain_loss(h2, weight, labels, 33)
+    (b * 3.0).backward()
+    assert abs(a.item() - b.item()) <= 1e-6
+    assert torch.allclose(h1.grad, h2.grad, atol=1e-7, rtol=1e-5)
+
+
+def test_autocast_bf16_close_to_fp32():
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(1, 64, 32, generator=g)
+    weight = torch.randn(300, 32, generator=g) * 0.1
+    labels = torch.randint(0, 300, (1, 64), generator=g)
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = chunked_causal_lm_loss(h1, w1, labels, chunk_size=16)
+    a.backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    plain_loss(h2, w2, labels).backward()
+    assert w1.grad.dtype == torch.float32 and h1.grad.dtype == torch.float32
+    assert abs(a.item() - plain_loss(hidden, weight, labels).item()) < 2e-2
+    assert torch.allclose(w1.grad, w2.grad, atol=2e-3, rtol=5e-2)
