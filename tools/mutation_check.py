@@ -7,14 +7,15 @@
 
 Each mutant is one textual edit (an operator swapped, a line dropped, an option ignored) to one
 source file, with the tests that should catch it. The checkout is copied to a temporary folder
-(tracked and untracked-but-not-ignored files), each mutant is applied there alone, its tests run
+(the committed HEAD, or with --worktree the files as they are now), each mutant is applied there alone, its tests run
 there with that copy first on PYTHONPATH (the test helpers pin subprocesses to the copy too), and
 the copy is restored. The working tree is never touched, so it is safe beside other work.
 
 A mutant is KILLED when its tests fail, SURVIVED when they pass. Mutants marked `equivalent` are
 expected to survive (the edit cannot change behaviour the tests can see; the reason is given) and
 are listed in docs/testing.md; any other survivor makes the exit status 1. Tests that already fail
-on the unmutated copy are reported and deselected, so they neither kill nor hide a mutant.
+on the unmutated copy are reported and deselected, so they neither kill nor hide a mutant (a
+mutant left with no test to run is reported as NO TESTS and also fails the check).
 
 mutmut would generate mutants automatically, but it re-runs whole suites per mutant (far beyond a
 2-core CI budget for this project) and its operator mutants are mostly equivalent here; a short
@@ -70,10 +71,7 @@ MUTANTS = [
            "denominator = max(labels.numel(), 1)", LOSS_TESTS),
     Mutant("loss.ignore_num_items_in_batch", LOSS, "denominator = num_items_in_batch",
            "denominator = max(targets.shape[0], 1)", LOSS_TESTS),
-    Mutant("loss.no_checkpoint_per_chunk", LOSS, "if needs_grad:", "if False:", LOSS_TESTS),
-    Mutant("loss.keep_all_positions", LOSS, "if not bool(keep.all()):", "if False:", LOSS_TESTS,
-           equivalent="dropping ignored positions before the matmul is a speed-up only: cross_entropy's "
-                      "ignore_index drops the same positions after it (same sum, same denominator)"),
+    Mutant("loss.keep_all_positions", LOSS, "if not bool(keep.all()):", "if False:", LOSS_TESTS),
     Mutant("loss.no_ignore_index_in_ce", LOSS, "F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, "
            "reduction=\"sum\")", "F.cross_entropy(logits, targets, reduction=\"sum\")", LOSS_TESTS,
            equivalent="ignored positions were already removed (keep mask) before the cross-entropy; "
@@ -176,8 +174,15 @@ MUTANTS = [
 GROUPS = {"loss": LOSS, "packing": PACKING, "trainer": TRAINER}
 
 
-def copy_checkout(dest: Path) -> None:
-    """Tracked files plus untracked ones git does not ignore (work in progress counts)."""
+def copy_checkout(dest: Path, worktree: bool) -> None:
+    """The committed tree (HEAD); with `worktree`, the files as they are now, uncommitted edits and
+    untracked files git does not ignore included."""
+    dest.mkdir(parents=True)
+    if not worktree:
+        archive = subprocess.run(["git", "archive", "--format=tar", "HEAD"], cwd=REPO, check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+        return
     files = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=REPO, check=True,
                            capture_output=True).stdout.decode().split("\0")
     for rel in filter(None, files):
@@ -219,6 +224,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--group", choices=[*GROUPS, "features"], action="append")
     parser.add_argument("--only", nargs="+", metavar="NAME")
     parser.add_argument("--list", action="store_true")
+    parser.add_argument("--worktree", action="store_true",
+                        help="mutate the working tree's files as they are now (default: the committed HEAD)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per pytest run")
     args = parser.parse_args(argv)
     chosen = [m for m in MUTANTS if (not args.only or m.name in args.only)
@@ -232,16 +239,13 @@ def main(argv: list[str]) -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="persimmon-mutants-") as tmp:
         root = Path(tmp) / "checkout"
-        copy_checkout(root)
+        copy_checkout(root, args.worktree)
         # Baseline: the unmutated copy. Its failures are deselected below (not ours to judge here).
-        deselect: set[str] = set()
-        for tests in sorted({tuple(m.tests) for m in chosen}):
-            report = Path(tmp) / "baseline.xml"
-            rc, _ = run_pytest(root, list(tests), [], set(), report, args.timeout, stop_at_first=False)
-            if rc not in (0, 5):
-                broken = failing_tests(report)
-                print(f"baseline failures, deselected: {sorted(broken) or rc}")
-                deselect |= broken
+        every_test = sorted({t for m in chosen for t in m.tests})
+        report = Path(tmp) / "baseline.xml"
+        rc, seconds = run_pytest(root, every_test, [], set(), report, args.timeout * 2, stop_at_first=False)
+        deselect = failing_tests(report) if rc not in (0, 5) else set()
+        print(f"baseline ({seconds:.0f}s): {len(deselect)} failing test(s) deselected {sorted(deselect)}", flush=True)
         results = []
         for m in chosen:
             target = root / m.path
@@ -255,11 +259,12 @@ def main(argv: list[str]) -> int:
                 rc, seconds = run_pytest(root, m.tests, m.extra, deselect, Path(tmp) / "mutant.xml", args.timeout)
             finally:
                 target.write_text(original)
-            outcome = "survived" if rc in (0, 5) else "KILLED" if rc != -1 else "KILLED (timeout)"
+            outcome = {0: "survived", 5: "NO TESTS", -1: "KILLED (timeout)"}.get(rc, "KILLED")
             results.append((m, outcome, seconds))
             note = f"  [equivalent: {m.equivalent}]" if m.equivalent and outcome == "survived" else ""
             print(f"{m.name:45s} {outcome:10s} {seconds:6.1f}s{note}", flush=True)
-    bad = [m.name for m, outcome, _ in results if (outcome == "survived" and not m.equivalent) or outcome == "STALE"]
+    bad = [m.name for m, outcome, _ in results
+           if (outcome == "survived" and not m.equivalent) or outcome in ("STALE", "NO TESTS")]
     killed = sum(outcome.startswith("KILLED") for _, outcome, _ in results)
     print(f"\n{killed} killed, {len(results) - killed} not killed of {len(results)}; "
           f"unexpected survivors / stale: {bad or 'none'}")

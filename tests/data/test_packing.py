@@ -107,6 +107,19 @@ def test_best_fit_beats_greedy_and_reaches_995_at_16k():
     assert len(bins) <= -(-lengths.sum() // 16384) + 1
 
 
+@pytest.mark.parametrize("lengths, rows", [
+    # Decreasing matters: in corpus order the 2s share a row and each 8 then needs its own.
+    ([2, 2, 2, 8, 8, 8], [[8, 2], [8, 2], [8, 2]]),
+    # Best fit matters: 4 goes where it fills a row (free 4), not into the emptiest row (free 5),
+    # which would leave 3 and 2 without room for both.
+    ([6, 5, 4, 3, 2], [[6, 4], [5, 3, 2]]),
+])
+def test_best_fit_decreasing_by_hand(lengths, rows):
+    lengths = np.array(lengths)
+    bins = best_fit_decreasing(lengths, 10)
+    assert sorted(sorted(lengths[b].tolist(), reverse=True) for b in bins) == sorted(rows)
+
+
 def test_pack_uses_best_fit_rows():
     """`pack` itself (not only the bin function) fills rows as best-fit-decreasing does."""
     lengths = [6, 6, 4, 4, 5, 5]  # greedy in order: [6] [6 4] [4 5] [5]; best fit: [6 4] [6 4] [5 5]

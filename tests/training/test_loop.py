@@ -7,9 +7,12 @@ import os
 import pytest
 import torch
 
+from persimmon_train.model import PersimmonForSequenceClassification
 from persimmon_train.training import checkpointing
+from persimmon_train.training.config import OptimConfig
+from persimmon_train.training.optim import build_scheduler, lr_multiplier
 from persimmon_train.training.trainer import TrainingDivergedError, count_items
-from tests.training.helpers import causal_rows, make_trainer, tiny_model
+from tests.training.helpers import VOCAB, causal_rows, make_trainer, tiny_config, tiny_model
 
 
 def _train(tmp_path, micro, accum, steps=3):
@@ -36,6 +39,84 @@ def test_rows_have_uneven_target_counts():
     rows = causal_rows(8)
     counts = [count_items({k: v[None] for k, v in r.items()}, "causal_lm") for r in rows]
     assert len(set(counts)) > 1
+
+
+def test_count_items_is_what_each_loss_averages_over():
+    labels = torch.tensor([[5, 6, -100, 7]])
+    assert count_items({"labels": labels}, "causal_lm") == 2  # shifted: position 0 is never a target
+    assert count_items({"labels": labels}, "token_classification") == 3
+    assert count_items({"labels": torch.tensor([1, -100, 0])}, "sequence_classification") == 2  # filler row
+    assert count_items({"labels": torch.rand(3, 2)}, "sequence_classification") == 3  # multi-label rows
+
+
+def _classification_rows(n: int) -> list[dict]:
+    g = torch.Generator().manual_seed(3)
+    rows = [{"input_ids": torch.randint(1, VOCAB, (10,), generator=g), "labels": torch.tensor(i % 3)}
+            for i in range(n)]
+    rows[1]["labels"] = torch.tensor(-100)  # an eval-filler-like row: it must not count
+    return rows
+
+
+def test_classification_update_does_not_depend_on_micro_batch_split(tmp_path):
+    """The head's per-micro-batch mean is re-weighted to the global row count."""
+    def train(micro, accum):
+        torch.manual_seed(0)
+        model = PersimmonForSequenceClassification.from_config(tiny_config(num_labels=3))
+        trainer = make_trainer(model, _classification_rows(8), micro=micro, accum=accum, steps=1,
+                               output_dir=tmp_path, sgd=True, lr=0.5)
+        trainer.task = "sequence_classification"
+        trainer.fit()
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    ref, got = train(8, 1), train(2, 4)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_reported_loss_is_the_whole_step_and_gradients_are_cleared(tmp_path):
+    model = tiny_model()
+    rows = causal_rows(8)
+    trainer = make_trainer(model, rows, micro=2, accum=4, steps=1, output_dir=tmp_path, sgd=True, lr=0.0)
+    batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    with torch.no_grad():
+        whole = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss  # mean over the 8 rows
+    it = iter(trainer.train_loader)
+    result = trainer.train_step([next(it) for _ in range(4)])
+    assert result["loss"] == pytest.approx(float(whole), rel=1e-5)
+    assert all(p.grad is None for p in model.parameters())  # the next step starts from zero
+
+
+def test_logged_lr_follows_the_configured_schedule(tmp_path):
+    model = tiny_model()
+    trainer = make_trainer(model, causal_rows(8), micro=2, accum=1, steps=6, output_dir=tmp_path, lr=0.1)
+    cfg = OptimConfig(lr=0.1, warmup_steps=2, schedule="linear", min_lr_ratio=0.2)
+    trainer.scheduler = build_scheduler(trainer.optimizer, cfg, max_steps=6)
+    trainer.fit()
+    logged = [row["lr"] for row in trainer.metrics_file.rows if "lr" in row]
+    want = [0.1 * lr_multiplier(s, max_steps=6, warmup_steps=2, schedule="linear", min_lr_ratio=0.2) for s in range(6)]
+    assert logged == pytest.approx(want)
+    assert len(set(logged)) > 3
+
+
+def test_a_good_step_resets_the_nonfinite_count(tmp_path):
+    """NaN, good, NaN, NaN with max_nonfinite_steps=2: stops at step 4, not at step 3."""
+    model = tiny_model()
+    trainer = make_trainer(model, causal_rows(16), micro=2, accum=1, steps=10, output_dir=tmp_path,
+                           max_nonfinite=2)
+    original = model.forward
+    calls = {"n": 0}
+
+    def forward(*args, **kwargs):
+        out = original(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] != 2:
+            out.loss = out.loss * float("nan")
+        return out
+
+    model.forward = forward
+    with pytest.raises(TrainingDivergedError, match="2 steps in a row"):
+        trainer.fit()
+    assert trainer.state.step == 4 and trainer.state.skipped_steps == 3
 
 
 def test_nonfinite_loss_skips_step_then_stops(tmp_path):
