@@ -228,11 +228,12 @@ def parse_invocation(args: list[str]) -> Invocation:
     return inv
 
 
-def run_recipe(job: str, main: Callable, argv: list[str] | None = None) -> None:
+def run_recipe(job: str, main: Callable, argv: list[str] | None = None, multirun: Callable | None = None) -> None:
     """Parse overrides for `job`, run `main(cfg)`, and turn user errors into one line + exit 2.
 
     With -m / --multirun every sweep override (`optim.lr=1e-4,3e-4`) expands into one job per
-    combination, each in its own output folder (persimmon_train.recipes.sweep).
+    combination: `multirun(job, main, invocation)` runs them (the recipes pass
+    persimmon_train.recipes.sweep.run_sweep; this layer does not import the one above it).
     """
     args = strip_local_rank(list(sys.argv[1:] if argv is None else argv))
     try:
@@ -242,9 +243,11 @@ def run_recipe(job: str, main: Callable, argv: list[str] | None = None) -> None:
                   f"[--print-config]\nconfig tree: {config_dir()} (see docs/training.md)")
             return
         if inv.multirun and not inv.print_only:
-            from persimmon_train.recipes.sweep import run_sweep
+            if multirun is None:
+                from persimmon_train.errors import ConfigError
 
-            run_sweep(job, main, inv)
+                raise ConfigError(f"-m (multirun): not supported by {prog(job)}")
+            multirun(job, main, inv)
             return
         cfg = load_config(job, inv.overrides, inv.config_path, inv.config_name)
         if inv.print_only:

@@ -6,6 +6,7 @@ Configs: persimmon_train/conf/classify.yaml; eval reports loss, accuracy and mac
 from __future__ import annotations
 
 from persimmon_train.cli import run_recipe
+from persimmon_train.recipes.sweep import run_sweep
 
 
 def main(cfg):
@@ -18,4 +19,4 @@ def main(cfg):
 
 
 def run(argv: list[str] | None = None) -> None:
-    run_recipe("classify", main, argv)
+    run_recipe("classify", main, argv, multirun=run_sweep)

@@ -7,6 +7,7 @@ Configs: persimmon_train/conf/evaluate.yaml. Prints the metrics and writes outpu
 from __future__ import annotations
 
 from persimmon_train.cli import run_recipe
+from persimmon_train.recipes.sweep import run_sweep
 
 
 def main(cfg):
@@ -16,4 +17,4 @@ def main(cfg):
 
 
 def run(argv: list[str] | None = None) -> None:
-    run_recipe("evaluate", main, argv)
+    run_recipe("evaluate", main, argv, multirun=run_sweep)

@@ -7,6 +7,7 @@ Configs: persimmon_train/conf/finetune.yaml and its groups; docs/training.md.
 from __future__ import annotations
 
 from persimmon_train.cli import run_recipe
+from persimmon_train.recipes.sweep import run_sweep
 
 
 def main(cfg):
@@ -19,4 +20,4 @@ def main(cfg):
 
 
 def run(argv: list[str] | None = None) -> None:
-    run_recipe("finetune", main, argv)
+    run_recipe("finetune", main, argv, multirun=run_sweep)
