@@ -33,7 +33,10 @@ def config_dir() -> Path:
 
 def prog(job: str) -> str:
     """How the user started `job`, for usage lines: the console script or a top-level recipe file."""
-    if Path(sys.argv[0]).name.startswith("persimmon-train"):
+    started_as = Path(sys.argv[0]).resolve()
+    console = started_as.name.startswith("persimmon-train")
+    module = started_as.parent == Path(__file__).resolve().parent / "recipes"  # python -m persimmon_train.recipes
+    if console or module:
         return f"persimmon-train {job.replace('_', '-')}"
     return f"python recipes/{job}.py"
 
