@@ -285,6 +285,7 @@ def sdpa_attend(q, k, v, layout: AttentionLayout, scale: float, dropout_p: float
         dropout_p=dropout_p, scale=scale)
 
 
+@torch.compiler.disable  # a Python loop over this batch's groups: compiling it would recompile per batch
 def segments_attend(q, k, v, layout: AttentionLayout, scale: float, dropout_p: float = 0.0):
     """One SDPA call per bucket of equal-length groups (stacked as a batch).
 

@@ -136,6 +136,7 @@ def _config_overrides(cfg, tokenizer, data) -> dict:
     m = cfg.model
     overrides = {k: getattr(m, k) for k in ("hidden_dropout", "attention_dropout", "classifier_dropout")
                  if getattr(m, k) is not None}
+    overrides["attention"] = m.attention  # a runtime choice, never read from config.json
     if cfg.task != "causal_lm" and data is not None and data.num_labels:
         overrides.update(num_labels=data.num_labels, id2label=dict(data.id2label),
                          label2id=dict(data.label2id), problem_type=data.problem_type)
@@ -208,4 +209,9 @@ def prepare_for_training(model, cfg, training: bool = True):
     layers = apply_activation_checkpointing(model, cfg.trainer.activation_checkpointing)
     if layers:
         log.info("activation checkpointing on layers %s", layers)
+    if training and cfg.trainer.compile:
+        # After checkpointing, before the strategy shards each layer (torchtitan's order).
+        from persimmon_train.parallel.compile import compile_decoder_layers
+
+        compile_decoder_layers(model)
     return model

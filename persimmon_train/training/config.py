@@ -49,6 +49,8 @@ class ModelConfig:
     hidden_dropout: Optional[float] = 0.0
     attention_dropout: Optional[float] = 0.0
     classifier_dropout: Optional[float] = None
+    # Attention kernel: auto | sdpa | segments | flex | varlen (docs/model.md "Attention backends").
+    attention: str = "auto"
 
 
 @dataclass
@@ -131,6 +133,7 @@ class TrainerConfig:
     progress_bar: bool = True
     peak_tflops: Optional[float] = None  # per-device peak for MFU; null: known GPUs only
     num_threads: Optional[int] = None  # torch CPU threads; null: torch's default
+    compile: bool = False  # torch.compile each decoder layer (after checkpointing, before sharding)
 
 
 @dataclass
@@ -230,6 +233,9 @@ def validate_run_config(cfg: RunConfig) -> RunConfig:
         value = getattr(m, key)
         if value is not None and not 0.0 <= value < 1.0:
             raise ConfigError(f"model.{key}: must be in [0, 1), got {value!r}")
+    from persimmon_train.model.config import ATTENTION_BACKENDS
+
+    _one_of("model.attention", m.attention, ATTENTION_BACKENDS)
     if m.rope_scaling is not None:
         rs = m.rope_scaling
         if not isinstance(rs, dict) or rs.get("type") not in ("linear", "dynamic"):
