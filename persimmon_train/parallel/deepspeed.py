@@ -23,23 +23,27 @@ Checkpoints: `engine.save_checkpoint(step_N, tag="deepspeed")`, every rank writi
 partition (frozen LoRA bases excluded); `persimmon_train.storage.iter_checkpoint_weights` rebuilds
 full tensors in one process with DeepSpeed's zero_to_fp32 helpers.
 
-Weights from model.path: every rank loads the model (from_pretrained) before ZeRO partitions
-it; for models that do not fit host memory per rank use `strategy=fsdp` (meta-device sharded
-loading), see docs/distributed.md.
+Weights from model.path: ZeRO-3 builds the model on the meta device and fills it module by module,
+each rank keeping only its partitions (parallel/zero3_load.py); ZeRO-1/2 hold full parameters on
+every rank anyway, so every rank loads the model (from_pretrained) before ZeRO shards the rest.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 
 import torch
 from torch import nn
 
-from persimmon_train.errors import CheckpointError
+from persimmon_train.errors import CheckpointError, WeightsError
 from persimmon_train.parallel.distributed import DistributedStrategy
 from persimmon_train.parallel.ds_config import build_ds_config, check_user_config, fill_model_autos, read_user_config
 from persimmon_train.parallel.single import resolve_precision
 from persimmon_train.storage.checkpoints import DEEPSPEED_TAG as TAG
+
+log = logging.getLogger("persimmon_train")
 
 
 class DeepSpeedStrategy(DistributedStrategy):
@@ -47,7 +51,7 @@ class DeepSpeedStrategy(DistributedStrategy):
 
     def __init__(self, *, ds_config: dict | None = None, precision: str = "bf16", device: str = "auto",
                  backend: str = "auto", timeout_minutes: float = 30.0, config_source: str = "strategy.*",
-                 make_config=None):
+                 make_config=None, model_path: str | None = None, seed: int = 0):
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
@@ -64,11 +68,20 @@ class DeepSpeedStrategy(DistributedStrategy):
         self.stage = int(self.ds_config["zero_optimization"]["stage"])
         self.engine = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self.model_path, self.seed = model_path, seed
+        self.load_report: dict = {}
+
+    @property
+    def loads_sharded_weights(self) -> bool:
+        # ZeRO-3: build on meta, each rank keeps only its partitions (parallel/zero3_load.py).
+        # ZeRO-1/2 keep full parameters on every rank anyway: from_pretrained as before.
+        return self.stage == 3
 
     @classmethod
     def from_run_config(cls, cfg):
         s, t = cfg.strategy, cfg.trainer
-        common = dict(precision=t.precision, device=s.device, backend=s.backend, timeout_minutes=s.timeout_minutes)
+        common = dict(precision=t.precision, device=s.device, backend=s.backend, timeout_minutes=s.timeout_minutes,
+                      model_path=cfg.model.path, seed=t.seed)
         keys = dict(micro_batch_size=t.micro_batch_size, grad_accum_steps=t.grad_accum_steps,
                     grad_clip=cfg.optim.grad_clip)
         if s.config_file:
@@ -100,6 +113,16 @@ class DeepSpeedStrategy(DistributedStrategy):
         hidden = getattr(getattr(base, "config", None), "hidden_size", None)
         if hidden:
             fill_model_autos(self.ds_config, int(hidden), self.config_source)
+        log.info("deepspeed: ZeRO stage %d, config from %s: %s", self.stage, self.config_source,
+                 json.dumps(self.ds_config, sort_keys=True))
+        if any(p.is_meta for p in model.parameters()):
+            if self.stage != 3 or not self.model_path:
+                raise WeightsError("strategy=deepspeed: the model is on the meta device but this is not ZeRO-3 "
+                                   "from model.path")
+            from persimmon_train.parallel.zero3_load import materialize_zero3
+
+            self.load_report = materialize_zero3(model, self.model_path, self.ds_config, seed=self.seed,
+                                                 is_main=self.is_main, device=self._device)
         optimizer = make_optimizer(model)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config,
                                                     dist_init_required=False)

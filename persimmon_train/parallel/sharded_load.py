@@ -70,52 +70,74 @@ def load_sharded_safetensors(model: nn.Module, folder: str, *, fresh_prefixes: t
     are always fresh. `ignore`: file names not to load (another head's weights).
     Returns {"loaded": n, "fresh": [names]}.
     """
-    from safetensors import safe_open
+    plan = LoadPlan(model, folder, fresh_prefixes=fresh_prefixes, ignore=ignore)
+    plan.fill(dict(model.named_parameters()), torch.Generator().manual_seed(seed), init_std)
+    return {"loaded": len(plan.source), "fresh": plan.fresh}
 
-    from persimmon_train.storage import read_header, read_weight_map
 
-    weight_map = read_weight_map(folder)  # validates the folder and headers first
-    params = dict(model.named_parameters())
-    by_file: dict[str, list[str]] = defaultdict(list)
-    fresh, missing = [], []
-    for name in params:
-        source = file_name(name)
-        if ".lora_A." in name or ".lora_B." in name:
-            fresh.append(name)
-        elif source in weight_map:
-            by_file[weight_map[source]].append(name)
-        elif source.startswith(fresh_prefixes):
-            fresh.append(name)
-        else:
-            missing.append(source)
-    used = {file_name(n) for names in by_file.values() for n in names}
-    unexpected = sorted(set(weight_map) - used - set(ignore))
-    if missing or unexpected:
-        raise WeightsError(f"{folder}: weights do not match the model: missing {sorted(missing)[:5]} "
-                           f"unexpected {unexpected[:5]}")
-    with torch.no_grad():
-        for path, names in by_file.items():
-            entries = read_header(path)
-            with open(path, "rb") as raw, safe_open(path, framework="pt", device="cpu") as handle:
-                for name in names:
+class LoadPlan:
+    """Where each parameter of `model` comes from: a tensor of `folder`'s safetensors, or a fresh init.
+
+    Built once, checked against the whole model (missing / unexpected names fail before anything
+    is read); `fill` may then be called on any subset of the parameters, e.g. one module at a time
+    (ZeRO-3 materialises and partitions module by module), as long as the calls follow module order
+    and share one generator: the fresh values are then the same as in one call over the model.
+    """
+
+    def __init__(self, model: nn.Module, folder: str, *, fresh_prefixes: tuple[str, ...], ignore: tuple[str, ...]):
+        from persimmon_train.storage import read_header, read_weight_map
+
+        weight_map = read_weight_map(folder)  # validates the folder and headers first
+        self.source: dict[str, tuple[str, object]] = {}  # param name -> (file, header entry)
+        self.fresh: list[str] = []
+        missing, headers = [], {}
+        for name, param in model.named_parameters():
+            source = file_name(name)
+            if ".lora_A." in name or ".lora_B." in name:
+                self.fresh.append(name)
+            elif source in weight_map:
+                path = weight_map[source]
+                if path not in headers:
+                    headers[path] = read_header(path)
+                entry = headers[path][source]
+                if tuple(entry.shape) != tuple(param.shape):
+                    raise WeightsError(f"tensor {source} in {path} has shape {list(entry.shape)} but "
+                                       f"the model expects {list(param.shape)}")
+                self.source[name] = (path, entry)
+            elif source.startswith(fresh_prefixes):
+                self.fresh.append(name)
+            else:
+                missing.append(source)
+        used = {file_name(n) for n in self.source}
+        unexpected = sorted(set(weight_map) - used - set(ignore))
+        if missing or unexpected:
+            raise WeightsError(f"{folder}: weights do not match the model: missing {sorted(missing)[:5]} "
+                               f"unexpected {unexpected[:5]}")
+
+    def fill(self, params: dict[str, torch.Tensor], generator: torch.Generator, init_std: float) -> None:
+        """Fill the local shard of each of `params` (name -> parameter): file tensors, then fresh ones."""
+        from safetensors import safe_open
+
+        by_file: dict[str, list[str]] = defaultdict(list)
+        for name in params:
+            if name in self.source:
+                by_file[self.source[name][0]].append(name)
+        with torch.no_grad():
+            for path, names in by_file.items():
+                with open(path, "rb") as raw, safe_open(path, framework="pt", device="cpu") as handle:
+                    for name in names:
+                        param, entry = params[name], self.source[name][1]
+                        source, dtype, shape = file_name(name), entry.torch_dtype, entry.shape
+                        index = local_slices(param)
+                        local = _local(param)
+                        if _rows_only(index, shape) and local.is_contiguous() and local.device.type == "cpu":
+                            _read_rows(raw, entry.begin, dtype, shape, index[0] if index else slice(0, 1), local)
+                        else:  # column shards etc.: safetensors' (memory-mapped) slicing
+                            local.copy_(handle.get_slice(source)[index] if param.ndim else handle.get_tensor(source))
+            for name in self.fresh:  # module order: identical on every rank
+                if name in params:
                     param = params[name]
-                    source = file_name(name)
-                    entry = entries[source]
-                    dtype, shape = entry.torch_dtype, entry.shape
-                    if tuple(shape) != tuple(param.shape):
-                        raise WeightsError(f"tensor {source} in {path} has shape {list(shape)} but "
-                                           f"the model expects {list(param.shape)}")
-                    index = local_slices(param)
-                    local = _local(param)
-                    if _rows_only(index, shape) and local.is_contiguous() and local.device.type == "cpu":
-                        _read_rows(raw, entry.begin, dtype, shape, index[0] if index else slice(0, 1), local)
-                    else:  # column shards etc.: safetensors' (memory-mapped) slicing
-                        local.copy_(handle.get_slice(source)[index] if param.ndim else handle.get_tensor(source))
-        generator = torch.Generator().manual_seed(seed)
-        for name in fresh:  # module order: identical on every rank
-            param = params[name]
-            _local(param).copy_(_fresh_full(name, tuple(param.shape), generator, init_std)[local_slices(param)])
-    return {"loaded": sum(len(v) for v in by_file.values()), "fresh": fresh}
+                    _local(param).copy_(_fresh_full(name, tuple(param.shape), generator, init_std)[local_slices(param)])
 
 
 def _rows_only(index: tuple[slice, ...], shape) -> bool:

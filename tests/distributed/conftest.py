@@ -46,10 +46,10 @@ def strategy_of(overrides) -> str:
     return names[-1] if names else "single"
 
 
-def launch(output_dir: Path, overrides: list[str], env: dict, timeout: float = 600, nproc: int = 2):
-    """Run recipes/finetune.py the way a user would: python, launch/torchrun.sh or launch/deepspeed.sh."""
+def launch_command(output_dir: Path, overrides: list[str], env: dict, nproc: int = 2, common=None):
+    """(argv, env) running recipes/finetune.py as a user would: python, launch/torchrun.sh or launch/deepspeed.sh."""
     launcher = LAUNCHERS[strategy_of(overrides)] if nproc > 1 else "python"
-    args = [*COMMON, *overrides, f"output_dir={output_dir}"]
+    args = [*(COMMON if common is None else common), *overrides, f"output_dir={output_dir}"]
     if launcher == "python":
         cmd = [sys.executable, str(REPO / "recipes" / "finetune.py"), *args]
     else:
@@ -57,6 +57,12 @@ def launch(output_dir: Path, overrides: list[str], env: dict, timeout: float = 6
     env = dict(env, NPROC_PER_NODE=str(nproc), NUM_GPUS=str(nproc), TORCHRUN=str(VENV_BIN / "torchrun"),
                DEEPSPEED=str(VENV_BIN / "deepspeed"), PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
                OMP_NUM_THREADS="1")
+    return cmd, env
+
+
+def launch(output_dir: Path, overrides: list[str], env: dict, timeout: float = 600, nproc: int = 2, common=None):
+    """Run recipes/finetune.py to completion (COMMON settings unless `common` is given); fail with its output."""
+    cmd, env = launch_command(output_dir, overrides, env, nproc=nproc, common=common)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd[:4])} ... exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
