@@ -26,8 +26,8 @@ OPTIONAL = {"max_new_tokens": "64", "greedy": "true", "temperature": "0.7", "top
 def main(argv: list[str]) -> None:
     import torch
 
+    from persimmon_train.export.exporter import export_dtype
     from persimmon_train.export.generate import load_causal_lm, stream_generate
-    from persimmon_train.export.hf_folder import export_dtype
 
     values = parse_key_values(argv, REQUIRED, OPTIONAL, USAGE)
     options = dict(max_new_tokens=as_number(values, "max_new_tokens", int, 1),
@@ -35,7 +35,7 @@ def main(argv: list[str]) -> None:
                    temperature=as_number(values, "temperature", float, 0.0),
                    top_k=as_number(values, "top_k", int, 0), top_p=as_number(values, "top_p", float, 0.0, 1.0),
                    seed=as_number(values, "seed", int, 0))
-    dtype = export_dtype(values["dtype"])
+    dtype = export_dtype(values["dtype"]) or torch.float32  # auto: the weights as trained
     device = values["device"]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -105,6 +105,21 @@ def _gather(comm, value) -> list:
 # ----------------------------------------------------------------------------- writing
 
 
+class LocalComm:
+    """The `comm` of a single process (tools and tests that write a checkpoint without a strategy)."""
+
+    is_main, rank, world_size = True, 0, 1
+
+    def barrier(self) -> None:
+        pass
+
+    def all_gather_object(self, obj) -> list:
+        return [obj]
+
+    def broadcast_object(self, obj):
+        return obj
+
+
 def save_checkpoint(output_dir: str, step: int, *, comm, write_files: Callable[[str], None], metadata: dict,
                     keep_last: int = 0) -> str:
     """Write `step_<step>/` (collective: every rank calls it) and prune old checkpoints.

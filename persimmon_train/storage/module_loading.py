@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from persimmon_train.errors import WeightsError
-from persimmon_train.storage.safetensors_io import inspect_folder, preview
+from persimmon_train.storage.safetensors_io import has_nonfinite, inspect_folder, preview
 
 
 def load_safetensors_into(
@@ -89,7 +89,7 @@ def load_safetensors_into(
             for source, names in items:
                 current = targets[names[0]]
                 value = handle.get_tensor(source)
-                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                if has_nonfinite(value):
                     raise WeightsError(f"tensor {source} in {path} holds NaN/Inf values; refusing to load it")
                 value = value.to(_target_dtype(value.dtype, current, dtype))
                 _put(value, current, [owners[name] for name in names])

@@ -42,6 +42,8 @@ SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 _SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
 _SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 _PART_NAME = "model-part-{index:05d}.safetensors.tmp"
+# Temporary files of a write killed mid-way (ours, by name; older versions used the shard names + .tmp).
+_STALE_TMP_RE = re.compile(r"model-(part-\d{5}|\d{5}-of-\d{5})\.safetensors\.tmp")
 # Files we refuse to read (pickles can run code) but recognise, to tell the user what to do.
 _PICKLE_WEIGHT_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.bin")
 # safetensors itself refuses headers over 100 MB; a bigger length field means a corrupt file.
@@ -90,6 +92,14 @@ def parse_size(size: int | str, key: str = "max_shard_size") -> int:
     if value <= 0:
         raise ConfigError(f"{key}: {size!r} must be positive")
     return value
+
+
+def has_nonfinite(tensor: torch.Tensor, chunk: int = 1 << 18) -> bool:
+    """True if a floating tensor holds NaN/Inf; checked in chunks so the mask stays small."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return False
+    flat = tensor.reshape(-1)
+    return any(not bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
 
 
 def preview(names: list[str]) -> str:
@@ -401,8 +411,9 @@ class ShardWriter:
                 atomic_write_text(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n")
             else:
                 _remove_if_present(index_path)
-            for entry in os.listdir(self.folder):  # shards of an earlier, larger save
-                if _SHARD_RE.fullmatch(entry) and entry not in names:
+            for entry in os.listdir(self.folder):  # shards of an earlier, larger save; a killed write's parts
+                stale = (_SHARD_RE.fullmatch(entry) and entry not in names) or _STALE_TMP_RE.fullmatch(entry)
+                if stale and os.path.isfile(os.path.join(self.folder, entry)):
                     os.remove(os.path.join(self.folder, entry))
         return names
 

@@ -88,6 +88,6 @@ def run_script(script: str, *args: str, env: dict, timeout: float = 300) -> subp
 
 
 def load_tensors(folder) -> dict[str, torch.Tensor]:
-    from persimmon_train.checkpoint import iter_safetensors
+    from persimmon_train.storage import iter_weights_folder
 
-    return {name: tensor.clone() for name, tensor in iter_safetensors(folder)}
+    return {name: tensor.clone() for name, tensor in iter_weights_folder(folder)}

@@ -1,12 +1,11 @@
 """FSDP and ZeRO-3 checkpoints of 2-rank CPU runs export to the weights of the single-process run.
 
-Needs the distributed strategies (persimmon_train.parallel.fsdp / .deepspeed with
-`iter_checkpoint_weights`); skipped where they are not installed yet.
+The run's own final/ is exported from its last checkpoint by rank 0 after training (no gather), so
+it must equal a later `recipes/export.py` of the same checkpoint bit for bit.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import subprocess
 import sys
@@ -24,8 +23,9 @@ JOB = [*QUICK, "peft=none", "optim.lr=3e-3", "trainer.micro_batch_size=4", "trai
 
 def _needs(strategy: str):
     """The strategy's checkpoint reader exists (a missing one is a failure, not a skip)."""
-    module = importlib.import_module(f"persimmon_train.parallel.{strategy}")
-    assert callable(getattr(module, "iter_checkpoint_weights", None)), strategy
+    from persimmon_train.storage.checkpoint_weights import READERS
+
+    assert callable(READERS.get(strategy)), strategy
 
 
 def _two_ranks(env, out, *overrides):
@@ -52,7 +52,7 @@ def test_sharded_checkpoint_exports_like_single(strategy, overrides, single_fina
     out = tmp_path / strategy
     _two_ranks(export_env, out, *overrides)
     step = out / "checkpoints" / f"step_{STEPS}"
-    assert json.loads((step / "strategy.json").read_text())["name"] == strategy
+    assert json.loads((step / "manifest.json").read_text())["strategy"]["name"] == strategy
     exported = tmp_path / "export"
     proc = run_script("export.py", f"checkpoint={step}", f"output_dir={exported}", "dtype=fp32", env=export_env)
     assert proc.returncode == 0, proc.stderr

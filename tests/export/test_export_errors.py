@@ -1,13 +1,15 @@
-"""User errors of recipes/export.py: one `error:` line naming the path or key, exit 2, nothing written."""
+"""User errors of recipes/export.py: one `error:` line naming the path or key, exit 2, nothing written;
+and what is NOT an error any more: a checkpoint moved away from its run (no config.yaml, no data)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
-import yaml
+import torch
 
-from tests.export.conftest import checkpoint_of, run_script
+from tests.export.conftest import checkpoint_of, load_tensors, run_script
 
 
 def _moved_checkpoint(run, tmp_path):
@@ -18,19 +20,28 @@ def _moved_checkpoint(run, tmp_path):
 
 
 def _base_gone(run, tmp_path):
+    """The manifest names a base model folder that no longer exists."""
     copy = tmp_path / "run"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("final", "adapter"))
-    config = yaml.safe_load((copy / "config.yaml").read_text())
-    config["model"]["path"] = str(tmp_path / "deleted-base")
-    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    manifest_path = checkpoint_of(copy) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["model"]["base"]["path"] = str(tmp_path / "deleted-base")
+    manifest_path.write_text(json.dumps(manifest))
     return checkpoint_of(copy)
 
 
+def _truncated(run, tmp_path):
+    step = _moved_checkpoint(run, tmp_path)
+    weights = step / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    return step
+
+
 CASES = {
-    "not_a_checkpoint": (lambda run, tmp: tmp, [], "is not a training checkpoint"),
-    "missing_config": (_moved_checkpoint, [], "no run config at"),
-    "base_gone": (_base_gone, [], "model.path"),
-    "bad_dtype": (lambda run, tmp: checkpoint_of(run), ["dtype=fp16"], "dtype: 'fp16' is not one of bf16, fp32"),
+    "not_a_checkpoint": (lambda run, tmp: tmp, [], "is neither a training checkpoint"),
+    "base_gone": (_base_gone, [], "base model"),
+    "truncated": (_truncated, [], "(truncated or replaced)"),
+    "bad_dtype": (lambda run, tmp: checkpoint_of(run), ["dtype=fp16"], "dtype: 'fp16' is not one of auto, bf16, fp32"),
     "bad_flag": (lambda run, tmp: checkpoint_of(run), ["merge=maybe"], "merge='maybe' is not true or false"),
 }
 
@@ -45,7 +56,19 @@ def test_export_user_errors(case, lora_run, tmp_path, export_env):
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and message in lines[-1], proc.stderr
     assert "Traceback" not in proc.stderr
-    names = {"not_a_checkpoint": str(tmp_path), "missing_config": "elsewhere/config.yaml",
-             "base_gone": str(tmp_path / "deleted-base")}.get(case, "")
+    names = {"not_a_checkpoint": str(tmp_path), "base_gone": str(tmp_path / "deleted-base"),
+             "truncated": "step_3/model.safetensors"}.get(case, "")
     assert names in lines[-1], lines[-1]  # the path at fault
     assert not out.exists()
+
+
+def test_export_needs_only_the_checkpoint(lora_run, tmp_path, export_env):
+    """Moved away from its run (no config.yaml beside it) the checkpoint still exports: all it needs
+    is in its manifest; the result equals the run's own final/."""
+    step = _moved_checkpoint(lora_run, tmp_path)
+    out = tmp_path / "out"
+    proc = run_script("export.py", f"checkpoint={step}", f"output_dir={out}", "dtype=fp32", env=export_env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    exported, final = load_tensors(out), load_tensors(lora_run / "final")
+    assert sorted(exported) == sorted(final)
+    assert all(torch.equal(exported[k], final[k]) for k in final)

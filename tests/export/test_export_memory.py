@@ -9,12 +9,12 @@ checkpoint over a sharded model.path base (merged tensor by tensor).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from tests.export.conftest import REPO
 
@@ -57,42 +57,49 @@ def _big_base(folder, tokenizer_dir) -> tuple[dict, int]:
     return model.state_dict(), sum(p.numel() * 4 for p in model.parameters())
 
 
-def _run_dir(root, base, peft_method: str):
-    from persimmon_train.training.config import RunConfig
+def _write_checkpoint(root, base, peft_method: str, weights: dict) -> str:
+    """What a single-strategy run writes at step 1: trainable weights + manifest (storage's own writer)."""
+    from safetensors.torch import save_file
 
-    cfg = OmegaConf.structured(RunConfig)
-    cfg.model.path = str(base)
-    cfg.peft.method = peft_method
-    cfg.peft.r = 8
-    cfg.peft.alpha = 16.0
-    cfg.data.seq_len = 64
-    cfg.output_dir = str(root)
-    (root / "checkpoints" / "step_1").mkdir(parents=True)
-    (root / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    torch.save({"step": 1}, root / "checkpoints" / "step_1" / "trainer_state.pt")
-    return root / "checkpoints" / "step_1"
+    from persimmon_train.data import Tokenizer
+    from persimmon_train.model import PersimmonConfig
+    from persimmon_train.storage.checkpoints import LocalComm, save_checkpoint
+
+    peft = None if peft_method == "none" else {"method": "lora", "r": 8, "alpha": 16.0, "dropout": 0.0,
+                                               "use_rslora": False, "modules_to_save": [],
+                                               "target_modules": ["query_key_value", "dense", "dense_h_to_4h",
+                                                                  "dense_4h_to_h"]}
+    metadata = {"task": "causal_lm", "strategy": {"name": "single", "world_size": 1}, "peft": peft,
+                "model": {"architecture": "PersimmonForCausalLM",
+                          "config": PersimmonConfig.from_json_file(base).to_dict(),
+                          "base": {"path": str(base), "seed": 0}}}
+
+    def write_files(folder):
+        save_file(weights, os.path.join(folder, "model.safetensors"))
+        Tokenizer(base).save_pretrained(os.path.join(folder, "tokenizer"))
+
+    return save_checkpoint(str(root), 1, comm=LocalComm(), write_files=write_files, metadata=metadata)
 
 
 @pytest.mark.parametrize("kind", ["full", "lora"])
 def test_export_peak_memory_stays_near_one_shard(kind, tmp_path, base_dir, export_env):
-    from safetensors.torch import save_file
-
     base = tmp_path / "base"
     state, model_bytes = _big_base(base, base_dir)
-    step = _run_dir(tmp_path / "run", base, "none" if kind == "full" else "lora")
     if kind == "full":
         # What the single strategy writes for full fine-tuning: every weight in ONE file.
-        save_file({k: v + 0.01 for k, v in state.items()}, str(step / "model.safetensors"))
+        weights = {k: v + 0.01 for k, v in state.items()}
     else:
         g = torch.Generator().manual_seed(0)
-        adapter = {}
+        weights = {}
         for i in range(12):
             for module, (n_in, n_out) in {"self_attn.query_key_value": (512, 1536), "self_attn.dense": (512, 512),
                                           "mlp.dense_h_to_4h": (512, 2048), "mlp.dense_4h_to_h": (2048, 512)}.items():
                 prefix = f"base_model.model.model.layers.{i}.{module}"
-                adapter[f"{prefix}.lora_A.default.weight"] = torch.randn(8, n_in, generator=g)
-                adapter[f"{prefix}.lora_B.default.weight"] = torch.randn(n_out, 8, generator=g)
-        save_file(adapter, str(step / "model.safetensors"))
+                weights[f"{prefix}.lora_A.default.weight"] = torch.randn(8, n_in, generator=g)
+                weights[f"{prefix}.lora_B.default.weight"] = torch.randn(n_out, 8, generator=g)
+    adapter = weights
+    step = _write_checkpoint(tmp_path / "run", base, "none" if kind == "full" else "lora", weights)
+    del weights
     del state
 
     out = tmp_path / "export"

@@ -1,5 +1,9 @@
-"""Every kind of checkpoint exports to the folder training itself wrote at the same step, and the
-export loads in transformers with our logits."""
+"""Every kind of checkpoint exports to the weights training produced, and the export loads in
+transformers with our logits.
+
+Independent checks: a full fine-tune's export equals the checkpoint's own model.safetensors read by
+the safetensors library; every export loads in transformers (logits equal ours); LoRA exports are
+checked against peft's own merge in test_adapter_export.py."""
 
 from __future__ import annotations
 
@@ -50,7 +54,7 @@ def test_export_reproduces_final_and_loads_in_transformers(run_name, request, tm
     for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
         assert (out / name).is_file(), name
 
-    # The same weights (bit for bit) and config as training's own export of the live model.
+    # The same weights (bit for bit) and config as the run's own final/ (same checkpoint, same code) ...
     exported, final = load_tensors(out), load_tensors(run / "final")
     assert sorted(exported) == sorted(final)
     for name, tensor in final.items():
@@ -67,6 +71,19 @@ def test_export_reproduces_final_and_loads_in_transformers(run_name, request, tm
     _logits_match_transformers(out, architecture)
 
 
+def test_full_export_is_the_checkpoint_read_by_safetensors(full_run, tmp_path):
+    """... and, for full fine-tuning, exactly the trained tensors as the safetensors library reads them."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "full"
+    export_checkpoint(str(checkpoint_of(full_run)), str(out), dtype="fp32")
+    trained = load_file(str(checkpoint_of(full_run) / "model.safetensors"))
+    exported = load_tensors(out)
+    assert sorted(exported) == sorted(trained)
+    for name, tensor in trained.items():
+        assert torch.equal(exported[name], tensor), name
+
+
 def test_bf16_export_casts_every_weight(lora_run, tmp_path, cache_env):
     out = tmp_path / "bf16"
     result = export_checkpoint(str(lora_run), str(out))  # a run folder: its newest checkpoint; bf16 default
@@ -77,17 +94,21 @@ def test_bf16_export_casts_every_weight(lora_run, tmp_path, cache_env):
         assert torch.equal(exported[name], tensor.to(torch.bfloat16)), name
 
 
-def test_reexport_replaces_an_earlier_export_but_never_another_folder(lora_run, tmp_path, cache_env):
+def test_export_never_deletes_a_file_it_did_not_write(lora_run, tmp_path, cache_env):
     from persimmon_train.errors import ConfigError
 
     out = tmp_path / "again"
     export_checkpoint(str(checkpoint_of(lora_run)), str(out), dtype="fp32", max_shard_size="150KB")
-    export_checkpoint(str(checkpoint_of(lora_run)), str(out), dtype="fp32")  # now one file
-    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+    (out / "notes.txt").write_text("keep me")
+    (out / "config.json").write_text("{}")  # looks like an earlier export: still not ours to replace unasked
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ConfigError, match=f"output_dir: {out} exists and is not empty"):
+        export_checkpoint(str(checkpoint_of(lora_run)), str(out), dtype="fp32")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # refused: nothing changed
+
+    export_checkpoint(str(checkpoint_of(lora_run)), str(out), dtype="fp32", overwrite=True)  # now one file
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]  # stale shards gone
     assert not (out / "model.safetensors.index.json").exists()
-    precious = tmp_path / "precious"
-    precious.mkdir()
-    (precious / "notes.txt").write_text("keep me")
-    with pytest.raises(ConfigError, match="output_dir"):
-        export_checkpoint(str(checkpoint_of(lora_run)), str(precious))
-    assert (precious / "notes.txt").read_text() == "keep me"
+    assert (out / "notes.txt").read_text() == "keep me"  # the user's file survives
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["PersimmonForCausalLM"]
+    assert not [p for p in tmp_path.iterdir() if "staging" in p.name]  # no leftovers beside it

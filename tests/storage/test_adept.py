@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 import torch
 
-from persimmon_train.checkpoint import iter_safetensors
-from persimmon_train.checkpoint.adept import convert_adept_checkpoint, find_checkpoint_file
+from persimmon_train.storage import iter_weights_folder
+from persimmon_train.export.adept import convert_adept_checkpoint, find_checkpoint_file
 from persimmon_train.errors import ConfigError, WeightsError
 from persimmon_train.model import PersimmonForCausalLM
 
@@ -235,7 +235,7 @@ def transformers_rename_state_dict(state_dict):
 
 
 def read_folder(folder: Path) -> dict[str, torch.Tensor]:
-    return {name: tensor.clone() for name, tensor in iter_safetensors(folder)}
+    return {name: tensor.clone() for name, tensor in iter_weights_folder(folder)}
 
 
 # --------------------------------------------------------------------------- tests: conversion

@@ -12,16 +12,16 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from persimmon_train.checkpoint import (
+from persimmon_train.storage import (
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
-    iter_safetensors,
+    iter_weights_folder,
     load_safetensors_into,
     parse_size,
     read_weight_map,
     save_safetensors,
 )
-from persimmon_train.checkpoint import hf_weights
+from persimmon_train.storage import safetensors_io
 from persimmon_train.errors import ConfigError, WeightsError
 
 HIDDEN, VOCAB, LAYERS = 16, 64, 3
@@ -194,7 +194,7 @@ def test_read_weight_map_and_iter(sharded):
     assert weight_map.keys() == model.state_dict().keys()
     assert {os.path.basename(path) for path in weight_map.values()} == set(files)
     assert all(os.path.isfile(path) for path in weight_map.values())
-    streamed = dict(iter_safetensors(folder))
+    streamed = dict(iter_weights_folder(folder))
     assert streamed.keys() == model.state_dict().keys()
     for name, tensor in streamed.items():
         assert torch.equal(tensor, model.state_dict()[name])
@@ -404,7 +404,7 @@ def test_missing_or_empty_folder(tmp_path):
     with pytest.raises(WeightsError, match=f"weights folder {tmp_path / 'nope'} does not exist"):
         load_safetensors_into(make_meta_model(), tmp_path / "nope")
     (tmp_path / "file").write_text("x")
-    with pytest.raises(WeightsError, match="is not a folder"):
+    with pytest.raises(WeightsError, match="is a file, not a model folder"):
         load_safetensors_into(make_meta_model(), tmp_path / "file")
     (tmp_path / "empty").mkdir()
     with pytest.raises(WeightsError) as excinfo:
@@ -463,22 +463,22 @@ def test_malformed_index(sharded, content):
 def test_interrupted_save_leaves_no_file(tmp_path, monkeypatch):
     model = make_model()
     calls = []
+    real_write = safetensors_io.write_safetensors_file
 
-    def failing_save(tensors, filename, metadata=None):
-        calls.append(filename)
-        with open(filename, "wb") as handle:
-            handle.write(b"half a file")
+    def failing_write(path, tensors, metadata=None):
+        calls.append(path)
         if len(calls) == 2:
+            with open(path, "wb") as handle:
+                handle.write(b"half a file")
             raise KeyboardInterrupt  # interrupted while writing the second shard
+        real_write(path, tensors, metadata)
 
-    monkeypatch.setattr(hf_weights, "save_file", failing_save)
+    monkeypatch.setattr(safetensors_io, "write_safetensors_file", failing_write)
+    (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(KeyboardInterrupt):
         save_safetensors(model.state_dict(), tmp_path, max_shard_size=3000)
-    assert all(name.endswith(".tmp") for name in calls)
-    names = os.listdir(tmp_path)
-    assert not any(name.endswith(".tmp") for name in names)
-    assert len(names) == 1 and names[0].startswith("model-00001-of-")  # only the finished shard
-    assert SAFE_WEIGHTS_INDEX_NAME not in names
+    assert all(name.endswith(".tmp") for name in calls)  # parts carry temporary names while written
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"]  # no part left behind, the user's file kept
 
 
 def test_resave_removes_stale_shards(tmp_path):
@@ -531,7 +531,7 @@ MEMORY_SCRIPT = textwrap.dedent(
     """
     import sys, torch
     from torch import nn
-    from persimmon_train.checkpoint import load_safetensors_into, save_safetensors
+    from persimmon_train.storage import load_safetensors_into, save_safetensors
 
     def status(key):
         for line in open("/proc/self/status"):
