@@ -86,7 +86,7 @@ def save_checkpoint(output_dir: str, step: int, *, strategy, trainer_state: dict
     def write_files(folder: str) -> None:
         strategy.save_state(folder)
         store.save_trainer_state(folder, strategy.rank, _plain(trainer_state))
-        if strategy.is_main:
+        if strategy.is_main and tokenizer is not None:
             tokenizer.save_pretrained(os.path.join(folder, store.TOKENIZER_DIR))
 
     return store.save_checkpoint(output_dir, step, comm=strategy, write_files=write_files, metadata=metadata,

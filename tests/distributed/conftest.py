@@ -94,4 +94,6 @@ def train_losses(output_dir: Path) -> dict[int, float]:
 
 
 def strategy_json(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / "strategy.json").read_text())
+    """What the checkpoint's manifest says about its writer (strategy + peft settings)."""
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    return {**manifest["strategy"], "peft": manifest["peft"]}

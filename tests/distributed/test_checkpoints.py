@@ -1,12 +1,12 @@
-"""Sharded training checkpoints: strategy.json, full weights from one process, resume across world sizes."""
+"""Sharded training checkpoints: the manifest names the writer, full weights from one process, resume
+across world sizes."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from persimmon_train.parallel import iter_checkpoint_weights
-from persimmon_train.parallel.single import iter_checkpoint_weights as single_weights
+from persimmon_train.storage import iter_checkpoint_weights
 from tests.distributed.conftest import COMMON, JOBS, STEPS, launch, strategy_json, train_losses
 
 pytestmark = pytest.mark.slow
@@ -20,7 +20,7 @@ def _checkpoint(run_dir):
 @pytest.mark.parametrize("name,reference", [("fsdp", "single"), ("fsdp_lora", "single_lora"),
                                             ("zero2", "single"), ("zero3_lora", "single_lora")])
 def test_iter_checkpoint_weights_equal_single(runs, name, reference):
-    expected = dict(single_weights(str(_checkpoint(runs.get(reference)))))
+    expected = dict(iter_checkpoint_weights(str(_checkpoint(runs.get(reference)))))
     got = dict(iter_checkpoint_weights(str(_checkpoint(runs.get(name)))))  # one process, no torch.distributed
     assert sorted(got) == sorted(expected)
     if "lora" in name:

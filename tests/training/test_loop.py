@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 import torch
 
 from persimmon_train.model import PersimmonForSequenceClassification
+from persimmon_train.storage import checkpoints as store
 from persimmon_train.training import checkpointing
 from persimmon_train.training.config import OptimConfig
 from persimmon_train.training.optim import build_scheduler, lr_multiplier
@@ -138,7 +140,7 @@ def test_nonfinite_loss_skips_step_then_stops(tmp_path):
         trainer.fit()
     assert trainer.state.step == 5
     # The last good checkpoint is kept and no checkpoint was written from the bad steps.
-    assert [s for s, _ in checkpointing.list_checkpoints(str(tmp_path))] == [1, 2]
+    assert [s for s, _ in store.list_step_dirs(str(tmp_path))] == [1, 2]
     saved = checkpointing.load_checkpoint(os.path.join(tmp_path, "checkpoints", "step_2"), strategy=trainer.strategy)
     assert saved["step"] == 2
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -167,12 +169,14 @@ def test_checkpoint_keep_last_and_atomic_names(tmp_path):
     trainer.cfg.checkpoint.keep_last = 2
     os.makedirs(tmp_path / "checkpoints" / "step_99.tmp")  # a crash mid-write leaves this behind
     trainer.fit()
-    assert [s for s, _ in checkpointing.list_checkpoints(str(tmp_path))] == [4, 6]
-    assert checkpointing.resolve_resume("latest", str(tmp_path)).endswith("step_6")
-    checkpointing.remove_stale_temporaries(str(tmp_path))
+    assert [s for s, _ in store.list_step_dirs(str(tmp_path))] == [4, 6]
+    assert store.choose_resume("latest", str(tmp_path))[0].endswith("step_6")
+    store.remove_stale_temporaries(str(tmp_path))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_4", "step_6"]
     files = sorted(os.listdir(tmp_path / "checkpoints" / "step_6"))
-    assert files == ["model.safetensors", "optimizer.pt", "strategy.json", "trainer_state.pt"]
+    assert files == ["manifest.json", "model.safetensors", "optimizer.pt", "trainer_state.pt"]
+    manifest = json.loads((tmp_path / "checkpoints" / "step_6" / "manifest.json").read_text())
+    assert sorted(manifest["files"]) == ["model.safetensors", "optimizer.pt", "trainer_state.pt"]
 
 
 def test_in_process_resume_matches(tmp_path):
