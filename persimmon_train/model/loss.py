@@ -62,24 +62,36 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         # Accumulated in the matmul dtype with addmm_ (no weight-sized temporary per chunk).
         grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_weight else None
+        n = hidden.shape[0]
+        # Two buffers reused by every chunk: a fresh [chunk, vocab] tensor per chunk would be a fresh
+        # mmap on CPU (page faults on every touch) and allocator churn on GPU.
+        logits_buf = torch.empty((min(chunk_size, n), weight.shape[0]), dtype=torch.float32, device=hidden.device)
+        low_buf = torch.empty_like(logits_buf, dtype=dtype) if dtype != torch.float32 else None
+        log_scale = torch.log(scale)
         with torch.autocast(hidden.device.type, enabled=False):
-            for start in range(0, hidden.shape[0], chunk_size):
+            for start in range(0, n, chunk_size):
                 h = hidden[start:start + chunk_size].to(dtype)
                 t = targets[start:start + chunk_size]
-                logits = (h @ w.t()).float()
+                rows = torch.arange(t.shape[0], device=t.device)
+                logits = logits_buf[:t.shape[0]]
+                if low_buf is None:
+                    torch.mm(h, w.t(), out=logits)
+                else:
+                    logits.copy_(torch.mm(h, w.t(), out=low_buf[:t.shape[0]]))
                 lse = torch.logsumexp(logits, dim=-1)
-                total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                total += (lse - logits[rows, t]).sum()
                 if not (need_hidden or need_weight):
                     continue
-                # d(sum CE)/d logits = softmax - one_hot, built in place in the logits buffer.
-                grad_logits = logits.sub_(lse[:, None]).exp_()
-                grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-                grad_logits = grad_logits.mul_(scale).to(dtype)
+                # d(scale * sum CE)/d logits = scale * (softmax - one_hot), built in place:
+                # exp(logits - lse + log(scale)) is scale * softmax in one pass.
+                grad_logits = logits.sub_((lse - log_scale)[:, None]).exp_()
+                grad_logits[rows, t] -= scale
+                if low_buf is not None:
+                    grad_logits = low_buf[:t.shape[0]].copy_(grad_logits)
                 if need_hidden:
-                    grad_hidden[start:start + chunk_size] = grad_logits @ w
+                    grad_hidden[start:start + chunk_size] = grad_logits @ w  # [chunk, hidden]: small
                 if need_weight:
                     grad_weight.addmm_(grad_logits.t(), h)
-                del logits, grad_logits
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total * scale
