@@ -41,12 +41,16 @@ def test_multirun_runs_each_job_into_its_own_folder_and_writes_a_summary(tmp_pat
     assert "summary:" in proc.stdout
 
 
-def test_multirun_checks_every_job_before_the_first_trains(tmp_path):
+@pytest.mark.parametrize("sweep_arg, message", [
+    ("data.seq_len=64,4096", "error: data.seq_len: 4096 is above"),  # the config schema's checks
+    ("data.eval_files=[],[/nowhere/eval.jsonl]", "error: data file not found: /nowhere/eval.jsonl"),  # preflight's
+])
+def test_multirun_checks_every_job_before_the_first_trains(sweep_arg, message, tmp_path):
     sweep = tmp_path / "sweep"
-    proc = persimmon_train("finetune", "-m", "data.seq_len=64,4096", *[o for o in SHORT if "seq_len" not in o],
-                           f"output_dir={sweep}", env=recipe_env(tmp_path), check=False)
+    proc = persimmon_train("finetune", "-m", *SHORT, sweep_arg, f"output_dir={sweep}", env=recipe_env(tmp_path),
+                           check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: data.seq_len: 4096 is above")
+    assert proc.stderr.strip().splitlines()[-1].startswith(message)
     assert not sweep.exists()  # job 0 (valid) never started
 
 
