@@ -68,3 +68,35 @@ def test_sharded_checkpoint_exports_like_single(strategy, overrides, single_fina
     # turns float noise into lr-sized steps there (seen: 4e-5 after 3 steps at lr 3e-3).
     for name, tensor in single_final.items():
         torch.testing.assert_close(weights[name], tensor, atol=2e-4, rtol=1e-4, msg=name)
+
+
+LORA_JOB = [*QUICK, "peft=lora", "peft.r=4", "optim.lr=2e-2", "trainer.micro_batch_size=4",
+            "trainer.grad_accum_steps=1"]
+
+
+@pytest.mark.parametrize("overrides", [["strategy=fsdp"], ["strategy=deepspeed", "strategy.stage=3"]],
+                         ids=["fsdp", "zero3"])
+def test_two_rank_lora_run_writes_an_adapter_peft_loads(overrides, base_dir, tmp_path, export_env):
+    """The run's adapter/ (any strategy, any world size), in the dtype it was trained in, gives in peft
+    over transformers' Persimmon the logits of the run's merged final/."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "recipes" / "finetune.py"), *LORA_JOB, *overrides, f"model.path={base_dir}", f"output_dir={out}"]
+    proc = subprocess.run(cmd, cwd=REPO, env={**export_env, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    from safetensors.torch import load_file
+
+    weights = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert any(".lora_A." in k for k in weights) and all(t.dtype == torch.float32 for t in weights.values())
+    base = transformers.PersimmonForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    with_adapter = peft.PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32).eval()
+    ids = torch.randint(3, base.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = transformers.PersimmonForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()(input_ids=ids)
+        a, b = with_adapter(input_ids=ids).logits, merged(input_ids=ids).logits
+    assert (a - plain.logits).abs().max() > 1e-4  # training moved the adapter
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
