@@ -169,6 +169,18 @@ MUTANTS = [
     Mutant("features.param_count_missing_bias", "persimmon_train/model/config.py",
            "mlp = h * i + i + i * h + h", "mlp = h * i + i * h + h",
            ["tests/model/test_config.py::test_8b_builds_on_meta_and_reports_parameter_count"]),
+    Mutant("features.dense_without_bias", "persimmon_train/model/decoder.py",
+           "self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=True)",
+           "self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=False)",
+           ["tests/model/test_config.py::test_8b_builds_on_meta_and_reports_parameter_count"]),
+    Mutant("features.sharded_load_holds_full_tensors", "persimmon_train/parallel/sharded_load.py",
+           "_read_rows(raw, entry.begin, dtype, shape, index[0] if index else slice(0, 1), local)",
+           'globals().setdefault("_FULL", []).append(handle.get_tensor(source)); '
+           'local.copy_(globals()["_FULL"][-1][index])',
+           ["tests/distributed/test_meta_sharding.py::test_sharded_load_keeps_each_rank_near_its_share"]),
+    Mutant("features.recipe_env_not_pinned", "tests/recipes/conftest.py",
+           'env["PYTHONPATH"] = os.pathsep.join(', 'env["_UNPINNED"] = os.pathsep.join(',
+           ["tests/recipes/test_import_path.py"]),
 ]
 
 GROUPS = {"loss": LOSS, "packing": PACKING, "trainer": TRAINER}

@@ -7,6 +7,7 @@ import torch
 from persimmon_train.data import Tokenizer
 from persimmon_train.export.generate import IncrementalDecoder
 from persimmon_train.model import PersimmonForCausalLM
+from persimmon_train.recipes.generate import main
 from tests.export.conftest import run_script
 
 PROMPT = "What is the capital of France?"
@@ -31,15 +32,16 @@ def test_generate_from_export_and_from_checkpoint(lora_run, export_env):
         assert proc.stdout == expected + "\n", (model, proc.stdout, expected)
 
 
-def test_generate_sampling_is_seeded_and_errors_are_one_line(base_dir, export_env):
+def test_generate_sampling_is_seeded_and_errors_are_one_line(base_dir, export_env, capsys):
     """greedy=false samples (seeded); temperature / top_k / top_p reach the sampler: each alone,
-    pushed to its limit, turns sampling into greedy decoding, which hot sampling is not."""
+    pushed to its limit, turns sampling into greedy decoding, which hot sampling is not. The recipe's
+    main runs in-process (a subprocess per option would cost seconds each); one real run checks the
+    command line gives the same text."""
     def generate(*options: str) -> str:
-        proc = run_script("generate.py", f"model={base_dir}", "prompt=hello", "max_new_tokens=12",
-                          "dtype=fp32", "chat=false", *options, env=export_env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert proc.stdout.strip(), options
-        return proc.stdout
+        main([f"model={base_dir}", "prompt=hello", "max_new_tokens=12", "dtype=fp32", "chat=false", *options])
+        text = capsys.readouterr().out
+        assert text.strip(), options
+        return text
 
     hot = ["greedy=false", "temperature=3.0", "top_k=0", "top_p=1.0"]
     first = generate(*hot, "seed=3")
@@ -50,6 +52,10 @@ def test_generate_sampling_is_seeded_and_errors_are_one_line(base_dir, export_en
     assert generate(*hot, "seed=3", "top_k=1") == greedy
     assert generate(*hot, "seed=3", "top_p=0.0001") == greedy
     assert generate(*hot, "seed=3", "temperature=0.00001") == greedy
+    proc = run_script("generate.py", f"model={base_dir}", "prompt=hello", "max_new_tokens=12", "dtype=fp32",
+                      "chat=false", *hot, "seed=3", env=export_env)
+    universal_newlines = first.replace("\r\n", "\n").replace("\r", "\n")  # as text=True reads stdout
+    assert proc.returncode == 0 and proc.stdout == universal_newlines, proc.stderr[-3000:]
     bad = run_script("generate.py", f"model={base_dir.parent / 'nope'}", "prompt=hi", env=export_env)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: model:")
     assert "nope" in bad.stderr and "Traceback" not in bad.stderr
