@@ -29,10 +29,10 @@ from persimmon_train.data.sources import Source, load_source, resolve
 from persimmon_train.data.streaming import StreamingPackedLoader
 from persimmon_train.data.tokenizer import Tokenizer
 from persimmon_train.errors import DataError
+from persimmon_train.model.loss import IGNORE_INDEX as IGNORE
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
-IGNORE = -100
 MAX_BAD_ROWS_LOGGED = 5
 
 

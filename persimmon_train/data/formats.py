@@ -18,8 +18,8 @@ from persimmon_train.data.config import DataConfig
 from persimmon_train.data.sources import parse_jsonl_row
 from persimmon_train.data.tokenizer import Tokenizer
 from persimmon_train.errors import DataError
+from persimmon_train.model.loss import IGNORE_INDEX as IGNORE
 
-IGNORE = -100
 ROLES = ("system", "user", "assistant")
 
 

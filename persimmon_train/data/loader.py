@@ -21,8 +21,7 @@ import numpy as np
 import torch
 
 from persimmon_train.errors import DataError
-
-IGNORE = -100
+from persimmon_train.model.loss import IGNORE_INDEX as IGNORE
 
 
 class _ShardedLoader:

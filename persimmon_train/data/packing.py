@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-IGNORE = -100
+from persimmon_train.model.loss import IGNORE_INDEX as IGNORE
 
 
 @dataclass

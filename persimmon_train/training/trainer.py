@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 import torch
 
 from persimmon_train.errors import PersimmonTrainError
+from persimmon_train.model.loss import IGNORE_INDEX
 from persimmon_train.training import checkpointing
 from persimmon_train.training.metrics import classification_metrics, entity_f1
 
 log = logging.getLogger("persimmon_train")
-IGNORE_INDEX = -100
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 # Dense bf16 peak per device, for the MFU estimate on known GPUs (trainer.peak_tflops overrides).
