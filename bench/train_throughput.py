@@ -243,7 +243,7 @@ def _finish(row, shape, lengths, mode, peak) -> dict:
     return row
 
 
-def print_table(results: list[dict], title: str, file=None) -> str:
+def print_table(results: list[dict], title: str, echo: bool = True) -> str:
     lines = [title, f"{'variant':<34}{'tokens/s':>11}{'MFU':>8}{'peak GiB':>10}{'vs transformers':>17}"]
     baseline = {r["variant"].split("/")[1]: r.get("tokens_per_s") for r in results
                 if r["variant"].startswith("transformers")}
@@ -256,7 +256,8 @@ def print_table(results: list[dict], title: str, file=None) -> str:
         ratio_s = f"{tps / base:.2f}x" if tps and base else "-"
         lines.append(f"{r['variant']:<34}{tps_s:>11}{mfu_s:>8}{peak_s:>10}{ratio_s:>17}")
     text = "\n".join(lines)
-    print(text, flush=True)
+    if echo:
+        print(text, flush=True)
     return text
 
 
