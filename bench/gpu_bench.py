@@ -85,7 +85,6 @@ def equality(shape: tt.Shape, device, dtype, backends, flex_backward: bool) -> l
             lines.append(f"{backend:<10}{rel:>12.2e}{abs(loss - ref_loss):>12.2e}{grad_s:>12}  {worst_name}")
         except Exception as e:  # noqa: BLE001 -- report, keep going
             lines.append(f"{backend:<10} FAILED: {type(e).__name__}: {str(e)[:150]}")
-    del model
     return lines
 
 

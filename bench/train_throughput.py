@@ -199,7 +199,7 @@ def run_cpu(variants, shape: Shape, steps: int, rounds: int, measure_memory: boo
     device = torch.device("cpu")
     ids, pos, lengths = document_mix(shape)
     built = {v: build(*v, shape, device, bf16_base=False) for v in variants}
-    for v, (model, opt) in built.items():
+    for model, opt in built.values():
         train_step(model, opt, ids, pos, device, False)
     times = {v: [] for v in variants}
     for _ in range(rounds):
@@ -299,14 +299,15 @@ def main() -> None:
     variants = parse_variants(args.impls, args.modes, args.backends)
     device = torch.device(args.device)
     if device.type == "cuda":
-        results = run_gpu(variants, shape, device, args.steps, True, args.compile, peak_tflops(device, args.peak_tflops))
+        peak = peak_tflops(device, args.peak_tflops)
+        results = run_gpu(variants, shape, device, args.steps, True, args.compile, peak)
         precision = f"bf16 autocast, {torch.cuda.get_device_name(device)}"
     else:
         results = run_cpu(variants, shape, args.steps, args.rounds, not args.no_memory)
         precision = f"float32, CPU, {torch.get_num_threads()} threads"
-    print_table(results, f"train step (fwd+bwd+AdamW), {shape.rows} x {shape.seq} packed tokens, hidden {shape.hidden}, "
-                         f"{shape.layers} layers, {shape.heads} heads, vocab {shape.vocab}, {precision}, "
-                         f"activation checkpointing on every layer (both)")
+    print_table(results, f"train step (fwd+bwd+AdamW), {shape.rows} x {shape.seq} packed tokens, "
+                         f"hidden {shape.hidden}, {shape.layers} layers, {shape.heads} heads, vocab {shape.vocab}, "
+                         f"{precision}, activation checkpointing on every layer (both)")
 
 
 if __name__ == "__main__":
