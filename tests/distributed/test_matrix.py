@@ -143,7 +143,7 @@ def test_runs_really_are_what_they_claim(matrix):
         assert f"model: {matrix.model_path} " in log, name  # built from model.path, not random init
     log = (matrix.get("zero2_json_bf16") / "launch.log").read_text()
     line = next(x for x in log.splitlines() if "deepspeed: ZeRO stage" in x)
-    used = json.loads(line.split(": ", 3)[-1])
+    used = json.loads(line[line.index("{"):])
     assert f"config from {matrix.json_path}" in line
     # Its "auto"s, filled: rows per rank, 2 ranks x 4 rows, bf16, the clip, HF's bucket size for hidden 64.
     assert (used["train_micro_batch_size_per_gpu"], used["train_batch_size"], used["bf16"]["enabled"],
@@ -178,9 +178,10 @@ def test_sigkill_mid_run_then_resume_latest_matches_uninterrupted(matrix):
     launch(out, [*matrix.overrides("fsdp_fp32"), "resume=latest"], matrix.env, nproc=2, common=BASE)
     ref, got = _rows(reference), _rows(out)
     assert sorted(got) == list(range(1, STEPS + 1))
-    worst = max(abs(got[s]["loss"] - ref[s]["loss"]) for s in ref)
-    worst_norm = max(abs(got[s]["grad_norm"] - ref[s]["grad_norm"]) for s in ref)
-    print(f"MATRIX sigkill after step {max(done, default=0)}, resumed: max |loss diff| {worst:.2e}, "
-          f"grad_norm {worst_norm:.2e}")
-    # Same world size, same collective order, restored RNG and loader position: bit-identical.
-    assert worst == 0.0 and worst_norm == 0.0, f"resumed run differs: {got} vs {ref}"
+    loss, norm = _worst(ref, got, "loss"), _worst(ref, got, "grad_norm")
+    print(f"MATRIX sigkill after step {max(done, default=0)}, resumed: max rel |loss diff| {loss:.2e}, "
+          f"grad_norm {norm:.2e}")
+    # Not bit-identical: two uninterrupted 2-rank gloo runs already differ in the last bit or two
+    # (measured: step 2's grad_norm, before any kill, 2.8651400 vs 2.8651404), so the resumed run is
+    # held to the fp32 tolerance (a replayed batch or a reset optimizer moves the losses far more).
+    assert loss <= FP32_REL and norm <= FP32_REL, f"resumed run differs: {got} vs {ref}"
