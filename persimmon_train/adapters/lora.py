@@ -1,8 +1,8 @@
-"""LoRA through `peft`: apply to our model, merge into plain weights, save in PEFT format.
+"""LoRA through `peft`: apply to our model, the merge arithmetic, peft's saved names and settings.
 
 Our model is a plain nn.Module with HF parameter names, so peft's `get_peft_model` works on it
-given explicit `target_modules`. The merge for export is done on a state dict (not the live
-module) so it also works on the full state dict a sharded strategy gathers onto rank 0.
+given explicit `target_modules`. The merge works one weight at a time (`merge_lora_weight`), so
+export can stream a checkpoint of any size through it (persimmon_train/export/merge.py).
 """
 
 from __future__ import annotations
@@ -44,33 +44,10 @@ def lora_scale(cfg) -> float:
     return cfg.alpha / (math.sqrt(cfg.r) if cfg.use_rslora else cfg.r)
 
 
-def merge_lora_state_dict(state_dict: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
-    """Fold LoRA deltas into the base weights; return plain HF names (no peft prefixes).
-
-    W' = W + scale * B @ A for every `<module>.base_layer.weight` with `lora_A`/`lora_B`;
-    `modules_to_save` copies replace their originals. Matches peft's `merge_and_unload`.
-    """
-    scale = lora_scale(cfg)
-    merged: dict[str, torch.Tensor] = {}
-    lora_a, lora_b, saved = {}, {}, {}
-    for key, value in state_dict.items():
-        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-        if f".lora_A.{ADAPTER_NAME}." in name:
-            lora_a[name.replace(f".lora_A.{ADAPTER_NAME}.", ".")] = value
-        elif f".lora_B.{ADAPTER_NAME}." in name:
-            lora_b[name.replace(f".lora_B.{ADAPTER_NAME}.", ".")] = value
-        elif f".modules_to_save.{ADAPTER_NAME}." in name:
-            saved[name.replace(f".modules_to_save.{ADAPTER_NAME}.", ".")] = value
-        elif ".original_module." in name:
-            merged.setdefault(name.replace(".original_module.", "."), value)
-        else:
-            merged[name.replace(".base_layer.", ".")] = value
-    for name, a in lora_a.items():  # name: "<module>.weight"
-        base = merged[name]
-        delta = (lora_b[name].float() @ a.float()) * scale
-        merged[name] = (base.float() + delta).to(base.dtype)
-    merged.update(saved)
-    return merged
+def merge_lora_weight(base: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, cfg) -> torch.Tensor:
+    """W + scale * B @ A in float32 (peft's merge_and_unload), returned in W's dtype."""
+    delta = (lora_b.float() @ lora_a.float()) * lora_scale(cfg)
+    return (base.float() + delta).to(base.dtype)
 
 
 def peft_saved_name(key: str) -> str:

@@ -2,9 +2,8 @@
 
 - Full fine-tuning checkpoints hold every weight: they pass straight through.
 - LoRA checkpoints hold the adapter (small, read whole) and the heads (`modules_to_save`). Each
-  base tensor is read, merged if the adapter has A/B for its module -- through
-  `merge_lora_state_dict` on just that module, so the arithmetic (scale, rslora, float32 math on
-  float32 weights, as training's own export) is the one training uses -- and handed on.
+  base tensor is read, merged if the adapter has A/B for its module (`merge_lora_weight`: scale,
+  rslora, float32 math, as peft's merge_and_unload) and handed on.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from persimmon_train.adapters.lora import ADAPTER_NAME, PEFT_PREFIX, merge_lora_state_dict
+from persimmon_train.adapters.lora import ADAPTER_NAME, PEFT_PREFIX, merge_lora_weight
 from persimmon_train.errors import WeightsError
 
 log = logging.getLogger("persimmon_train")
@@ -55,7 +54,7 @@ def split_lora(tensors: Iterable[tuple[str, torch.Tensor]], where: str) -> LoraW
         elif _SAVED in name:
             weights.saved[name.replace(_SAVED, ".")] = value
         else:
-            # lora_embedding_A/B, DoRA magnitudes, other adapters: not what merge_lora_state_dict folds.
+            # lora_embedding_A/B, DoRA magnitudes, other adapters: not what merge_lora_weight folds.
             raise WeightsError(f"{where}: tensor {key} is not a LoRA A/B matrix or a modules_to_save copy; "
                                f"export merges plain LoRA on Linear layers only")
     unpaired = sorted(set(weights.a) ^ set(weights.b))
@@ -65,12 +64,8 @@ def split_lora(tensors: Iterable[tuple[str, torch.Tensor]], where: str) -> LoraW
 
 
 def merge_one(name: str, base: torch.Tensor, lora: LoraWeights, peft_cfg) -> torch.Tensor:
-    """W + scale * B @ A for one weight, via the training code's merge (float32, as trained)."""
-    module = name[: -len(".weight")]
-    piece = {f"{PEFT_PREFIX}{module}.base_layer.weight": base.float(),
-             f"{PEFT_PREFIX}{module}{_LORA_A}weight": lora.a[name],
-             f"{PEFT_PREFIX}{module}{_LORA_B}weight": lora.b[name]}
-    return merge_lora_state_dict(piece, peft_cfg)[name]
+    """W + scale * B @ A for one weight, in float32 (training held float32 master weights)."""
+    return merge_lora_weight(base.float(), lora.a[name], lora.b[name], peft_cfg)
 
 
 def iter_merged_lora(base: Iterable[tuple[str, torch.Tensor]], lora: LoraWeights, peft_cfg,

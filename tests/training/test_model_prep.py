@@ -32,7 +32,9 @@ def test_activation_checkpointing_keeps_names_and_gradients():
 
 
 def test_lora_merge_matches_peft():
-    from persimmon_train.adapters import apply_lora, merge_lora_state_dict
+    """Export's streaming merge (base tensors + the trainable LoRA tensors) equals peft's merge_and_unload."""
+    from persimmon_train.adapters import apply_lora
+    from persimmon_train.export.merge import iter_merged_lora, split_lora
 
     cfg = PeftConfig(method="lora", r=4, alpha=8.0, dropout=0.0)
     peft_model = apply_lora(tiny_model(), cfg, "causal_lm")
@@ -42,7 +44,9 @@ def test_lora_merge_matches_peft():
                 p.normal_()  # B starts at zero; make the adapter do something
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
-    merged = merge_lora_state_dict(peft_model.state_dict(), cfg)
+    lora = split_lora(((n, p.detach()) for n, p in peft_model.named_parameters() if p.requires_grad), "test")
+    base = tiny_model().state_dict()  # what peft wrapped: the same seeded model
+    merged = dict(iter_merged_lora(base.items(), lora, cfg, set(base), "test"))
     plain = tiny_model(seed=5)
     plain.load_state_dict(merged)  # strict: plain HF names only
     ids = torch.randint(1, 64, (2, 12))
