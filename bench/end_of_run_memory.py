@@ -2,7 +2,7 @@
 
     python bench/end_of_run_memory.py [--old-checkout DIR]
 
-Trains a ~150 MB (fp32) Persimmon for 2 steps with `strategy=fsdp peft=none` on 2 CPU ranks
+Trains a ~870 MB (fp32) Persimmon for 1 step with `strategy=fsdp peft=none` on 2 CPU ranks
 (torchrun, gloo) and measures, on rank 0, the peak RSS growth over the end of the run: from just
 before the final model is written to just after (VmHWM reset there through /proc/self/clear_refs).
 
@@ -54,10 +54,11 @@ sys.argv = [os.path.join(checkout, "recipes", "finetune.py"), *sys.argv[5:]]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
+HIDDEN, LAYERS, VOCAB = 1024, 12, 32768  # ~218M parameters, 0.87 GB fp32: well above the run's other memory
 JOB = ["trainer.precision=fp32", "trainer.progress_bar=false", "peft=none", "strategy=fsdp",
-       "model.hidden_size=512", "model.intermediate_size=2048", "model.num_hidden_layers=12",
-       "model.num_attention_heads=8", "model.vocab_size=8192", "data.seq_len=64", "trainer.micro_batch_size=2",
-       "trainer.max_steps=2", "trainer.eval_at_start=false", "trainer.eval_every_n_steps=0",
+       f"model.hidden_size={HIDDEN}", f"model.intermediate_size={4 * HIDDEN}", f"model.num_hidden_layers={LAYERS}",
+       "model.num_attention_heads=16", f"model.vocab_size={VOCAB}", "data.seq_len=64", "trainer.micro_batch_size=1",
+       "trainer.max_steps=1", "trainer.eval_at_start=false", "trainer.eval_every_n_steps=0",
        "trainer.eval_max_batches=1", "checkpoint.every_n_steps=0", "export.dtype=fp32"]
 
 
@@ -83,7 +84,7 @@ def main() -> None:
     rows = [("streaming export of the last checkpoint", here, "new")]
     if args.old_checkout:
         rows.append(("full gather onto rank 0 (old)", args.old_checkout.resolve(), "old"))
-    model_mb = 4 * (2 * 8192 * 512 + 12 * (4 * 512 * 512 + 2 * 512 * 2048)) / 1e6  # weights, roughly
+    model_mb = 4 * (2 * VOCAB * HIDDEN + LAYERS * 12 * HIDDEN * HIDDEN) / 1e6  # weights, roughly
     print(f"2-rank FSDP full fine-tune, ~{model_mb:.0f} MB fp32 model; rank 0 peak RSS over the end of the run")
     print(f"{'end of run':>42} {'RSS before MB':>14} {'peak MB':>9} {'growth MB':>10} {'growth/model':>13}")
     with tempfile.TemporaryDirectory(prefix="end-of-run-") as tmp:

@@ -6,7 +6,7 @@ import contextlib
 import json
 import os
 import tempfile
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 

@@ -11,8 +11,8 @@ data file is read: those may have been rewritten or moved since.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 

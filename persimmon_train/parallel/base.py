@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -44,7 +44,7 @@ class Strategy(ABC):
     def device(self) -> torch.device: ...
 
     @classmethod
-    def from_run_config(cls, cfg) -> "Strategy":
+    def from_run_config(cls, cfg) -> Strategy:
         """Build from a RunConfig (strategy.*, trainer.*, optim.*, model.path)."""
         return cls(precision=cfg.trainer.precision, device=cfg.strategy.device)
 

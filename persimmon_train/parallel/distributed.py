@@ -18,7 +18,6 @@ from persimmon_train.errors import ConfigError
 from persimmon_train.parallel.base import Strategy
 
 
-
 def launched_world() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from the launcher's environment; (0, 1, 0) without one."""
     return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),

@@ -147,4 +147,5 @@ class SingleDeviceStrategy(Strategy):
             state = torch.load(opt_path, map_location=self._device, weights_only=True)
             self.optimizer.load_state_dict(state)
         except Exception as exc:  # noqa: BLE001 - torch raises several types for a damaged/foreign file
-            raise CheckpointError(f"{opt_path}: cannot restore the optimizer ({str(exc).splitlines()[0][:200]})") from None
+            reason = str(exc).splitlines()[0][:200]
+            raise CheckpointError(f"{opt_path}: cannot restore the optimizer ({reason})") from None

@@ -12,7 +12,7 @@ prefixes, for LoRA). No torch.distributed process group is needed:
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 

@@ -28,7 +28,7 @@ import os
 import re
 import shutil
 import zlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -162,7 +162,8 @@ def save_checkpoint(output_dir: str, step: int, *, comm, write_files: Callable[[
         if not comm.is_main:
             return
         listing = {name: entry for share in gathered for name, entry in share.items()}
-        manifest = {"format": FORMAT, "version": VERSION, "step": step, **metadata, "files": dict(sorted(listing.items()))}
+        manifest = {"format": FORMAT, "version": VERSION, "step": step, **metadata,
+                    "files": dict(sorted(listing.items()))}
         atomic_write_text(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=2) + "\n")
         with disk_errors(final):
             if os.path.isdir(final):
@@ -218,7 +219,8 @@ def read_manifest(path: str) -> dict:
             manifest = json.load(handle)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{manifest_path} is unreadable ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+    valid = isinstance(manifest, dict) and manifest.get("format") == FORMAT
+    if not valid or not isinstance(manifest.get("files"), dict):
         raise CheckpointError(f"{manifest_path} is not a persimmon-train checkpoint manifest")
     if manifest.get("version", 0) > VERSION:
         raise CheckpointError(f"{manifest_path}: version {manifest['version']} is newer than this "

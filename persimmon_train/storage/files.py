@@ -19,7 +19,7 @@ import errno
 import os
 import shutil
 import tempfile
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from persimmon_train.errors import ConfigError, StorageError
 

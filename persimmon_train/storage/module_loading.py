@@ -13,7 +13,7 @@ from __future__ import annotations
 import fnmatch
 import os
 from collections import defaultdict
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from safetensors import safe_open

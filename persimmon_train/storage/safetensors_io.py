@@ -29,8 +29,8 @@ import re
 import struct
 import sys
 from collections import defaultdict
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping
 
 import torch
 
@@ -339,7 +339,7 @@ class ShardWriter:
         with disk_errors(self.folder):
             os.makedirs(self.folder, exist_ok=True)
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, kind, value, traceback) -> None:

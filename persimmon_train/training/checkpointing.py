@@ -157,4 +157,5 @@ def adapt_loader_state(saved: dict, loader) -> dict:
     log.info("loader: resuming a world_size=%s x micro_batch_size=%s position at world_size=%s x "
              "micro_batch_size=%s", saved["world_size"], saved["micro_batch_size"], mine["world_size"],
              mine["micro_batch_size"])
-    return {**saved, "batch": rows // new, "world_size": mine["world_size"], "micro_batch_size": mine["micro_batch_size"]}
+    return {**saved, "batch": rows // new, "world_size": mine["world_size"],
+            "micro_batch_size": mine["micro_batch_size"]}

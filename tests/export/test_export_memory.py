@@ -49,7 +49,8 @@ def _big_base(folder, tokenizer_dir) -> tuple[dict, int]:
     tokenizer = Tokenizer(tokenizer_dir)
     config = PersimmonConfig(vocab_size=tokenizer.vocab_size, hidden_size=512, intermediate_size=2048,
                              num_hidden_layers=12, num_attention_heads=8, max_position_embeddings=256,
-                             bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+                             bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+                             pad_token_id=tokenizer.pad_id)
     torch.manual_seed(0)
     model = PersimmonForCausalLM.from_config(config)
     model.save_pretrained(folder, max_shard_size=f"{SHARD_MB}MB")
@@ -129,5 +130,6 @@ def test_export_peak_memory_stays_near_one_shard(kind, tmp_path, base_dir, expor
         expected = original + 0.01
     else:
         prefix = "base_model.model.model.layers.11.mlp.dense_4h_to_h"
-        expected = original + (16 / 8) * adapter[f"{prefix}.lora_B.default.weight"] @ adapter[f"{prefix}.lora_A.default.weight"]
+        delta = adapter[f"{prefix}.lora_B.default.weight"] @ adapter[f"{prefix}.lora_A.default.weight"]
+        expected = original + (16 / 8) * delta
     torch.testing.assert_close(exported, expected, atol=1e-5, rtol=1e-5)

@@ -79,9 +79,9 @@ def test_failed_commands_leave_output_dir_byte_identical(run, tmp_path, env):
     proc = subprocess.run([sys.executable, str(REPO / "recipes" / "export.py"), f"checkpoint={copy}",
                            f"output_dir={out}", "dtype=fp32"], cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert load_file(str(out / "model.safetensors")).keys() == load_file(str(copy / "final" / "model.safetensors")).keys()
-    final = load_file(str(copy / "final" / "model.safetensors"))
-    for name, tensor in load_file(str(out / "model.safetensors")).items():
+    exported, final = load_file(str(out / "model.safetensors")), load_file(str(copy / "final" / "model.safetensors"))
+    assert exported.keys() == final.keys()
+    for name, tensor in exported.items():
         assert torch.equal(tensor, final[name]), name
 
 
@@ -157,7 +157,8 @@ def test_nan_in_model_path_weights_names_the_tensor(tmp_path, env):
     tokenizer = Tokenizer(demo_assets(Path(env["PERSIMMON_TRAIN_CACHE"]) / "demo").tokenizer_path)
     config = PersimmonConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=256,
                              num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256,
-                             bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+                             bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+                             pad_token_id=tokenizer.pad_id)
     model = PersimmonForCausalLM.from_config(config)
     with torch.no_grad():
         model.model.layers[1].mlp.dense_h_to_4h.weight[3, 5] = float("nan")
@@ -180,7 +181,8 @@ def test_one_rank_fsdp_lora_writes_an_adapter_peft_loads(tmp_path, env):
     tokenizer = Tokenizer(demo_assets(Path(env["PERSIMMON_TRAIN_CACHE"]) / "demo").tokenizer_path)
     config = PersimmonConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=256,
                              num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256,
-                             bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+                             bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+                             pad_token_id=tokenizer.pad_id)
     torch.manual_seed(0)
     PersimmonForCausalLM.from_config(config).save_pretrained(tmp_path / "base", tokenizer=tokenizer)
     out = tmp_path / "fsdp1"

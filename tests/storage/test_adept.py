@@ -25,10 +25,10 @@ import numpy as np
 import pytest
 import torch
 
-from persimmon_train.storage import iter_weights_folder
-from persimmon_train.export.adept import convert_adept_checkpoint, find_checkpoint_file
 from persimmon_train.errors import ConfigError, WeightsError
+from persimmon_train.export.adept import convert_adept_checkpoint, find_checkpoint_file
 from persimmon_train.model import PersimmonForCausalLM
+from persimmon_train.storage import iter_weights_folder
 
 REPO = Path(__file__).resolve().parents[2]
 ITERATION = 1251

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from persimmon_train.errors import ConfigError, WeightsError
 from persimmon_train.storage import (
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
@@ -19,10 +20,9 @@ from persimmon_train.storage import (
     load_safetensors_into,
     parse_size,
     read_weight_map,
+    safetensors_io,
     save_safetensors,
 )
-from persimmon_train.storage import safetensors_io
-from persimmon_train.errors import ConfigError, WeightsError
 
 HIDDEN, VOCAB, LAYERS = 16, 64, 3
 
