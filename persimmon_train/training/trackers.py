@@ -81,7 +81,9 @@ class WandbTracker:
         self.run = None
         self.run_id = run_id
         self.output_dir = output_dir
-        self.mode = cfg.mode or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        # tracker.mode, else the user's WANDB_MODE, else online only with an API key to log in with.
+        self.mode = cfg.mode or os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY")
+                                                                 else "offline")
         self.final_eval: dict = {}
         self._warned = False
         self._logging = True

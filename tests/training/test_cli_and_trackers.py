@@ -173,6 +173,7 @@ def test_wandb_unreachable_falls_back_to_offline_with_the_same_run(monkeypatch, 
     fake = FakeWandb(str(tmp_path), online_error=TimeoutError("Timed out while retrying: connection refused"))
     monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_INIT_TIMEOUT", raising=False)
     tracker = trackers.build_tracker(_wandb_cfg(), config={}, output_dir=str(tmp_path), run_name="x",
                                      run_id="run42", is_main=True)
@@ -182,6 +183,23 @@ def test_wandb_unreachable_falls_back_to_offline_with_the_same_run(monkeypatch, 
     assert tracker.mode == "offline" and tracker.run is fake.runs[0] and tracker.run_id == "run42"
     assert f"wandb sync {tmp_path / 'offline-run-run42'}" in pt_log.text
     assert "did not answer" in pt_log.text and FAKE_KEY not in pt_log.text
+
+
+@pytest.mark.parametrize("env_mode, cfg_mode, key, expected", [
+    (None, None, FAKE_KEY, "online"), (None, None, None, "offline"), ("offline", None, FAKE_KEY, "offline"),
+    ("offline", "online", FAKE_KEY, "online"), ("disabled", None, None, "disabled")])
+def test_wandb_mode_comes_from_config_then_wandb_mode_then_the_api_key(env_mode, cfg_mode, key, expected,
+                                                                          monkeypatch, tmp_path):
+    fake = FakeWandb(str(tmp_path))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    for name, value in (("WANDB_MODE", env_mode), ("WANDB_API_KEY", key)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    trackers.build_tracker(_wandb_cfg(mode=cfg_mode), config={}, output_dir=str(tmp_path), run_name="x",
+                           run_id=None, is_main=True)
+    assert [i["mode"] for i in fake.inits] == [expected]
 
 
 def test_wandb_failing_log_summary_finish_warn_once_and_never_raise(monkeypatch, tmp_path, pt_log):
