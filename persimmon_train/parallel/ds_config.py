@@ -187,7 +187,8 @@ def check_user_config(config: dict, path: str, *, micro_batch_size: int, grad_ac
     if not isinstance(zero, dict) or zero.get("stage") not in (1, 2, 3):
         c.fail("zero_optimization.stage", f"{(zero or {}).get('stage') if isinstance(zero, dict) else None!r}: "
                                           f"strategy=deepspeed runs ZeRO stage 1, 2 or 3")
-    if zero.get("offload_param") and zero["stage"] != 3 and (zero["offload_param"].get("device") or "none") != "none":
+    offload = zero.get("offload_param")
+    if isinstance(offload, dict) and zero["stage"] != 3 and (offload.get("device") or "none") != "none":
         c.fail("zero_optimization.offload_param", "needs zero_optimization.stage 3")
     for name, check in (("optimizer", lambda s: _check_optimizer(c, s, optim)),
                         ("scheduler", lambda s: _check_scheduler(c, s, optim, max_steps))):
