@@ -280,13 +280,17 @@ def main(argv: list[str]) -> int:
                 print(f"{m.name:45s} STALE (pattern found {original.count(m.old)} times in {m.path})", flush=True)
                 continue
             target.write_text(original.replace(m.old, m.new))
+            report = Path(tmp) / "mutant.xml"
+            report.unlink(missing_ok=True)
             try:
-                rc, seconds = run_pytest(root, m.tests, m.extra, deselect, Path(tmp) / "mutant.xml", args.timeout)
+                rc, seconds = run_pytest(root, m.tests, m.extra, deselect, report, args.timeout)
             finally:
                 target.write_text(original)
             outcome = {0: "survived", 5: "NO TESTS", -1: "KILLED (timeout)"}.get(rc, "KILLED")
             results.append((m, outcome, seconds))
             note = f"  [equivalent: {m.equivalent}]" if m.equivalent and outcome == "survived" else ""
+            if outcome == "KILLED":
+                note = f"  by {', '.join(sorted(failing_tests(report))) or '(collection error)'}"
             print(f"{m.name:45s} {outcome:10s} {seconds:6.1f}s{note}", flush=True)
     bad = [m.name for m, outcome, _ in results
            if (outcome == "survived" and not m.equivalent) or outcome in ("STALE", "NO TESTS")]
