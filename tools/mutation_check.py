@@ -4,6 +4,7 @@
     python tools/mutation_check.py --group loss     # loss | packing | trainer | features
     python tools/mutation_check.py --only loss.no_shift packing.no_first_label_mask
     python tools/mutation_check.py --list
+    python tools/mutation_check.py --only features.top_p_ignored --tests tests/export/test_generate.py
 
 Each mutant is one textual edit (an operator swapped, a line dropped, an option ignored) to one
 source file, with the tests that should catch it. The checkout is copied to a temporary folder
@@ -249,6 +250,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--group", choices=[*GROUPS, "features"], action="append")
     parser.add_argument("--only", nargs="+", metavar="NAME")
     parser.add_argument("--list", action="store_true")
+    parser.add_argument("--tests", nargs="+", metavar="NODE", help="run these tests instead of each mutant's own")
     parser.add_argument("--worktree", action="store_true",
                         help="mutate the working tree's files as they are now (default: the committed HEAD)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per pytest run")
@@ -262,6 +264,8 @@ def main(argv: list[str]) -> int:
     if not chosen:
         print("no mutant matches", file=sys.stderr)
         return 2
+    if args.tests:
+        chosen = [Mutant(m.name, m.path, m.old, m.new, list(args.tests), m.equivalent, m.extra) for m in chosen]
     with tempfile.TemporaryDirectory(prefix="persimmon-mutants-") as tmp:
         root = Path(tmp) / "checkout"
         copy_checkout(root, args.worktree)
