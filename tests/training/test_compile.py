@@ -74,3 +74,16 @@ def test_compile_config_key_reaches_the_layers():
     prepare_for_training(model, cfg)
     layer = model.model.layers[0]
     assert "forward" in layer.__dict__ and hasattr(layer.forward, "_torchdynamo_orig_callable")
+
+
+def test_model_attention_key_is_checked_and_reaches_the_model():
+    from persimmon_train.errors import ConfigError
+    from persimmon_train.training.builders import _config_overrides
+    from persimmon_train.training.config import RunConfig, validate_run_config
+
+    cfg = RunConfig()
+    cfg.model.attention = "flash9"
+    with pytest.raises(ConfigError, match="model.attention"):
+        validate_run_config(cfg)
+    cfg.model.attention = "segments"
+    assert _config_overrides(cfg, None, None)["attention"] == "segments"
