@@ -233,15 +233,17 @@ def run_pytest(root: Path, tests: list[str], extra: list[str], deselect: set[str
     return rc, time.perf_counter() - start
 
 
-def failing_tests(report: Path) -> set[str]:
-    """Node ids of the failed/errored test cases in a junit report."""
+def failing_tests(report: Path) -> dict[str, str]:
+    """{node id: first line of the failure message} of the failed/errored cases in a junit report."""
     if not report.exists():
-        return set()
-    failed = set()
+        return {}
+    failed = {}
     for case in ET.parse(report).getroot().iter("testcase"):
-        if case.find("failure") is not None or case.find("error") is not None:
+        problem = case.find("failure") if case.find("failure") is not None else case.find("error")
+        if problem is not None:
             module = case.get("classname", "").replace(".", "/")
-            failed.add(f"{module}.py::{case.get('name')}")
+            message = (problem.get("message") or "").strip().splitlines()
+            failed[f"{module}.py::{case.get('name')}"] = message[0][:160] if message else ""
     return failed
 
 
@@ -273,7 +275,7 @@ def main(argv: list[str]) -> int:
         every_test = sorted({t for m in chosen for t in m.tests})
         report = Path(tmp) / "baseline.xml"
         rc, seconds = run_pytest(root, every_test, [], set(), report, args.timeout * 2, stop_at_first=False)
-        deselect = failing_tests(report) if rc not in (0, 5) else set()
+        deselect = set(failing_tests(report)) if rc not in (0, 5) else set()
         print(f"baseline ({seconds:.0f}s): {len(deselect)} failing test(s) deselected {sorted(deselect)}", flush=True)
         results = []
         for m in chosen:
@@ -294,7 +296,9 @@ def main(argv: list[str]) -> int:
             results.append((m, outcome, seconds))
             note = f"  [equivalent: {m.equivalent}]" if m.equivalent and outcome == "survived" else ""
             if outcome == "KILLED":
-                note = f"  by {', '.join(sorted(failing_tests(report))) or '(collection error)'}"
+                failed = failing_tests(report)
+                note = "".join(f"\n      by {test}: {message}" for test, message in sorted(failed.items()))
+                note = note or "  (collection error)"
             print(f"{m.name:45s} {outcome:10s} {seconds:6.1f}s{note}", flush=True)
     bad = [m.name for m, outcome, _ in results
            if (outcome == "survived" and not m.equivalent) or outcome in ("STALE", "NO TESTS")]
