@@ -131,7 +131,7 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="file the table is written to")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU (checks the script runs)")
     ap.add_argument("--layers", type=int, default=4, help="throughput: Persimmon-width layers")
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--parts", default="equality,throughput,context")
     ap.add_argument("--contexts", default="16384,32768,65536,131072")
     ap.add_argument("--compile", action="store_true", help="also torch.compile our layers in the throughput part")

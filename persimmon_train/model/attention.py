@@ -335,15 +335,18 @@ def flex_attend(q, k, v, layout: AttentionLayout, scale: float, dropout_p: float
 
 
 @functools.cache
-def _varlen_causal_kwargs() -> dict:
-    """torch's varlen_attn spelled causality `is_causal=True` (2.10 docs), later `window_size=(-1, 0)`."""
+def _varlen_signature() -> tuple[dict, bool]:
+    """(causal kwargs, accepts scale): torch's varlen_attn spelled causality `is_causal=True` (2.10
+    docs), later `window_size=(-1, 0)`; read the installed signature instead of guessing."""
     params = inspect.signature(_torch_varlen()).parameters
     if "window_size" in params:
-        return {"window_size": (-1, 0)}
-    if "is_causal" in params:
-        return {"is_causal": True}
-    raise RuntimeError(f"torch.nn.attention.varlen.varlen_attn{inspect.signature(_torch_varlen())}: "
-                       f"no is_causal or window_size argument")
+        causal = {"window_size": (-1, 0)}
+    elif "is_causal" in params:
+        causal = {"is_causal": True}
+    else:
+        raise RuntimeError(f"torch.nn.attention.varlen.varlen_attn{inspect.signature(_torch_varlen())}: "
+                           f"no is_causal or window_size argument")
+    return causal, "scale" in params
 
 
 def varlen_attend(q, k, v, layout: AttentionLayout, scale: float, dropout_p: float = 0.0):
@@ -353,7 +356,12 @@ def varlen_attend(q, k, v, layout: AttentionLayout, scale: float, dropout_p: flo
     q, k, v = (t.transpose(1, 2).reshape(batch * seq, heads, head_dim) for t in (q, k, v))
     cu, n = layout.cu_seqlens, layout.max_seqlen
     if _torch_varlen() is not None:
-        out = _torch_varlen()(q, k, v, cu, cu, n, n, scale=scale, **_varlen_causal_kwargs())
+        causal, takes_scale = _varlen_signature()
+        if takes_scale:
+            causal = {**causal, "scale": scale}
+        elif abs(scale - head_dim ** -0.5) > 1e-12:
+            raise RuntimeError("this torch's varlen_attn has no scale argument; only head_dim ** -0.5 is possible")
+        out = _torch_varlen()(q, k, v, cu, cu, n, n, **causal)
     elif _flash_attn_varlen() is not None:
         out = _flash_attn_varlen()(q, k, v, cu, cu, n, n, dropout_p=0.0, softmax_scale=scale, causal=True)
     else:

@@ -91,6 +91,43 @@ def test_varlen_is_gpu_only():
                 "against sdpa, forward and gradients, on a GPU")
 
 
+def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal_ok):
+    """What varlen_attn computes, in plain SDPA per [start, end) of cu_seqlens ([tokens, heads, dim])."""
+    assert causal_ok and torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
+    assert max_q == max_k == int((cu_q[1:] - cu_q[:-1]).max())
+    outs = []
+    for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        qs, ks, vs = (t[a:b].transpose(0, 1)[None] for t in (q, k, v))
+        outs.append(torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True)[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("spelling", ["window_size", "is_causal"])
+def test_varlen_plumbing_with_a_reference_kernel(monkeypatch, spelling):
+    """cu_seqlens, the [tokens, heads, dim] reshapes and the causal argument of either torch spelling,
+    checked on CPU by standing a plain-SDPA kernel in for the CUDA one."""
+    import persimmon_train.model.attention as attention
+
+    if spelling == "window_size":
+        def fake(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+            return _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, window_size == (-1, 0))
+    else:
+        def fake(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, scale=None):
+            return _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, is_causal)
+    monkeypatch.setattr(attention, "_torch_varlen", lambda: fake)
+    attention._varlen_signature.cache_clear()
+    try:
+        ids, pos = packed_rows(ROWS["mixed"])
+        model = model_pair(tiny_config(max_position_embeddings=512))
+        ref_logits, ref_grads = loss_and_grads(model, ids, pos, "sdpa")
+        logits, grads = loss_and_grads(model, ids, pos, "varlen")
+    finally:
+        attention._varlen_signature.cache_clear()
+    assert (logits - ref_logits).abs().max().item() <= 1e-5
+    for name, g in ref_grads.items():
+        assert torch.allclose(grads[name], g, atol=1e-6, rtol=1e-4), name
+
+
 def test_auto_picks_per_device_and_packing():
     assert resolve_backend("auto", CPU, torch.float32, packed=True) == "segments"
     assert resolve_backend("auto", CPU, torch.float32, packed=False) == "sdpa"
