@@ -10,7 +10,6 @@ is split into micro-batches or ranks.
 from __future__ import annotations
 
 import logging
-import math
 import resource
 import time
 from dataclasses import dataclass, field
@@ -18,9 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 from persimmon_train.errors import PersimmonTrainError
-from persimmon_train.model.loss import IGNORE_INDEX
 from persimmon_train.training import checkpointing
-from persimmon_train.training.metrics import classification_metrics, entity_f1
+from persimmon_train.training.tasks import TASKS, count_items
 
 log = logging.getLogger("persimmon_train")
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -41,17 +39,6 @@ class TrainState:
     skipped_steps: int = 0
     last_checkpoint: str | None = None
     final_eval: dict = field(default_factory=dict)
-
-
-def count_items(batch: dict, task: str) -> int:
-    """What the loss averages over: shifted target tokens (causal LM), tagged tokens, or rows."""
-    labels = batch["labels"]
-    if task == "causal_lm":
-        return int((labels[:, 1:] != IGNORE_INDEX).sum())
-    if task == "token_classification" or labels.dtype == torch.long:
-        # Tagged tokens; or single-label rows, where eval filler rows carry label -100.
-        return int((labels != IGNORE_INDEX).sum())
-    return int(labels.shape[0])
 
 
 def count_tokens(batch: dict) -> int:
@@ -159,7 +146,7 @@ class Trainer:
     def _forward_loss(self, batch: dict, global_items: torch.Tensor) -> torch.Tensor:
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
         with self.strategy.autocast():
-            if self.task == "sequence_classification":
+            if TASKS[self.task].head_averages:
                 # The head averages over its rows; re-weight so the step averages over all rows.
                 out = self.model(**inputs, labels=batch["labels"])
                 return out.loss * (count_items(batch, self.task) / global_items)
@@ -198,6 +185,7 @@ class Trainer:
     def evaluate(self) -> dict:
         if self.eval_loader is None:
             return {}
+        task = TASKS[self.task]
         self.model.eval()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.strategy.device)
         items = 0
@@ -210,24 +198,20 @@ class Trainer:
             batch = self._to_device(batch)
             inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
             labels = batch["labels"]
+            batch_items = task.count_items(batch)
             with self.strategy.autocast():
-                if self.task == "sequence_classification":
+                if task.head_averages:
                     out = self.model(**inputs, labels=labels)
-                    real_rows = count_items(batch, self.task)
-                    if real_rows:
-                        loss_sum += out.loss.double() * real_rows
-                elif self.task == "causal_lm":
+                    if batch_items:
+                        loss_sum += out.loss.double() * batch_items
+                else:
                     out = self.model(**inputs, labels=labels, num_items_in_batch=1)  # summed loss
                     loss_sum += out.loss.double()
-                else:
-                    out = self.model(**inputs, labels=labels, num_items_in_batch=1)
-                    loss_sum += out.loss.double()
-            items += count_items(batch, self.task)
-            if self.task == "sequence_classification":
-                self._collect_classification(out.logits.float(), labels, preds, golds)
-            elif self.task == "token_classification":
-                self._collect_tags(out.logits.float(), labels, preds, golds)
-        if self.strategy.world_size > 1 and self.task != "causal_lm":
+            items += batch_items
+            if task.collect is not None:
+                task.collect(out.logits.float(), labels, preds, golds, problem_type=self._problem_type(labels),
+                             id2label=self.id2label)
+        if self.strategy.world_size > 1 and task.collect is not None:
             # Metrics such as macro-F1 do not decompose over ranks: gather every rank's predictions.
             gathered = self.strategy.all_gather_object((preds, golds))
             preds = [p for rank_preds, _ in gathered for p in rank_preds]
@@ -235,13 +219,7 @@ class Trainer:
         totals = self.strategy.reduce_sum(torch.stack([loss_sum, torch.tensor(float(items), dtype=torch.float64,
                                                                                device=loss_sum.device)]))
         eval_loss = float(totals[0] / totals[1].clamp(min=1))
-        metrics = {"eval_loss": eval_loss}
-        if self.task == "causal_lm":
-            metrics["eval_ppl"] = math.exp(min(eval_loss, 50.0))
-        elif self.task == "sequence_classification":
-            metrics.update(classification_metrics(preds, golds))
-        else:
-            metrics.update(entity_f1(preds, golds))
+        metrics = {"eval_loss": eval_loss, **task.metrics(eval_loss, preds, golds)}
         self.model.train()
         return metrics
 
@@ -251,29 +229,6 @@ class Trainer:
         if problem:
             return problem
         return "single_label_classification" if labels.dtype == torch.long else "multi_label_classification"
-
-    def _collect_classification(self, logits, labels, preds, golds):
-        problem = self._problem_type(labels)
-        if problem == "regression":
-            preds.extend(logits.squeeze(-1).tolist())
-            golds.extend(labels.float().tolist())
-        elif problem == "multi_label_classification":
-            preds.extend((logits > 0).int().tolist())
-            golds.extend(labels.int().tolist())
-        else:
-            keep = labels != IGNORE_INDEX  # eval filler rows
-            preds.extend(logits.argmax(-1)[keep].tolist())
-            golds.extend(labels[keep].tolist())
-
-    def _collect_tags(self, logits, labels, preds, golds):
-        predicted = logits.argmax(-1)
-        for row_pred, row_gold in zip(predicted.tolist(), labels.tolist()):
-            keep = [i for i, g in enumerate(row_gold) if g != IGNORE_INDEX]
-            preds.append([self._tag(row_pred[i]) for i in keep])
-            golds.append([self._tag(row_gold[i]) for i in keep])
-
-    def _tag(self, index: int) -> str:
-        return str(self.id2label.get(index, self.id2label.get(str(index), index)))
 
     # ------------------------------------------------------------------ the loop
     def _log(self, metrics: dict) -> None:
