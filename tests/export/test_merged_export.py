@@ -112,3 +112,18 @@ def test_export_never_deletes_a_file_it_did_not_write(lora_run, tmp_path, cache_
     assert (out / "notes.txt").read_text() == "keep me"  # the user's file survives
     assert json.loads((out / "config.json").read_text())["architectures"] == ["PersimmonForCausalLM"]
     assert not [p for p in tmp_path.iterdir() if "staging" in p.name]  # no leftovers beside it
+
+
+def test_classifier_export_reads_no_data(classify_run, tmp_path, monkeypatch):
+    """Label names come from the checkpoint's manifest: export works after the data files are gone."""
+    import persimmon_train.data as data
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("export read the run's data files")
+
+    monkeypatch.setattr(data, "build_data", no_data)
+    out = tmp_path / "cls"
+    export_checkpoint(str(checkpoint_of(classify_run)), str(out), dtype="fp32")
+    config = json.loads((out / "config.json").read_text())
+    assert set(config["id2label"].values()) == {"neg", "pos"}
+    assert config == json.loads((classify_run / "final" / "config.json").read_text())
