@@ -31,6 +31,8 @@ def one_rank():
         for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
             mp.delenv(key, raising=False)
         mp.setenv("LOCAL_RANK", "0")
+        # ZeRO-3 swaps torch.nn.functional.linear for its own (process-wide): put it back afterwards.
+        mp.setattr(torch.nn.functional, "linear", torch.nn.functional.linear)
         strategies = []
         yield strategies
         if strategies:
