@@ -72,3 +72,26 @@ def test_export_needs_only_the_checkpoint(lora_run, tmp_path, export_env):
     exported, final = load_tensors(out), load_tensors(lora_run / "final")
     assert sorted(exported) == sorted(final)
     assert all(torch.equal(exported[k], final[k]) for k in final)
+
+
+def test_full_disk_during_export_is_one_line_and_leaves_nothing(lora_run, tmp_path, export_env):
+    import resource
+    import subprocess
+    import sys
+
+    from tests.export.conftest import REPO
+
+    out = tmp_path / "out"
+    limit = 200_000  # below the merged model's weights file
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # CPython ignores SIGXFSZ: EFBIG
+
+    proc = subprocess.run([sys.executable, str(REPO / "recipes" / "export.py"), f"checkpoint={checkpoint_of(lora_run)}",
+                           f"output_dir={out}", "dtype=fp32"], cwd=REPO, env=export_env, capture_output=True,
+                          text=True, preexec_fn=small_files)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: writing ") and "model" in line and "larger than this system allows" in line, line
+    assert "Traceback" not in proc.stderr
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []  # no staging folder left
