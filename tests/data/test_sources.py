@@ -102,10 +102,9 @@ def _packed_documents(rows) -> list[tuple]:
     return sorted(out)
 
 
-def test_one_streamed_epoch_is_the_in_memory_documents(tok, write_jsonl, cache):
+def _one_streamed_epoch_equals_in_memory(tok, f, cache):
     """Every document once, tokenized and labelled exactly as the in-memory path does. One row per
     global batch, so no incomplete last batch is dropped and the two must be equal."""
-    f = write_jsonl("t.jsonl", ROWS)
     mem = build_data(_cfg([f], cache), tok, micro_batch_size=1, seed=0)
     arr = mem.train_loader.arrays
     expected = _packed_documents(zip(arr["input_ids"], arr["labels"], arr["position_ids"]))
@@ -122,6 +121,7 @@ def test_one_streamed_epoch_is_the_in_memory_documents(tok, write_jsonl, cache):
 
 def test_streaming_matches_in_memory_documents(tok, write_jsonl, cache):
     f = write_jsonl("t.jsonl", ROWS)
+    _one_streamed_epoch_equals_in_memory(tok, f, cache)
     g = write_jsonl("e.jsonl", ROWS[:7])
     kw = dict(eval_files=[g], stream_buffer_rows=4)
     mem = build_data(_cfg([f], cache, **kw), tok, micro_batch_size=2, seed=0)
@@ -136,7 +136,7 @@ def test_streaming_matches_in_memory_documents(tok, write_jsonl, cache):
             starts = (pos == 0).nonzero().flatten().tolist() + [64]
             seen += [tok.decode(ids[a:b - 1].tolist()) for a, b in zip(starts[:-1], starts[1:])
                      if ids[a] != tok.pad_id]
-    # (test_one_streamed_epoch_is_the_in_memory_documents checks a whole epoch, document by document)
+    # (a whole epoch was compared document by document above)
     assert len(seen) == len(set(seen)) and set(seen) <= set(_docs(mem, tok))
     state = stream.train_loader.state_dict()
     want = next(it)

@@ -36,6 +36,10 @@ def test_warmup_then_decay_to_min(schedule):
     assert all(a >= b for a, b in zip(f[10:], f[11:]))
     assert f[100] == pytest.approx(0.1)
     assert f[55] == pytest.approx(0.55, abs=1e-9)  # both are at the midpoint halfway between 1 and 0.1
+    # ... and differ everywhere else: at 1/3 of the decay (step 40) cosine is at 0.1 + 0.9 * 3/4,
+    # linear at 0.1 + 0.9 * 2/3; at 2/3 (step 70) cosine 0.1 + 0.9 / 4, linear 0.1 + 0.9 / 3.
+    third, two_thirds = {"cosine": (0.775, 0.325), "linear": (0.7, 0.4)}[schedule]
+    assert f[40] == pytest.approx(third, abs=1e-9) and f[70] == pytest.approx(two_thirds, abs=1e-9)
 
 
 # max_steps 90, warmup 10: decay progress 0.25 / 0.5 / 0.75 at steps 30 / 50 / 70. By hand, with
