@@ -198,6 +198,8 @@ def run_cpu(variants, shape: Shape, steps: int, rounds: int, measure_memory: boo
     """All variants alive at once, timed round by round (interleaved); memory per variant in a subprocess."""
     device = torch.device("cpu")
     ids, pos, lengths = document_mix(shape)
+    # Memory first, while this process is still small (the children are forked from it).
+    peaks = {v: _cpu_peak_in_subprocess(v, shape) if measure_memory else None for v in variants}
     built = {v: build(*v, shape, device, bf16_base=False) for v in variants}
     for model, opt in built.values():
         train_step(model, opt, ids, pos, device, False)
@@ -207,9 +209,7 @@ def run_cpu(variants, shape: Shape, steps: int, rounds: int, measure_memory: boo
             times[v].extend(train_step(model, opt, ids, pos, device, False) for _ in range(steps))
     results = []
     for v in variants:
-        row = dict(variant=variant_name(*v), seconds=statistics.median(times[v]), peak_gib=None)
-        if measure_memory:
-            row["peak_gib"] = _cpu_peak_in_subprocess(v, shape)
+        row = dict(variant=variant_name(*v), seconds=statistics.median(times[v]), peak_gib=peaks[v])
         results.append(_finish(row, shape, lengths, v[1], None))
     return results
 
@@ -231,7 +231,10 @@ def _memory_child(variant: str, shape_json: str) -> None:
     with open("/proc/self/statm") as f:
         before = int(f.read().split()[1]) * resource.getpagesize()
     train_step(model, opt, ids, pos, device, False)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM, not ru_maxrss: getrusage's maximum survives execve, so a child would report its
+    # parent's peak (the parent holds every variant's model).
+    with open("/proc/self/status") as f:
+        peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
     print(json.dumps({"peak_gib": (peak - before) / 2**30}))
 
 
