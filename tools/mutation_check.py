@@ -53,6 +53,7 @@ class Mutant:
 LOSS = "persimmon_train/model/loss.py"
 PACKING = "persimmon_train/data/packing.py"
 TRAINER = "persimmon_train/training/trainer.py"
+TASKS = "persimmon_train/training/tasks.py"  # the trainer's per-task counting and eval collection
 LOSS_TESTS = ["tests/model/test_loss.py", "tests/model/test_parity.py::test_causal_lm_loss_matches",
               "tests/training/test_loop.py::test_update_does_not_depend_on_micro_batch_split"]
 PACKING_TESTS = ["tests/data/test_packing.py"]
@@ -91,9 +92,7 @@ MUTANTS = [
            equivalent="under bf16 autocast the head would run in float32: slower and bigger, never less "
                       "accurate, so no value a test compares changes (a speed/memory matter: bench/)"),
     Mutant("loss.chunk_not_capped_by_bytes", LOSS,
-           "chunk = max(1, min(chunk_size, LOGITS_CHUNK_BYTES // (4 * vocab)))", "chunk = chunk_size", LOSS_TESTS,
-           equivalent="the byte cap only bites at a 262144 vocabulary (256 tokens a chunk); it bounds peak "
-                      "memory, which bench/bench_loss_memory.py measures; the values are the same"),
+           "chunk = max(1, min(chunk_size, LOGITS_CHUNK_BYTES // (4 * vocab)))", "chunk = chunk_size", LOSS_TESTS),
     # ------------------------------------------------------------------ data/packing.py
     Mutant("packing.not_decreasing", PACKING, 'order = np.argsort(-lengths, kind="stable")',
            "order = np.arange(len(lengths))", PACKING_TESTS),
@@ -118,8 +117,11 @@ MUTANTS = [
            equivalent="a full row lands in the free-space-0 bucket, which bisect_left(free_values, n) never "
                       "returns for a document of n >= 1 tokens: the rows are the same"),
     # ------------------------------------------------------------------ training/trainer.py
-    Mutant("trainer.count_items_unshifted", TRAINER, "return int((labels[:, 1:] != IGNORE_INDEX).sum())",
-           "return int((labels != IGNORE_INDEX).sum())", TRAINER_TESTS),
+    Mutant("trainer.count_items_unshifted", TASKS, 'return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())',
+           'return int((batch["labels"] != IGNORE_INDEX).sum())', TRAINER_TESTS),
+    Mutant("trainer.filler_rows_counted", TASKS,
+           "return _labelled_tokens(batch) if labels.dtype == torch.long else int(labels.shape[0])",
+           "return int(labels.shape[0])", TRAINER_TESTS),
     Mutant("trainer.per_micro_batch_mean", TRAINER, "num_items_in_batch=global_items).loss",
            "num_items_in_batch=None).loss", TRAINER_TESTS),
     Mutant("trainer.classification_rows_not_reweighted", TRAINER,
@@ -133,11 +135,11 @@ MUTANTS = [
     Mutant("trainer.nonfinite_counter_not_reset", TRAINER,
            "        if finite:\n            self.state.consecutive_nonfinite = 0\n        else:",
            "        if finite:\n            pass\n        else:", TRAINER_TESTS),
-    Mutant("trainer.eval_not_gathered", TRAINER, "if self.strategy.world_size > 1 and self.task != \"causal_lm\":",
+    Mutant("trainer.eval_not_gathered", TRAINER, "if self.strategy.world_size > 1 and task.collect is not None:",
            "if False:", TRAINER_TESTS),
     Mutant("trainer.eval_loss_not_reduced", TRAINER,
            "totals = self.strategy.reduce_sum(torch.stack(", "totals = (lambda t: t)(torch.stack(", TRAINER_TESTS),
-    Mutant("trainer.multi_label_threshold_inclusive", TRAINER, "preds.extend((logits > 0).int().tolist())",
+    Mutant("trainer.multi_label_threshold_inclusive", TASKS, "preds.extend((logits > 0).int().tolist())",
            "preds.extend((logits >= 0).int().tolist())", TRAINER_TESTS,
            equivalent="a logit of exactly 0.0 has probability zero for a trained float model"),
     Mutant("trainer.checkpoint_while_nonfinite", TRAINER,
@@ -197,7 +199,7 @@ MUTANTS = [
            ["tests/recipes/test_import_path.py"]),
 ]
 
-GROUPS = {"loss": LOSS, "packing": PACKING, "trainer": TRAINER}
+GROUPS = {"loss": LOSS, "packing": PACKING, "trainer": TRAINER}  # "trainer" includes training/tasks.py
 
 
 def copy_checkout(dest: Path, worktree: bool) -> None:
