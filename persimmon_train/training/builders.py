@@ -64,8 +64,25 @@ class _Redact(logging.Filter):
         return True
 
 
+class _EarlyRecords(logging.Handler):
+    """Holds what is logged before output_dir may be written, for train.log to start with."""
+
+    def __init__(self, limit: int = 10_000):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self.limit = limit
+
+    def emit(self, record):
+        if len(self.records) < self.limit:
+            self.records.append(record)
+
+
 def setup_logging(output_dir: str | None, is_main: bool) -> None:
-    """Console (rank 0) + output_dir/train.log (rank 0) for the `persimmon_train` loggers."""
+    """Console (rank 0) + output_dir/train.log (rank 0) for the `persimmon_train` loggers.
+
+    output_dir=None: console only, while the run validates; what is logged meanwhile is kept and
+    written at the top of train.log by `add_file_logging` once the folder may be touched.
+    """
     root = logging.getLogger("persimmon_train")
     root.setLevel(logging.INFO)
     for handler in list(root.handlers):
@@ -81,16 +98,24 @@ def setup_logging(output_dir: str | None, is_main: bool) -> None:
     root.addHandler(console)
     if output_dir is not None:
         add_file_logging(output_dir, is_main)
+    else:
+        root.addHandler(_EarlyRecords())
 
 
 def add_file_logging(output_dir: str, is_main: bool) -> None:
-    """output_dir/train.log (rank 0), once the output folder may be written."""
+    """output_dir/train.log (rank 0), once the output folder may be written; starts with the
+    start-up lines logged while the run validated (strategy, precision, model, dropout, ...)."""
     if not is_main:
         return
+    root = logging.getLogger("persimmon_train")
     logfile = logging.FileHandler(os.path.join(output_dir, "train.log"), encoding="utf-8")
     logfile.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logfile.addFilter(_Redact())
-    logging.getLogger("persimmon_train").addHandler(logfile)
+    for early in [h for h in root.handlers if isinstance(h, _EarlyRecords)]:
+        for record in early.records:
+            logfile.handle(record)
+        root.removeHandler(early)
+    root.addHandler(logfile)
 
 
 def build_strategy(cfg):

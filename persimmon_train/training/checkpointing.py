@@ -103,14 +103,22 @@ _ARCHITECTURE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hid
                       "partial_rotary_factor", "qk_layernorm", "num_labels")
 
 
-def check_resumable(path: str, manifest: dict, cfg, model_config, model_class: type) -> None:
-    """A checkpoint resumes only into the run that wrote it: same head, shapes and LoRA settings.
+def check_resumable(path: str, manifest: dict, cfg, model_config, model_class: type, strategy=None) -> None:
+    """A checkpoint resumes only into the run that wrote it: same head, shapes and LoRA settings
+    (and, for DeepSpeed's own format, the same world size).
 
     Checked from the manifest before any tensor is read; the message names the key that differs.
     """
     from persimmon_train.adapters import peft_settings
 
     where = os.path.join(path, store.MANIFEST)
+    written = manifest.get("strategy") or {}
+    if strategy is not None and written.get("name") == "deepspeed" and (
+            strategy.name != "deepspeed" or written.get("world_size") != strategy.world_size):
+        raise CheckpointError(f"resume: {where} was written by strategy=deepspeed on {written.get('world_size')} "
+                              f"ranks; DeepSpeed checkpoints resume only with strategy=deepspeed on the same number "
+                              f"of ranks (this run: strategy={strategy.name}, {strategy.world_size} ranks); "
+                              f"export it (recipes/export.py) and start from the export with model.path instead")
     model = manifest.get("model") or {}
     if model.get("architecture") != model_class.__name__:
         raise CheckpointError(f"resume: {where} was written by a {model.get('architecture')} run, this run "

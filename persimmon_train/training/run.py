@@ -74,7 +74,7 @@ def train(cfg, job: str) -> RunResult:
     builders.set_seed(cfg.trainer.seed)
     base_model = builders.build_model(cfg, tokenizer, data, meta=strategy.loads_sharded_weights)
     if resume_path:
-        checkpointing.check_resumable(resume_path, manifest, cfg, base_model.config, type(base_model))
+        checkpointing.check_resumable(resume_path, manifest, cfg, base_model.config, type(base_model), strategy)
     metadata = checkpointing.manifest_metadata(cfg, strategy, base_model)
     model = builders.prepare_for_training(base_model, cfg)
     model, optimizer = strategy.wrap(model, lambda m: build_optimizer(m, cfg.optim))

@@ -211,3 +211,10 @@ def test_readonly_output_dir_is_one_line(tmp_path, env):
         assert_one_line_error(proc, "output_dir", "read-only")
     finally:
         parent.chmod(0o755)
+
+
+def test_train_log_keeps_the_start_up_lines(run):
+    """Logged while the run validated (before output_dir may be written), then written to train.log first."""
+    lines = (run / "train.log").read_text().splitlines()
+    assert "finetune: output_dir=" in lines[0] and "strategy=single" in lines[0]
+    assert any("model: random init" in line for line in lines[:10])
