@@ -255,10 +255,8 @@ def build_layout(
     pad = attention_mask is not None and not bool(attention_mask.all())
     packed = past == 0 and is_packed(position_ids)
     name = resolve_backend(backend, torch.device(device), dtype, packed)
-    if name != "sdpa" and past == 0 and not pad:
-        if position_ids is None:
-            position_ids = torch.arange(q_len, device=device).expand(1 if attention_mask is None
-                                                                     else attention_mask.shape[0], q_len)
+    # Without position_ids the batch size is unknown here; the decoder always passes them.
+    if name != "sdpa" and past == 0 and not pad and position_ids is not None:
         if name == "segments":
             return _segments_layout(position_ids, SEGMENT_TILE)
         if name == "varlen":
