@@ -150,15 +150,23 @@ def test_bad_output_dir_and_model_path_are_one_line(tmp_path, env):
     assert a_file.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
 
 
-def test_nan_in_model_path_weights_names_the_tensor(tmp_path, env):
+def _tiny_base_config(env):
+    """The demo tokenizer and a tiny model config over it (for a model.path base)."""
     from persimmon_train.data import Tokenizer, demo_assets
-    from persimmon_train.model import PersimmonConfig, PersimmonForCausalLM
+    from persimmon_train.model import PersimmonConfig
 
     tokenizer = Tokenizer(demo_assets(Path(env["PERSIMMON_TRAIN_CACHE"]) / "demo").tokenizer_path)
     config = PersimmonConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=256,
                              num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256,
                              bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
                              pad_token_id=tokenizer.pad_id)
+    return tokenizer, config
+
+
+def test_nan_in_model_path_weights_names_the_tensor(tmp_path, env):
+    from persimmon_train.model import PersimmonForCausalLM
+
+    tokenizer, config = _tiny_base_config(env)
     model = PersimmonForCausalLM.from_config(config)
     with torch.no_grad():
         model.model.layers[1].mlp.dense_h_to_4h.weight[3, 5] = float("nan")
@@ -175,14 +183,9 @@ def test_one_rank_fsdp_lora_writes_an_adapter_peft_loads(tmp_path, env):
     was trained in, giving in peft the logits of the run's merged final/."""
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
-    from persimmon_train.data import Tokenizer, demo_assets
-    from persimmon_train.model import PersimmonConfig, PersimmonForCausalLM
+    from persimmon_train.model import PersimmonForCausalLM
 
-    tokenizer = Tokenizer(demo_assets(Path(env["PERSIMMON_TRAIN_CACHE"]) / "demo").tokenizer_path)
-    config = PersimmonConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=256,
-                             num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256,
-                             bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
-                             pad_token_id=tokenizer.pad_id)
+    tokenizer, config = _tiny_base_config(env)
     torch.manual_seed(0)
     PersimmonForCausalLM.from_config(config).save_pretrained(tmp_path / "base", tokenizer=tokenizer)
     out = tmp_path / "fsdp1"
