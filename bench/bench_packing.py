@@ -85,7 +85,8 @@ def main() -> None:
     print(f"{'method':<40}{'rows x len / tokens':>22}{'efficiency':>12}")
     print(f"{'best-fit-decreasing packing':<40}{s['rows']:>12} x {args.seq_len:<7}{100 * s['efficiency']:>11.2f}%")
     print(f"{'greedy next-fit packing':<40}{nf:>12} x {args.seq_len:<7}{100 * real / (nf * args.seq_len):>11.2f}%")
-    print(f"{f'pad each batch of {args.batch} to its longest':<40}{padded_total:>22}{100 * real / padded_total:>11.2f}%")
+    padded_label = f"pad each batch of {args.batch} to its longest"
+    print(f"{padded_label:<40}{padded_total:>22}{100 * real / padded_total:>11.2f}%")
 
 
 if __name__ == "__main__":

@@ -400,7 +400,8 @@ def build_data(cfg, tokenizer, *, micro_batch_size: int, seed: int, rank: int = 
     loaders = {}
     for split, arr in arrays.items():
         train = split == "train"
-        what = f"{split} data ({', '.join(s.name for s in (train_sources if train or not eval_sources else eval_sources))})"
+        sources = train_sources if train or not eval_sources else eval_sources
+        what = f"{split} data ({', '.join(s.name for s in sources)})"
         if cfg.format in PACKED_FORMATS:
             loaders[split] = PackedLoader(arr, micro_batch_size, seed, rank, world_size, train=train,
                                           pad_id=tok.pad_id, what=what)

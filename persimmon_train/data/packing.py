@@ -39,7 +39,7 @@ class PackStats:
         total = self.real_tokens + self.padding_tokens
         return self.real_tokens / total if total else 0.0
 
-    def add(self, other: "PackStats") -> None:
+    def add(self, other: PackStats) -> None:
         for k in self.__dataclass_fields__:
             setattr(self, k, getattr(self, k) + getattr(other, k))
 

@@ -9,15 +9,15 @@ single-threaded with input shuffling off, so the same files give the same model 
 
 from __future__ import annotations
 
-import json
 import io
+import json
 import os
 from pathlib import Path
 
 import sentencepiece as spm
 
-from persimmon_train.errors import DataError
 from persimmon_train.data.tokenizer import ENDOFTEXT
+from persimmon_train.errors import DataError
 
 
 def _strings(value):

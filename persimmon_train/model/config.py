@@ -144,7 +144,7 @@ class PersimmonConfig:
 
     # ------------------------------------------------------------------ (de)serialisation
     @classmethod
-    def from_dict(cls, raw: dict, source: str = "config") -> "PersimmonConfig":
+    def from_dict(cls, raw: dict, source: str = "config") -> PersimmonConfig:
         """Build from a transformers 4.x or 5.x `config.json` dict."""
         d = dict(raw)
         model_type = d.get("model_type")
@@ -174,7 +174,7 @@ class PersimmonConfig:
             raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> "PersimmonConfig":
+    def from_json_file(cls, path: str | os.PathLike) -> PersimmonConfig:
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
@@ -226,5 +226,5 @@ class PersimmonConfig:
             json.dump({k: v for k, v in ids.items() if v is not None}, f, indent=2)
             f.write("\n")
 
-    def replace(self, **changes) -> "PersimmonConfig":
+    def replace(self, **changes) -> PersimmonConfig:
         return dataclasses.replace(self, **changes)

@@ -6,7 +6,7 @@ so far) - 1, so left-padded prompts decode exactly as they would unpadded.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -55,7 +55,9 @@ def generate(
     """
     config = model.config
     eos = config.eos_token_id if eos_token_id is None else eos_token_id
-    pad = pad_token_id if pad_token_id is not None else (config.pad_token_id if config.pad_token_id is not None else eos)
+    if pad_token_id is None:
+        pad_token_id = config.pad_token_id if config.pad_token_id is not None else eos
+    pad = pad_token_id
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     was_training = model.training

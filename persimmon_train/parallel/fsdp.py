@@ -84,13 +84,19 @@ class FSDPStrategy(DistributedStrategy):
         from torch.distributed.device_mesh import init_device_mesh
 
         if self.replicate_degree > 1:
-            return init_device_mesh(self._device.type, (self.replicate_degree, self.world_size // self.replicate_degree),
-                                    mesh_dim_names=("replicate", "shard"))
+            shape = (self.replicate_degree, self.world_size // self.replicate_degree)
+            return init_device_mesh(self._device.type, shape, mesh_dim_names=("replicate", "shard"))
         return init_device_mesh(self._device.type, (self.world_size,), mesh_dim_names=("shard",))
 
     def parallelize(self, model: nn.Module) -> nn.Module:
         """fully_shard each decoder layer, then the root; gradients summed over ranks."""
-        from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+        from torch.distributed.fsdp import (
+            CPUOffloadPolicy,
+            FSDPModule,
+            MixedPrecisionPolicy,
+            OffloadPolicy,
+            fully_shard,
+        )
 
         from persimmon_train.parallel.activation_checkpointing import decoder_layers
 

@@ -1,6 +1,5 @@
 """Hand-made examples through build_data: chat loss masks, token-classification alignment, labels."""
 
-import numpy as np
 import pytest
 import torch
 

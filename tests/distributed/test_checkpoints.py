@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from persimmon_train.storage import iter_checkpoint_weights
-from tests.distributed.conftest import COMMON, JOBS, STEPS, launch, strategy_json, train_losses
+from tests.distributed.conftest import JOBS, STEPS, launch, strategy_json, train_losses
 
 pytestmark = pytest.mark.slow
 RESUME_AT = 5

@@ -27,13 +27,15 @@ def test_bash_syntax(script):
 
 def test_torchrun_single_and_multi_node():
     assert _dry("launch/torchrun.sh", NPROC_PER_NODE="2").startswith(
-        "torchrun --standalone --nnodes 1 --nproc_per_node 2 recipes/finetune.py strategy=fsdp data.train_files=\\[a\\ b\\]")
+        "torchrun --standalone --nnodes 1 --nproc_per_node 2 recipes/finetune.py strategy=fsdp "
+        "data.train_files=\\[a\\ b\\]")
     multi = _dry("launch/torchrun.sh", NNODES="2", NODE_RANK="1", MASTER_ADDR="n1", MASTER_PORT="1234", RDZV_ID="j")
     assert "--nnodes 2 --node_rank 1" in multi and "--rdzv_backend c10d --rdzv_endpoint n1:1234 --rdzv_id j" in multi
 
 
 def test_deepspeed_hostfile_and_no_ssh():
-    assert _dry("launch/deepspeed.sh", NUM_GPUS="2", MASTER_PORT="1").startswith("deepspeed --num_gpus 2 --master_port 1 ")
+    dry = _dry("launch/deepspeed.sh", NUM_GPUS="2", MASTER_PORT="1")
+    assert dry.startswith("deepspeed --num_gpus 2 --master_port 1 ")
     assert "--hostfile launch/hostfile.example --master_addr n1" in _dry(
         "launch/deepspeed.sh", HOSTFILE="launch/hostfile.example", MASTER_ADDR="n1")
     assert "--no_ssh --num_nodes 2 --node_rank 0" in _dry("launch/deepspeed.sh", NNODES="2", NODE_RANK="0",

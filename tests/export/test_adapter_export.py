@@ -49,7 +49,8 @@ def test_causal_lm_adapter_in_peft_gives_the_merged_logits(lora_run, base_dir, t
     ids = torch.randint(3, base.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         a, b = with_adapter(input_ids=ids).logits, merged_model(input_ids=ids).logits
-        plain = transformers.PersimmonForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()(input_ids=ids).logits
+        plain_model = transformers.PersimmonForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+        plain = plain_model(input_ids=ids).logits
     assert (a - plain).abs().max() > 1e-3  # the adapter really changes the model
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 

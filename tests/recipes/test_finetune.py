@@ -71,7 +71,8 @@ def test_full_finetune_with_wandb_offline(tmp_path):
 def test_lora_finetune_merges_into_final(tmp_path):
     out = tmp_path / "lora"
     run_recipe("finetune", *FAST, "peft=lora", "peft.r=8", "trainer.max_steps=30", "trainer.eval_every_n_steps=0",
-               "trainer.eval_max_batches=4", "optim.lr=2e-2", "checkpoint.every_n_steps=30", f"output_dir={out}", env=recipe_env(tmp_path))
+               "trainer.eval_max_batches=4", "optim.lr=2e-2", "checkpoint.every_n_steps=30",
+               f"output_dir={out}", env=recipe_env(tmp_path))
     losses = eval_losses(out)
     assert losses[-1] < losses[0] - 0.3, losses  # LoRA over a random base learns slower than full
     assert os.path.isfile(out / "adapter" / "adapter_config.json")

@@ -6,9 +6,8 @@ import torch
 
 from persimmon_train.parallel import SingleDeviceStrategy
 from persimmon_train.parallel.activation_checkpointing import apply_activation_checkpointing
-from persimmon_train.training.config import PeftConfig
+from persimmon_train.training.config import OptimConfig, PeftConfig
 from persimmon_train.training.optim import build_optimizer
-from persimmon_train.training.config import OptimConfig
 from tests.training.helpers import causal_rows, tiny_model
 
 
