@@ -49,13 +49,20 @@ def main() -> None:
     ap.add_argument("--backends", default="sdpa,segments")
     args = ap.parse_args()
     torch.manual_seed(0)
-    config = PersimmonConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-                             num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                             max_position_embeddings=args.long)
+    config = PersimmonConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=4 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        max_position_embeddings=args.long,
+    )
     model = PersimmonForCausalLM.from_config(config)
     n_docs = args.long // args.doc
-    shapes = {"1K rows": packed_batch(n_docs, args.doc, args.short // args.doc, args.vocab),
-              "16K row": packed_batch(n_docs, args.doc, args.long // args.doc, args.vocab)}
+    shapes = {
+        "1K rows": packed_batch(n_docs, args.doc, args.short // args.doc, args.vocab),
+        "16K row": packed_batch(n_docs, args.doc, args.long // args.doc, args.vocab),
+    }
     tokens = n_docs * args.doc
     variants = [(shape, backend) for backend in args.backends.split(",") for shape in shapes]
     times: dict = {v: [] for v in variants}
@@ -67,9 +74,11 @@ def main() -> None:
             model.config.attention = v[1]
             times[v].append(step_seconds(model, *shapes[v[0]]))
     base = tokens / statistics.median(times[("1K rows", "sdpa")])
-    print(f"packed training step (fwd+bwd), {args.doc}-token documents, hidden {args.hidden}, {args.layers} layers, "
-          f"{args.heads} heads, vocab {args.vocab}, float32, CPU threads {torch.get_num_threads()}, "
-          f"{args.rounds} rounds, median")
+    print(
+        f"packed training step (fwd+bwd), {args.doc}-token documents, hidden {args.hidden}, {args.layers} layers, "
+        f"{args.heads} heads, vocab {args.vocab}, float32, CPU threads {torch.get_num_threads()}, "
+        f"{args.rounds} rounds, median"
+    )
     print(f"{'rows':<10}{'attention':<12}{'tokens/s':>10}{'vs 1K sdpa':>12}")
     for v in variants:
         tps = tokens / statistics.median(times[v])

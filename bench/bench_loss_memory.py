@@ -27,8 +27,14 @@ def run_variant(name: str, seq: int, hidden: int, vocab: int, layers: int = 1) -
     import torch
 
     torch.manual_seed(0)
-    cfg = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-               num_attention_heads=max(1, hidden // 32), max_position_embeddings=seq)
+    cfg = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 32),
+        max_position_embeddings=seq,
+    )
     if name == "ours":
         from persimmon_train.model import PersimmonConfig, PersimmonForCausalLM
 
@@ -62,15 +68,32 @@ def main() -> None:
         return
     results = {}
     for variant in ("ours", "transformers"):
-        out = subprocess.run([sys.executable, __file__, "--variant", variant, "--seq", str(args.seq),
-                              "--hidden", str(args.hidden), "--vocab", str(args.vocab),
-                              "--layers", str(args.layers)],
-                             check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--variant",
+                variant,
+                "--seq",
+                str(args.seq),
+                "--hidden",
+                str(args.hidden),
+                "--vocab",
+                str(args.vocab),
+                "--layers",
+                str(args.layers),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         results[variant] = json.loads(out.strip().splitlines()[-1])
     ours, theirs = results["ours"], results["transformers"]
-    gib = 2 ** 30
-    print(f"causal-LM loss + backward, vocab {args.vocab}, seq {args.seq}, hidden {args.hidden}, "
-          f"{args.layers} layers, float32, CPU")
+    gib = 2**30
+    print(
+        f"causal-LM loss + backward, vocab {args.vocab}, seq {args.seq}, hidden {args.hidden}, "
+        f"{args.layers} layers, float32, CPU"
+    )
     print(f"{'':>14} {'peak growth GiB':>16} {'seconds':>9} {'loss':>10}")
     for r in (ours, theirs):
         print(f"{r['variant']:>14} {r['peak_growth_bytes'] / gib:16.2f} {r['seconds']:9.2f} {r['loss']:10.4f}")

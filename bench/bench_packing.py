@@ -58,8 +58,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus.jsonl"
         write_corpus(corpus, args.docs)
-        cfg = DataConfig(train_files=[str(corpus)], format="text", seq_len=args.seq_len,
-                         num_proc=args.num_proc, cache_dir=str(Path(tmp) / "cache"))
+        cfg = DataConfig(
+            train_files=[str(corpus)],
+            format="text",
+            seq_len=args.seq_len,
+            num_proc=args.num_proc,
+            cache_dir=str(Path(tmp) / "cache"),
+        )
         t0 = time.perf_counter()
         bundle = build_data(cfg, tok, micro_batch_size=1, seed=0)
         seconds = time.perf_counter() - t0
@@ -76,11 +81,15 @@ def main() -> None:
         lengths = np.asarray(lengths)
         np.random.default_rng(0).shuffle(lengths)  # data order for the baselines
         nf = next_fit_rows(lengths, args.seq_len)
-        padded_total = sum(int(lengths[i:i + args.batch].max()) * len(lengths[i:i + args.batch])
-                           for i in range(0, len(lengths), args.batch))
+        padded_total = sum(
+            int(lengths[i : i + args.batch].max()) * len(lengths[i : i + args.batch])
+            for i in range(0, len(lengths), args.batch)
+        )
     real = s["real_tokens"]
-    print(f"corpus: {s['documents']} documents, {real} tokens, {s['split_documents']} longer than "
-          f"seq_len (split), num_proc={args.num_proc}")
+    print(
+        f"corpus: {s['documents']} documents, {real} tokens, {s['split_documents']} longer than "
+        f"seq_len (split), num_proc={args.num_proc}"
+    )
     print(f"tokenize+pack: {seconds:.2f} s, {real / seconds:,.0f} tokens/s")
     print(f"{'method':<40}{'rows x len / tokens':>22}{'efficiency':>12}")
     print(f"{'best-fit-decreasing packing':<40}{s['rows']:>12} x {args.seq_len:<7}{100 * s['efficiency']:>11.2f}%")

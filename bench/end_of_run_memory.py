@@ -55,11 +55,25 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 HIDDEN, LAYERS, VOCAB = 1024, 12, 32768  # ~218M parameters, 0.87 GB fp32: well above the run's other memory
-JOB = ["trainer.precision=fp32", "trainer.progress_bar=false", "peft=none", "strategy=fsdp",
-       f"model.hidden_size={HIDDEN}", f"model.intermediate_size={4 * HIDDEN}", f"model.num_hidden_layers={LAYERS}",
-       "model.num_attention_heads=16", f"model.vocab_size={VOCAB}", "data.seq_len=64", "trainer.micro_batch_size=1",
-       "trainer.max_steps=1", "trainer.eval_at_start=false", "trainer.eval_every_n_steps=0",
-       "trainer.eval_max_batches=1", "checkpoint.every_n_steps=0", "export.dtype=fp32"]
+JOB = [
+    "trainer.precision=fp32",
+    "trainer.progress_bar=false",
+    "peft=none",
+    "strategy=fsdp",
+    f"model.hidden_size={HIDDEN}",
+    f"model.intermediate_size={4 * HIDDEN}",
+    f"model.num_hidden_layers={LAYERS}",
+    "model.num_attention_heads=16",
+    f"model.vocab_size={VOCAB}",
+    "data.seq_len=64",
+    "trainer.micro_batch_size=1",
+    "trainer.max_steps=1",
+    "trainer.eval_at_start=false",
+    "trainer.eval_every_n_steps=0",
+    "trainer.eval_max_batches=1",
+    "checkpoint.every_n_steps=0",
+    "export.dtype=fp32",
+]
 
 
 def measure(checkout: Path, kind: str, out: Path) -> dict:
@@ -67,8 +81,20 @@ def measure(checkout: Path, kind: str, out: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(checkout)}
     driver = out.parent / f"driver_{kind}.py"
     driver.write_text(DRIVER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver),
-           str(checkout), kind, module, function, *JOB, f"output_dir={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(driver),
+        str(checkout),
+        kind,
+        module,
+        function,
+        *JOB,
+        f"output_dir={out}",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         raise SystemExit(f"{kind} run failed:\n{proc.stderr[-4000:]}")
@@ -91,8 +117,10 @@ def main() -> None:
         for label, checkout, kind in rows:
             memory = measure(checkout, kind, Path(tmp) / kind)
             growth = (memory["peak"] - memory["before"]) / 1e6
-            print(f"{label:>42} {memory['before'] / 1e6:14.0f} {memory['peak'] / 1e6:9.0f} {growth:10.0f} "
-                  f"{growth / model_mb:13.2f}")
+            print(
+                f"{label:>42} {memory['before'] / 1e6:14.0f} {memory['peak'] / 1e6:9.0f} {growth:10.0f} "
+                f"{growth / model_mb:13.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -68,9 +68,11 @@ def equality(shape: tt.Shape, device, dtype, backends, flex_backward: bool) -> l
         return out.logits.detach().float(), out.loss.item(), grads
 
     ref_logits, ref_loss, ref_grads = run("sdpa")
-    lines = [f"backend equality vs sdpa: {shape.rows} x {shape.seq} packed, {dtype}, hidden {shape.hidden}, "
-             f"{shape.layers} layers (max |diff| / max |sdpa|)",
-             f"{'backend':<10}{'logits':>12}{'loss diff':>12}{'worst grad':>12}  {'parameter'}"]
+    lines = [
+        f"backend equality vs sdpa: {shape.rows} x {shape.seq} packed, {dtype}, hidden {shape.hidden}, "
+        f"{shape.layers} layers (max |diff| / max |sdpa|)",
+        f"{'backend':<10}{'logits':>12}{'loss diff':>12}{'worst grad':>12}  {'parameter'}",
+    ]
     for backend in backends:
         backward = backend != "flex" or flex_backward
         try:
@@ -92,9 +94,11 @@ def equality(shape: tt.Shape, device, dtype, backends, flex_backward: bool) -> l
 
 
 def longest_lora_context(shape: tt.Shape, device, lengths: list[int], backend: str) -> list[str]:
-    lines = [f"longest LoRA context, {shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab}, bf16 base, "
-             f"checkpointing every layer, attention={backend}, one document per row",
-             f"{'tokens':>8}{'result':>12}{'step s':>9}{'peak GiB':>10}"]
+    lines = [
+        f"longest LoRA context, {shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab}, bf16 base, "
+        f"checkpointing every layer, attention={backend}, one document per row",
+        f"{'tokens':>8}{'result':>12}{'step s':>9}{'peak GiB':>10}",
+    ]
     for n in lengths:
         gc.collect()
         if device.type == "cuda":
@@ -150,8 +154,9 @@ def main() -> None:
     else:
         device = torch.device("cuda")
         eq_shape = tt.Shape(hidden=4096, layers=2, heads=64, intermediate=16384, vocab=262144, seq=4096, rows=1)
-        tp_shape = tt.Shape(hidden=4096, layers=args.layers, heads=64, intermediate=16384, vocab=262144,
-                            seq=16384, rows=1)
+        tp_shape = tt.Shape(
+            hidden=4096, layers=args.layers, heads=64, intermediate=16384, vocab=262144, seq=16384, rows=1
+        )
         ctx_shape = tt.Shape(hidden=4096, layers=36, heads=64, intermediate=16384, vocab=262144, seq=16384)
         contexts = [int(x) for x in args.contexts.split(",")]
         dtype, flex_backward = torch.bfloat16, True
@@ -159,8 +164,10 @@ def main() -> None:
         tp_backends = ["sdpa"] + [b for b in backends if b != "segments"]
         peak = tt.peak_tflops(device, None)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke shapes)"
-    header = [f"persimmon-train GPU benchmark on {name}, torch {torch.__version__}, "
-              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"]
+    header = [
+        f"persimmon-train GPU benchmark on {name}, torch {torch.__version__}, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    ]
     sections = []
 
     def part(title, fn):
@@ -179,15 +186,19 @@ def main() -> None:
     if "equality" in parts:
         part("equality", lambda: equality(eq_shape, device, dtype, backends, flex_backward))
     if "throughput" in parts:
+
         def throughput():
             variants = tt.parse_variants("ours,transformers", "full,lora", ",".join(tp_backends))
             if device.type == "cuda":
                 rows = tt.run_gpu(variants, tp_shape, device, args.steps, True, args.compile, peak)
             else:
                 rows = tt.run_cpu(variants, tp_shape, 1, 1, measure_memory=False)
-            title = (f"throughput: {tp_shape.rows} x {tp_shape.seq} packed tokens (log-normal documents), hidden "
-                     f"{tp_shape.hidden}, {tp_shape.layers} layers, vocab {tp_shape.vocab}, checkpointing every layer")
+            title = (
+                f"throughput: {tp_shape.rows} x {tp_shape.seq} packed tokens (log-normal documents), hidden "
+                f"{tp_shape.hidden}, {tp_shape.layers} layers, vocab {tp_shape.vocab}, checkpointing every layer"
+            )
             return tt.print_table(rows, title, echo=False).splitlines()
+
         part("throughput", throughput)
     if "context" in parts:
         backend = "auto"

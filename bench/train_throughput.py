@@ -58,10 +58,18 @@ class Shape:
     mean_doc: int = 600  # median-ish document length of the mix (log-normal)
 
     def config(self, attention="auto", max_positions=None, rope_scaling=None) -> PersimmonConfig:
-        return PersimmonConfig(vocab_size=self.vocab, hidden_size=self.hidden, intermediate_size=self.intermediate,
-                               num_hidden_layers=self.layers, num_attention_heads=self.heads,
-                               max_position_embeddings=max_positions or max(self.seq, 16384),
-                               rope_scaling=rope_scaling, attention=attention, bos_token_id=1, eos_token_id=2)
+        return PersimmonConfig(
+            vocab_size=self.vocab,
+            hidden_size=self.hidden,
+            intermediate_size=self.intermediate,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            max_position_embeddings=max_positions or max(self.seq, 16384),
+            rope_scaling=rope_scaling,
+            attention=attention,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
 
 
 def document_mix(shape: Shape, seed: int = 0):
@@ -71,8 +79,12 @@ def document_mix(shape: Shape, seed: int = 0):
     for _ in range(shape.rows):
         row, used = [], 0
         while used < shape.seq:
-            n = int(torch.empty(1).log_normal_(mean=float(torch.log(torch.tensor(shape.mean_doc))), std=1.0,
-                                               generator=g).clamp(8, shape.seq).item())
+            n = int(
+                torch.empty(1)
+                .log_normal_(mean=float(torch.log(torch.tensor(shape.mean_doc))), std=1.0, generator=g)
+                .clamp(8, shape.seq)
+                .item()
+            )
             n = min(n, shape.seq - used)
             row.append(torch.arange(n))
             lengths.append(n)
@@ -111,8 +123,18 @@ def _lora(model):
     return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS))
 
 
-def build(impl: str, mode: str, backend: str, shape: Shape, device, bf16_base: bool, seed: int = 0,
-          checkpointing: bool = True, compile_layers: bool = False, **config_kw):
+def build(
+    impl: str,
+    mode: str,
+    backend: str,
+    shape: Shape,
+    device,
+    bf16_base: bool,
+    seed: int = 0,
+    checkpointing: bool = True,
+    compile_layers: bool = False,
+    **config_kw,
+):
     """Our model or transformers' (same random weights from `seed`), LoRA-wrapped for mode=lora."""
     torch.manual_seed(seed)
     config = shape.config(attention=backend if impl == "ours" else "sdpa", **config_kw)
@@ -182,8 +204,9 @@ def run_gpu(variants, shape: Shape, device, steps: int, bf16: bool, compile_laye
             model, opt = build(impl, mode, backend, shape, device, bf16_base=bf16, compile_layers=compile_layers)
             train_step(model, opt, ids, pos, device, bf16)  # warm-up (kernel choice, compile)
             times = [train_step(model, opt, ids, pos, device, bf16) for _ in range(steps)]
-            row = dict(variant=name, seconds=statistics.median(times),
-                       peak_gib=torch.cuda.max_memory_allocated(device) / 2**30)
+            row = dict(
+                variant=name, seconds=statistics.median(times), peak_gib=torch.cuda.max_memory_allocated(device) / 2**30
+            )
         except torch.OutOfMemoryError:
             row = dict(variant=name, seconds=None, peak_gib=None, error="OOM")
         except Exception as e:  # noqa: BLE001 -- one broken backend must not hide the others' numbers
@@ -215,8 +238,14 @@ def run_cpu(variants, shape: Shape, steps: int, rounds: int, measure_memory: boo
 
 
 def _cpu_peak_in_subprocess(variant, shape: Shape) -> float:
-    cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", ",".join(variant),
-           "--shape", json.dumps(shape.__dict__)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--memory-child",
+        ",".join(variant),
+        "--shape",
+        json.dumps(shape.__dict__),
+    ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_gib"]
 
@@ -248,8 +277,9 @@ def _finish(row, shape, lengths, mode, peak) -> dict:
 
 def print_table(results: list[dict], title: str, echo: bool = True) -> str:
     lines = [title, f"{'variant':<34}{'tokens/s':>11}{'MFU':>8}{'peak GiB':>10}{'vs transformers':>17}"]
-    baseline = {r["variant"].split("/")[1]: r.get("tokens_per_s") for r in results
-                if r["variant"].startswith("transformers")}
+    baseline = {
+        r["variant"].split("/")[1]: r.get("tokens_per_s") for r in results if r["variant"].startswith("transformers")
+    }
     for r in results:
         mode = r["variant"].split("/")[1]
         tps, base, mfu, peak = r.get("tokens_per_s"), baseline.get(mode), r.get("mfu"), r.get("peak_gib")
@@ -268,7 +298,7 @@ def parse_variants(impls: str, modes: str, backends: str):
     out = []
     for mode in modes.split(","):
         for impl in impls.split(","):
-            for backend in (backends.split(",") if impl == "ours" else ["sdpa"]):
+            for backend in backends.split(",") if impl == "ours" else ["sdpa"]:
                 out.append((impl, mode, backend))
     return out
 
@@ -297,8 +327,15 @@ def main() -> None:
     if args.memory_child:
         _memory_child(args.memory_child, args.shape)
         return
-    shape = Shape(hidden=args.hidden, layers=args.layers, heads=args.heads,
-                  intermediate=args.intermediate or 4 * args.hidden, vocab=args.vocab, seq=args.seq, rows=args.rows)
+    shape = Shape(
+        hidden=args.hidden,
+        layers=args.layers,
+        heads=args.heads,
+        intermediate=args.intermediate or 4 * args.hidden,
+        vocab=args.vocab,
+        seq=args.seq,
+        rows=args.rows,
+    )
     variants = parse_variants(args.impls, args.modes, args.backends)
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -308,9 +345,12 @@ def main() -> None:
     else:
         results = run_cpu(variants, shape, args.steps, args.rounds, not args.no_memory)
         precision = f"float32, CPU, {torch.get_num_threads()} threads"
-    print_table(results, f"train step (fwd+bwd+AdamW), {shape.rows} x {shape.seq} packed tokens, "
-                         f"hidden {shape.hidden}, {shape.layers} layers, {shape.heads} heads, vocab {shape.vocab}, "
-                         f"{precision}, activation checkpointing on every layer (both)")
+    print_table(
+        results,
+        f"train step (fwd+bwd+AdamW), {shape.rows} x {shape.seq} packed tokens, "
+        f"hidden {shape.hidden}, {shape.layers} layers, {shape.heads} heads, vocab {shape.vocab}, "
+        f"{precision}, activation checkpointing on every layer (both)",
+    )
 
 
 if __name__ == "__main__":

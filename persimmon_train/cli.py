@@ -61,6 +61,7 @@ def _register_resolvers() -> None:
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("demo"):
+
         def demo(key: str):
             # Built (deterministically, cached) only when a config actually uses the demo data.
             from persimmon_train.data import demo_assets
@@ -70,6 +71,7 @@ def _register_resolvers() -> None:
 
         OmegaConf.register_new_resolver("demo", demo)
     if not OmegaConf.has_resolver("demo_eval_files"):
+
         def demo_eval_files(train_files):
             # The demo's eval files belong to the demo's train files: a user who brings their own
             # data.train_files gets no demo eval data mixed in (set data.eval_files or eval_fraction).
@@ -113,8 +115,9 @@ def compose_config(job: str, overrides: list[str], config_path: str | None = Non
     version.setbase("1.3")
     search_path = create_config_search_path(str(primary))
     if config_path is not None:
-        search_path.append(provider="persimmon-train", path=f"file://{config_dir()}",
-                           anchor=SearchPathQuery(provider="main"))  # right after the user's folder
+        search_path.append(
+            provider="persimmon-train", path=f"file://{config_dir()}", anchor=SearchPathQuery(provider="main")
+        )  # right after the user's folder
     GlobalHydra.instance().clear()
     Hydra.create_main_hydra2(task_name=job, config_search_path=search_path)
     try:
@@ -200,8 +203,12 @@ class Invocation:
     help: bool = False
 
 
-_VALUE_FLAGS = {"--config-path": "config_path", "-cp": "config_path", "--config-name": "config_name",
-                "-cn": "config_name"}
+_VALUE_FLAGS = {
+    "--config-path": "config_path",
+    "-cp": "config_path",
+    "--config-name": "config_name",
+    "-cn": "config_name",
+}
 
 
 def parse_invocation(args: list[str]) -> Invocation:
@@ -242,8 +249,10 @@ def run_recipe(job: str, main: Callable, argv: list[str] | None = None, multirun
     try:
         inv = parse_invocation(args)
         if inv.help:
-            print(f"usage: {prog(job)} [key=value ...] [-m] [--config-path DIR --config-name NAME] "
-                  f"[--print-config]\nconfig tree: {config_dir()} (see docs/training.md)")
+            print(
+                f"usage: {prog(job)} [key=value ...] [-m] [--config-path DIR --config-name NAME] "
+                f"[--print-config]\nconfig tree: {config_dir()} (see docs/training.md)"
+            )
             return
         if inv.multirun and not inv.print_only:
             if multirun is None:

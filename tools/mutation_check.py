@@ -54,149 +54,357 @@ LOSS = "persimmon_train/model/loss.py"
 PACKING = "persimmon_train/data/packing.py"
 TRAINER = "persimmon_train/training/trainer.py"
 TASKS = "persimmon_train/training/tasks.py"  # the trainer's per-task counting and eval collection
-LOSS_TESTS = ["tests/model/test_loss.py", "tests/model/test_parity.py::test_causal_lm_loss_matches",
-              "tests/training/test_loop.py::test_update_does_not_depend_on_micro_batch_split"]
+LOSS_TESTS = [
+    "tests/model/test_loss.py",
+    "tests/model/test_parity.py::test_causal_lm_loss_matches",
+    "tests/training/test_loop.py::test_update_does_not_depend_on_micro_batch_split",
+]
 PACKING_TESTS = ["tests/data/test_packing.py"]
 TRAINER_TESTS = ["tests/training/test_loop.py", "tests/training/test_metrics.py"]
 
 MUTANTS = [
     # ------------------------------------------------------------------ model/loss.py
-    Mutant("loss.no_shift", LOSS, "return F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)", "return labels",
-           LOSS_TESTS),
-    Mutant("loss.shift_wrong_side", LOSS, "F.pad(labels[..., 1:], (0, 1)", "F.pad(labels[..., 1:], (1, 0)",
-           LOSS_TESTS),
-    Mutant("loss.count_unshifted", LOSS, "return int((labels[..., 1:] != IGNORE_INDEX).sum())",
-           "return int((labels != IGNORE_INDEX).sum())", LOSS_TESTS),
+    Mutant(
+        "loss.no_shift", LOSS, "return F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)", "return labels", LOSS_TESTS
+    ),
+    Mutant("loss.shift_wrong_side", LOSS, "F.pad(labels[..., 1:], (0, 1)", "F.pad(labels[..., 1:], (1, 0)", LOSS_TESTS),
+    Mutant(
+        "loss.count_unshifted",
+        LOSS,
+        "return int((labels[..., 1:] != IGNORE_INDEX).sum())",
+        "return int((labels != IGNORE_INDEX).sum())",
+        LOSS_TESTS,
+    ),
     Mutant("loss.keep_all_positions", LOSS, "if not bool(keep.all()):", "if False:", LOSS_TESTS),
-    Mutant("loss.first_chunk_only", LOSS, "for start in range(0, n, chunk_size):",
-           "for start in range(0, min(n, chunk_size), chunk_size):", LOSS_TESTS),
-    Mutant("loss.mean_over_all_positions", LOSS,
-           "denominator = targets.shape[0] if num_items_in_batch is None else num_items_in_batch",
-           "denominator = labels.numel() if num_items_in_batch is None else num_items_in_batch", LOSS_TESTS),
-    Mutant("loss.ignore_num_items_in_batch", LOSS,
-           "denominator = targets.shape[0] if num_items_in_batch is None else num_items_in_batch",
-           "denominator = targets.shape[0]", LOSS_TESTS),
-    Mutant("loss.grad_without_one_hot", LOSS, "grad_logits[rows, t] -= scale", "grad_logits[rows, t] -= 0 * scale",
-           LOSS_TESTS),
-    Mutant("loss.no_weight_grad", LOSS, "grad_weight.addmm_(grad_logits.t(), h)", "grad_weight.zero_()",
-           LOSS_TESTS),
-    Mutant("loss.hidden_grad_halved", LOSS, "grad_hidden[start:start + chunk_size] = grad_logits @ w  #",
-           "grad_hidden[start:start + chunk_size] = 0.5 * grad_logits @ w  #", LOSS_TESTS),
-    Mutant("loss.backward_ignores_incoming_grad", LOSS,
-           "grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)", "grad_hidden = grad_hidden * 1.0",
-           LOSS_TESTS),
-    Mutant("loss.all_ignored_not_connected", LOSS, "return hidden.sum().float() * 0.0",
-           "return torch.zeros((), device=hidden.device)", LOSS_TESTS),
-    Mutant("loss.matmul_ignores_autocast", LOSS, "return torch.get_autocast_dtype(device_type)",
-           "return torch.promote_types(hidden.dtype, weight.dtype)", LOSS_TESTS,
-           equivalent="under bf16 autocast the head would run in float32: slower and bigger, never less "
-                      "accurate, so no value a test compares changes (a speed/memory matter: bench/)"),
-    Mutant("loss.chunk_not_capped_by_bytes", LOSS,
-           "chunk = max(1, min(chunk_size, LOGITS_CHUNK_BYTES // (4 * vocab)))", "chunk = chunk_size", LOSS_TESTS),
+    Mutant(
+        "loss.first_chunk_only",
+        LOSS,
+        "for start in range(0, n, chunk_size):",
+        "for start in range(0, min(n, chunk_size), chunk_size):",
+        LOSS_TESTS,
+    ),
+    Mutant(
+        "loss.mean_over_all_positions",
+        LOSS,
+        "denominator = targets.shape[0] if num_items_in_batch is None else num_items_in_batch",
+        "denominator = labels.numel() if num_items_in_batch is None else num_items_in_batch",
+        LOSS_TESTS,
+    ),
+    Mutant(
+        "loss.ignore_num_items_in_batch",
+        LOSS,
+        "denominator = targets.shape[0] if num_items_in_batch is None else num_items_in_batch",
+        "denominator = targets.shape[0]",
+        LOSS_TESTS,
+    ),
+    Mutant(
+        "loss.grad_without_one_hot",
+        LOSS,
+        "grad_logits[rows, t] -= scale",
+        "grad_logits[rows, t] -= 0 * scale",
+        LOSS_TESTS,
+    ),
+    Mutant("loss.no_weight_grad", LOSS, "grad_weight.addmm_(grad_logits.t(), h)", "grad_weight.zero_()", LOSS_TESTS),
+    Mutant(
+        "loss.hidden_grad_halved",
+        LOSS,
+        "grad_hidden[start : start + chunk_size] = grad_logits @ w  #",
+        "grad_hidden[start : start + chunk_size] = 0.5 * grad_logits @ w  #",
+        LOSS_TESTS,
+    ),
+    Mutant(
+        "loss.backward_ignores_incoming_grad",
+        LOSS,
+        "grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)",
+        "grad_hidden = grad_hidden * 1.0",
+        LOSS_TESTS,
+    ),
+    Mutant(
+        "loss.all_ignored_not_connected",
+        LOSS,
+        "return hidden.sum().float() * 0.0",
+        "return torch.zeros((), device=hidden.device)",
+        LOSS_TESTS,
+    ),
+    Mutant(
+        "loss.matmul_ignores_autocast",
+        LOSS,
+        "return torch.get_autocast_dtype(device_type)",
+        "return torch.promote_types(hidden.dtype, weight.dtype)",
+        LOSS_TESTS,
+        equivalent="under bf16 autocast the head would run in float32: slower and bigger, never less "
+        "accurate, so no value a test compares changes (a speed/memory matter: bench/)",
+    ),
+    Mutant(
+        "loss.chunk_not_capped_by_bytes",
+        LOSS,
+        "chunk = max(1, min(chunk_size, LOGITS_CHUNK_BYTES // (4 * vocab)))",
+        "chunk = chunk_size",
+        LOSS_TESTS,
+    ),
     # ------------------------------------------------------------------ data/packing.py
-    Mutant("packing.not_decreasing", PACKING, 'order = np.argsort(-lengths, kind="stable")',
-           "order = np.arange(len(lengths))", PACKING_TESTS),
-    Mutant("packing.worst_fit", PACKING, "k = bisect.bisect_left(free_values, n)",
-           "k = len(free_values) - 1 if free_values and free_values[-1] >= n else len(free_values)",
-           PACKING_TESTS),
+    Mutant(
+        "packing.not_decreasing",
+        PACKING,
+        'order = np.argsort(-lengths, kind="stable")',
+        "order = np.arange(len(lengths))",
+        PACKING_TESTS,
+    ),
+    Mutant(
+        "packing.worst_fit",
+        PACKING,
+        "k = bisect.bisect_left(free_values, n)",
+        "k = len(free_values) - 1 if free_values and free_values[-1] >= n else len(free_values)",
+        PACKING_TESTS,
+    ),
     Mutant("packing.new_row_always", PACKING, "if k == len(free_values):", "if True:", PACKING_TESTS),
-    Mutant("packing.no_first_label_mask", PACKING, "            out_labels[r, col] = IGNORE  # a document",
-           "            pass  # a document", PACKING_TESTS),
-    Mutant("packing.positions_do_not_restart", PACKING, "out_pos[r, col:col + n] = ar[:n]",
-           "out_pos[r, col:col + n] = ar[col:col + n]", PACKING_TESTS),
-    Mutant("packing.padding_positions_zero", PACKING, "out_pos[r, col:] = ar[: seq_len - col]",
-           "out_pos[r, col:] = 0", PACKING_TESTS),
-    Mutant("packing.padding_not_counted", PACKING, "stats.padding_tokens += seq_len - col",
-           "stats.padding_tokens += 0", PACKING_TESTS),
-    Mutant("packing.dropped_tokens_miscounted", PACKING, "stats.dropped_tokens += int(lengths[long].sum())",
-           "stats.dropped_tokens += int(long.sum())", PACKING_TESTS),
+    Mutant(
+        "packing.no_first_label_mask",
+        PACKING,
+        "            out_labels[r, col] = IGNORE  # a document",
+        "            pass  # a document",
+        PACKING_TESTS,
+    ),
+    Mutant(
+        "packing.positions_do_not_restart",
+        PACKING,
+        "out_pos[r, col : col + n] = ar[:n]",
+        "out_pos[r, col : col + n] = ar[col : col + n]",
+        PACKING_TESTS,
+    ),
+    Mutant(
+        "packing.padding_positions_zero",
+        PACKING,
+        "out_pos[r, col:] = ar[: seq_len - col]",
+        "out_pos[r, col:] = 0",
+        PACKING_TESTS,
+    ),
+    Mutant(
+        "packing.padding_not_counted",
+        PACKING,
+        "stats.padding_tokens += seq_len - col",
+        "stats.padding_tokens += 0",
+        PACKING_TESTS,
+    ),
+    Mutant(
+        "packing.dropped_tokens_miscounted",
+        PACKING,
+        "stats.dropped_tokens += int(lengths[long].sum())",
+        "stats.dropped_tokens += int(long.sum())",
+        PACKING_TESTS,
+    ),
     Mutant("packing.split_overlaps", PACKING, "start = k * seq_len", "start = k * (seq_len - 1)", PACKING_TESTS),
     Mutant("packing.long_docs_always_split", PACKING, 'if long_docs == "drop":', "if False:", PACKING_TESTS),
-    Mutant("packing.keep_full_rows_open", PACKING, "        if free > 0:\n", "        if free >= 0:\n",
-           PACKING_TESTS,
-           equivalent="a full row lands in the free-space-0 bucket, which bisect_left(free_values, n) never "
-                      "returns for a document of n >= 1 tokens: the rows are the same"),
+    Mutant(
+        "packing.keep_full_rows_open",
+        PACKING,
+        "        if free > 0:\n",
+        "        if free >= 0:\n",
+        PACKING_TESTS,
+        equivalent="a full row lands in the free-space-0 bucket, which bisect_left(free_values, n) never "
+        "returns for a document of n >= 1 tokens: the rows are the same",
+    ),
     # ------------------------------------------------------------------ training/trainer.py
-    Mutant("trainer.count_items_unshifted", TASKS, 'return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())',
-           'return int((batch["labels"] != IGNORE_INDEX).sum())', TRAINER_TESTS),
-    Mutant("trainer.filler_rows_counted", TASKS,
-           "return _labelled_tokens(batch) if labels.dtype == torch.long else int(labels.shape[0])",
-           "return int(labels.shape[0])", TRAINER_TESTS),
-    Mutant("trainer.per_micro_batch_mean", TRAINER, "num_items_in_batch=global_items).loss",
-           "num_items_in_batch=None).loss", TRAINER_TESTS),
-    Mutant("trainer.classification_rows_not_reweighted", TRAINER,
-           "return out.loss * (count_items(batch, self.task) / global_items)", "return out.loss", TRAINER_TESTS),
-    Mutant("trainer.reported_loss_last_micro_batch", TRAINER, "loss_sum += loss.detach().float()",
-           "loss_sum = loss.detach().float()", TRAINER_TESTS),
-    Mutant("trainer.no_zero_grad", TRAINER, "        strategy.zero_grad()\n        self.scheduler.step()",
-           "        self.scheduler.step()", TRAINER_TESTS),
-    Mutant("trainer.no_scheduler_step", TRAINER, "        strategy.zero_grad()\n        self.scheduler.step()",
-           "        strategy.zero_grad()", TRAINER_TESTS),
-    Mutant("trainer.nonfinite_counter_not_reset", TRAINER,
-           "        if finite:\n            self.state.consecutive_nonfinite = 0\n        else:",
-           "        if finite:\n            pass\n        else:", TRAINER_TESTS),
-    Mutant("trainer.eval_not_gathered", TRAINER, "if self.strategy.world_size > 1 and task.collect is not None:",
-           "if False:", TRAINER_TESTS),
-    Mutant("trainer.eval_loss_not_reduced", TRAINER,
-           "totals = self.strategy.reduce_sum(torch.stack(", "totals = (lambda t: t)(torch.stack(", TRAINER_TESTS),
-    Mutant("trainer.multi_label_threshold_inclusive", TASKS, "preds.extend((logits > 0).int().tolist())",
-           "preds.extend((logits >= 0).int().tolist())", TRAINER_TESTS,
-           equivalent="a logit of exactly 0.0 has probability zero for a trained float model"),
-    Mutant("trainer.checkpoint_while_nonfinite", TRAINER,
-           "if every and state.step % every == 0 and state.consecutive_nonfinite == 0:",
-           "if every and state.step % every == 0:", TRAINER_TESTS),
+    Mutant(
+        "trainer.count_items_unshifted",
+        TASKS,
+        'return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())',
+        'return int((batch["labels"] != IGNORE_INDEX).sum())',
+        TRAINER_TESTS,
+    ),
+    Mutant(
+        "trainer.filler_rows_counted",
+        TASKS,
+        "return _labelled_tokens(batch) if labels.dtype == torch.long else int(labels.shape[0])",
+        "return int(labels.shape[0])",
+        TRAINER_TESTS,
+    ),
+    Mutant(
+        "trainer.per_micro_batch_mean",
+        TRAINER,
+        "num_items_in_batch=global_items).loss",
+        "num_items_in_batch=None).loss",
+        TRAINER_TESTS,
+    ),
+    Mutant(
+        "trainer.classification_rows_not_reweighted",
+        TRAINER,
+        "return out.loss * (count_items(batch, self.task) / global_items)",
+        "return out.loss",
+        TRAINER_TESTS,
+    ),
+    Mutant(
+        "trainer.reported_loss_last_micro_batch",
+        TRAINER,
+        "loss_sum += loss.detach().float()",
+        "loss_sum = loss.detach().float()",
+        TRAINER_TESTS,
+    ),
+    Mutant(
+        "trainer.no_zero_grad",
+        TRAINER,
+        "        strategy.zero_grad()\n        self.scheduler.step()",
+        "        self.scheduler.step()",
+        TRAINER_TESTS,
+    ),
+    Mutant(
+        "trainer.no_scheduler_step",
+        TRAINER,
+        "        strategy.zero_grad()\n        self.scheduler.step()",
+        "        strategy.zero_grad()",
+        TRAINER_TESTS,
+    ),
+    Mutant(
+        "trainer.nonfinite_counter_not_reset",
+        TRAINER,
+        "        if finite:\n            self.state.consecutive_nonfinite = 0\n        else:",
+        "        if finite:\n            pass\n        else:",
+        TRAINER_TESTS,
+    ),
+    Mutant(
+        "trainer.eval_not_gathered",
+        TRAINER,
+        "if self.strategy.world_size > 1 and task.collect is not None:",
+        "if False:",
+        TRAINER_TESTS,
+    ),
+    Mutant(
+        "trainer.eval_loss_not_reduced",
+        TRAINER,
+        "totals = self.strategy.reduce_sum(",
+        "totals = (lambda t: t)(",
+        TRAINER_TESTS,
+    ),
+    Mutant(
+        "trainer.multi_label_threshold_inclusive",
+        TASKS,
+        "preds.extend((logits > 0).int().tolist())",
+        "preds.extend((logits >= 0).int().tolist())",
+        TRAINER_TESTS,
+        equivalent="a logit of exactly 0.0 has probability zero for a trained float model",
+    ),
+    Mutant(
+        "trainer.checkpoint_while_nonfinite",
+        TRAINER,
+        "if every and state.step % every == 0 and state.consecutive_nonfinite == 0:",
+        "if every and state.step % every == 0:",
+        TRAINER_TESTS,
+    ),
     # ------------------------------------------------------------------ the features named in issue 11
-    Mutant("features.sampling_is_greedy", "persimmon_train/model/generation.py", "if do_sample:", "if False:",
-           ["tests/model/test_parity.py::test_sampling_is_seeded_and_respects_top_k",
+    Mutant(
+        "features.sampling_is_greedy",
+        "persimmon_train/model/generation.py",
+        "if do_sample:",
+        "if False:",
+        [
+            "tests/model/test_parity.py::test_sampling_is_seeded_and_respects_top_k",
             "tests/model/test_parity.py::test_temperature_shapes_the_sampled_distribution",
-            "tests/export/test_generate.py::test_generate_sampling_is_seeded_and_errors_are_one_line"]),
-    Mutant("features.temperature_ignored", "persimmon_train/model/generation.py",
-           "logits = filter_logits(logits / max(temperature, 1e-5), top_k, top_p)",
-           "logits = filter_logits(logits, top_k, top_p)",
-           ["tests/model/test_parity.py::test_temperature_shapes_the_sampled_distribution",
-            "tests/export/test_generate.py::test_generate_sampling_is_seeded_and_errors_are_one_line"]),
-    Mutant("features.top_k_ignored", "persimmon_train/model/generation.py", "if top_k and top_k < logits.shape[-1]:",
-           "if False:", ["tests/model/test_parity.py::test_top_k_never_samples_outside_the_k_best",
-                         "tests/model/test_parity.py::test_sampling_is_seeded_and_respects_top_k",
-                         "tests/export/test_generate.py::test_generate_sampling_is_seeded_and_errors_are_one_line"]),
-    Mutant("features.top_p_ignored", "persimmon_train/model/generation.py", "if top_p < 1.0:", "if False:",
-           ["tests/model/test_parity.py::test_top_p_never_samples_outside_the_nucleus",
-            "tests/export/test_generate.py::test_generate_sampling_is_seeded_and_errors_are_one_line"]),
-    Mutant("features.cosine_is_linear", "persimmon_train/training/optim.py",
-           "shape = 0.5 * (1.0 + math.cos(math.pi * progress))", "shape = 1.0 - progress",
-           ["tests/training/test_optim_metrics.py"]),
-    Mutant("features.linear_is_cosine", "persimmon_train/training/optim.py", "shape = 1.0 - progress",
-           "shape = 0.5 * (1.0 + math.cos(math.pi * progress))", ["tests/training/test_optim_metrics.py"]),
-    Mutant("features.clipping_off", "persimmon_train/parallel/single.py",
-           "return torch.nn.utils.clip_grad_norm_(params, max_norm)",
-           "return torch.nn.utils.get_total_norm([p.grad for p in params])",
-           ["tests/training/test_loop.py::test_gradient_clipping_bounds_the_update_and_reports_the_unclipped_norm"]),
-    Mutant("features.stream_drops_every_10th_document", "persimmon_train/data/streaming.py",
-           "        for doc_ids, doc_labels in self.documents():\n",
-           "        for doc_ids, doc_labels in (d for i, d in enumerate(self.documents()) if i % 10 != 9):\n",
-           ["tests/data/test_sources.py::test_streaming_matches_in_memory_documents"]),
-    Mutant("features.multi_label_f1_over_both_classes", "persimmon_train/training/metrics.py",
-           "        scores.append(_f1(tp, fp, fn))\n    return sum(scores) / len(scores)\n\n\ndef mean_squared_error",
-           "        tn = len(labels) - tp - fp - fn\n        scores.append((_f1(tp, fp, fn) + _f1(tn, fn, fp)) / 2)\n"
-           "    return sum(scores) / len(scores)\n\n\ndef mean_squared_error",
-           ["tests/training/test_metrics.py"]),
-    Mutant("features.mse_is_mae", "persimmon_train/training/metrics.py", "return sum((p - t) ** 2 for p, t",
-           "return sum(abs(p - t) for p, t", ["tests/training/test_metrics.py"]),
-    Mutant("features.param_count_missing_bias", "persimmon_train/model/config.py",
-           "mlp = h * i + i + i * h + h", "mlp = h * i + i * h + h",
-           ["tests/model/test_config.py::test_8b_builds_on_meta_and_reports_parameter_count"]),
-    Mutant("features.dense_without_bias", "persimmon_train/model/decoder.py",
-           "self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=True)",
-           "self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=False)",
-           ["tests/model/test_config.py::test_8b_builds_on_meta_and_reports_parameter_count"]),
-    Mutant("features.sharded_load_holds_full_tensors", "persimmon_train/parallel/sharded_load.py",
-           "_read_rows(raw, entry.begin, dtype, shape, index[0] if index else slice(0, 1), local)",
-           'globals().setdefault("_FULL", []).append(handle.get_tensor(source)); '
-           'local.copy_(globals()["_FULL"][-1][index])',
-           ["tests/distributed/test_meta_sharding.py::test_sharded_load_keeps_each_rank_near_its_share"]),
-    Mutant("features.recipe_env_not_pinned", "tests/recipes/conftest.py",
-           'env["PYTHONPATH"] = os.pathsep.join(', 'env["_UNPINNED"] = os.pathsep.join(',
-           ["tests/recipes/test_import_path.py"]),
+            "tests/export/test_generate.py::test_generate_sampling_is_seeded_and_errors_are_one_line",
+        ],
+    ),
+    Mutant(
+        "features.temperature_ignored",
+        "persimmon_train/model/generation.py",
+        "logits = filter_logits(logits / max(temperature, 1e-5), top_k, top_p)",
+        "logits = filter_logits(logits, top_k, top_p)",
+        [
+            "tests/model/test_parity.py::test_temperature_shapes_the_sampled_distribution",
+            "tests/export/test_generate.py::test_generate_sampling_is_seeded_and_errors_are_one_line",
+        ],
+    ),
+    Mutant(
+        "features.top_k_ignored",
+        "persimmon_train/model/generation.py",
+        "if top_k and top_k < logits.shape[-1]:",
+        "if False:",
+        [
+            "tests/model/test_parity.py::test_top_k_never_samples_outside_the_k_best",
+            "tests/model/test_parity.py::test_sampling_is_seeded_and_respects_top_k",
+            "tests/export/test_generate.py::test_generate_sampling_is_seeded_and_errors_are_one_line",
+        ],
+    ),
+    Mutant(
+        "features.top_p_ignored",
+        "persimmon_train/model/generation.py",
+        "if top_p < 1.0:",
+        "if False:",
+        [
+            "tests/model/test_parity.py::test_top_p_never_samples_outside_the_nucleus",
+            "tests/export/test_generate.py::test_generate_sampling_is_seeded_and_errors_are_one_line",
+        ],
+    ),
+    Mutant(
+        "features.cosine_is_linear",
+        "persimmon_train/training/optim.py",
+        "shape = 0.5 * (1.0 + math.cos(math.pi * progress))",
+        "shape = 1.0 - progress",
+        ["tests/training/test_optim_metrics.py"],
+    ),
+    Mutant(
+        "features.linear_is_cosine",
+        "persimmon_train/training/optim.py",
+        "shape = 1.0 - progress",
+        "shape = 0.5 * (1.0 + math.cos(math.pi * progress))",
+        ["tests/training/test_optim_metrics.py"],
+    ),
+    Mutant(
+        "features.clipping_off",
+        "persimmon_train/parallel/single.py",
+        "return torch.nn.utils.clip_grad_norm_(params, max_norm)",
+        "return torch.nn.utils.get_total_norm([p.grad for p in params])",
+        ["tests/training/test_loop.py::test_gradient_clipping_bounds_the_update_and_reports_the_unclipped_norm"],
+    ),
+    Mutant(
+        "features.stream_drops_every_10th_document",
+        "persimmon_train/data/streaming.py",
+        "        for doc_ids, doc_labels in self.documents():\n",
+        "        for doc_ids, doc_labels in (d for i, d in enumerate(self.documents()) if i % 10 != 9):\n",
+        ["tests/data/test_sources.py::test_streaming_matches_in_memory_documents"],
+    ),
+    Mutant(
+        "features.multi_label_f1_over_both_classes",
+        "persimmon_train/training/metrics.py",
+        "        scores.append(_f1(tp, fp, fn))\n    return sum(scores) / len(scores)\n\n\ndef mean_squared_error",
+        "        tn = len(labels) - tp - fp - fn\n        scores.append((_f1(tp, fp, fn) + _f1(tn, fn, fp)) / 2)\n"
+        "    return sum(scores) / len(scores)\n\n\ndef mean_squared_error",
+        ["tests/training/test_metrics.py"],
+    ),
+    Mutant(
+        "features.mse_is_mae",
+        "persimmon_train/training/metrics.py",
+        "return sum((p - t) ** 2 for p, t",
+        "return sum(abs(p - t) for p, t",
+        ["tests/training/test_metrics.py"],
+    ),
+    Mutant(
+        "features.param_count_missing_bias",
+        "persimmon_train/model/config.py",
+        "mlp = h * i + i + i * h + h",
+        "mlp = h * i + i * h + h",
+        ["tests/model/test_config.py::test_8b_builds_on_meta_and_reports_parameter_count"],
+    ),
+    Mutant(
+        "features.dense_without_bias",
+        "persimmon_train/model/decoder.py",
+        "self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=True)",
+        "self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=False)",
+        ["tests/model/test_config.py::test_8b_builds_on_meta_and_reports_parameter_count"],
+    ),
+    Mutant(
+        "features.sharded_load_holds_full_tensors",
+        "persimmon_train/parallel/sharded_load.py",
+        "_read_rows(raw, entry.begin, dtype, shape, index[0] if index else slice(0, 1), local)",
+        'globals().setdefault("_FULL", []).append(handle.get_tensor(source)); '
+        'local.copy_(globals()["_FULL"][-1][index])',
+        ["tests/distributed/test_meta_sharding.py::test_sharded_load_keeps_each_rank_near_its_share"],
+    ),
+    Mutant(
+        "features.recipe_env_not_pinned",
+        "tests/recipes/conftest.py",
+        'env["PYTHONPATH"] = os.pathsep.join(',
+        'env["_UNPINNED"] = os.pathsep.join(',
+        ["tests/recipes/test_import_path.py"],
+    ),
 ]
 
 GROUPS = {"loss": LOSS, "packing": PACKING, "trainer": TRAINER}  # "trainer" includes training/tasks.py
@@ -207,12 +415,18 @@ def copy_checkout(dest: Path, worktree: bool) -> None:
     untracked files git does not ignore included."""
     dest.mkdir(parents=True)
     if not worktree:
-        archive = subprocess.run(["git", "archive", "--format=tar", "HEAD"], cwd=REPO, check=True,
-                                 capture_output=True).stdout
+        archive = subprocess.run(
+            ["git", "archive", "--format=tar", "HEAD"], cwd=REPO, check=True, capture_output=True
+        ).stdout
         subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
         return
-    files = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=REPO, check=True,
-                           capture_output=True).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=REPO, check=True, capture_output=True
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for rel in filter(None, files):
         src = REPO / rel
         if src.is_file():
@@ -220,13 +434,33 @@ def copy_checkout(dest: Path, worktree: bool) -> None:
             shutil.copy2(src, dest / rel)
 
 
-def run_pytest(root: Path, tests: list[str], extra: list[str], deselect: set[str], report: Path,
-               timeout: float, stop_at_first: bool = True) -> tuple[int, float]:
-    cmd = [sys.executable, "-m", "pytest", "-q", *(["-x"] if stop_at_first else []), "-p", "no:cacheprovider",
-           f"--junitxml={report}",
-           *extra, *tests, *[a for d in sorted(deselect) for a in ("--deselect", d)]]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])]),
-               PYTHONDONTWRITEBYTECODE="1")
+def run_pytest(
+    root: Path,
+    tests: list[str],
+    extra: list[str],
+    deselect: set[str],
+    report: Path,
+    timeout: float,
+    stop_at_first: bool = True,
+) -> tuple[int, float]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        *(["-x"] if stop_at_first else []),
+        "-p",
+        "no:cacheprovider",
+        f"--junitxml={report}",
+        *extra,
+        *tests,
+        *[a for d in sorted(deselect) for a in ("--deselect", d)],
+    ]
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        PYTHONDONTWRITEBYTECODE="1",
+    )
     start = time.perf_counter()
     try:
         rc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout).returncode
@@ -255,12 +489,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--only", nargs="+", metavar="NAME")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--tests", nargs="+", metavar="NODE", help="run these tests instead of each mutant's own")
-    parser.add_argument("--worktree", action="store_true",
-                        help="mutate the working tree's files as they are now (default: the committed HEAD)")
+    parser.add_argument(
+        "--worktree",
+        action="store_true",
+        help="mutate the working tree's files as they are now (default: the committed HEAD)",
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per pytest run")
     args = parser.parse_args(argv)
-    chosen = [m for m in MUTANTS if (not args.only or m.name in args.only)
-              and (not args.group or m.name.split(".")[0] in args.group)]
+    chosen = [
+        m
+        for m in MUTANTS
+        if (not args.only or m.name in args.only) and (not args.group or m.name.split(".")[0] in args.group)
+    ]
     if args.list:
         for m in chosen:
             print(f"{m.name:45s} {m.path}  [{'equivalent' if m.equivalent else 'must be killed'}]")
@@ -302,11 +542,16 @@ def main(argv: list[str]) -> int:
                 note = "".join(f"\n      by {test}: {message}" for test, message in sorted(failed.items()))
                 note = note or "  (collection error)"
             print(f"{m.name:45s} {outcome:10s} {seconds:6.1f}s{note}", flush=True)
-    bad = [m.name for m, outcome, _ in results
-           if (outcome == "survived" and not m.equivalent) or outcome in ("STALE", "NO TESTS")]
+    bad = [
+        m.name
+        for m, outcome, _ in results
+        if (outcome == "survived" and not m.equivalent) or outcome in ("STALE", "NO TESTS")
+    ]
     killed = sum(outcome.startswith("KILLED") for _, outcome, _ in results)
-    print(f"\n{killed} killed, {len(results) - killed} not killed of {len(results)}; "
-          f"unexpected survivors / stale: {bad or 'none'}")
+    print(
+        f"\n{killed} killed, {len(results) - killed} not killed of {len(results)}; "
+        f"unexpected survivors / stale: {bad or 'none'}"
+    )
     return 1 if bad else 0
 
 

@@ -23,9 +23,15 @@ def lora_config(cfg, task: str):
     modules_to_save = list(cfg.modules_to_save)
     if task != "causal_lm" and "score" not in modules_to_save:
         modules_to_save.append("score")
-    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                      target_modules=list(cfg.target_modules), modules_to_save=modules_to_save or None,
-                      use_rslora=cfg.use_rslora, bias="none")
+    return LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        modules_to_save=modules_to_save or None,
+        use_rslora=cfg.use_rslora,
+        bias="none",
+    )
 
 
 def apply_lora(model: nn.Module, cfg, task: str) -> nn.Module:
@@ -52,12 +58,21 @@ def merge_lora_weight(base: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Te
 
 def peft_saved_name(key: str) -> str:
     """Training name -> the name peft writes (and expects) in adapter_model.safetensors."""
-    return (key.replace(f".modules_to_save.{ADAPTER_NAME}.", ".")
-               .replace(f".lora_A.{ADAPTER_NAME}.", ".lora_A.")
-               .replace(f".lora_B.{ADAPTER_NAME}.", ".lora_B."))
+    return (
+        key.replace(f".modules_to_save.{ADAPTER_NAME}.", ".")
+        .replace(f".lora_A.{ADAPTER_NAME}.", ".lora_A.")
+        .replace(f".lora_B.{ADAPTER_NAME}.", ".lora_B.")
+    )
 
 
 def peft_settings(cfg) -> dict:
     """The LoRA settings a checkpoint manifest records (everything `lora_config` and the merge need)."""
-    return {"method": "lora", "r": cfg.r, "alpha": cfg.alpha, "dropout": cfg.dropout, "use_rslora": cfg.use_rslora,
-            "target_modules": list(cfg.target_modules), "modules_to_save": list(cfg.modules_to_save)}
+    return {
+        "method": "lora",
+        "r": cfg.r,
+        "alpha": cfg.alpha,
+        "dropout": cfg.dropout,
+        "use_rslora": cfg.use_rslora,
+        "target_modules": list(cfg.target_modules),
+        "modules_to_save": list(cfg.modules_to_save),
+    }

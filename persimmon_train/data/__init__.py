@@ -7,6 +7,16 @@ from persimmon_train.data.packing import PackStats, best_fit_decreasing, pack
 from persimmon_train.data.tokenizer import Tokenizer
 from persimmon_train.data.tokenizer_training import train_tokenizer
 
-__all__ = ["Tokenizer", "train_tokenizer", "DataConfig", "build_data", "DataBundle", "demo_assets",
-           "DemoAssets", "pack", "best_fit_decreasing", "PackStats", "default_cache_dir"]
-
+__all__ = [
+    "Tokenizer",
+    "train_tokenizer",
+    "DataConfig",
+    "build_data",
+    "DataBundle",
+    "demo_assets",
+    "DemoAssets",
+    "pack",
+    "best_fit_decreasing",
+    "PackStats",
+    "default_cache_dir",
+]

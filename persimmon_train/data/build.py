@@ -120,16 +120,39 @@ def _fixed_labels_from_features(cfg: DataConfig, source: Source) -> list[str] | 
     return list(names) if names else None
 
 
-def _tokenize_source(i: int, source: Source, cfg: DataConfig, tok: Tokenizer, *, is_eval_source: bool,
-                     fixed_labels, workdir: Path, bad: _BadRows):
+def _tokenize_source(
+    i: int,
+    source: Source,
+    cfg: DataConfig,
+    tok: Tokenizer,
+    *,
+    is_eval_source: bool,
+    fixed_labels,
+    workdir: Path,
+    bad: _BadRows,
+):
     ds = source.dataset
-    proc = RowProcessor(cfg, tok, source.name, source.kind, all_eval=is_eval_source,
-                        eval_fraction=0.0 if (is_eval_source or cfg.eval_files) else cfg.eval_fraction,
-                        fixed_labels=fixed_labels)
+    proc = RowProcessor(
+        cfg,
+        tok,
+        source.name,
+        source.kind,
+        all_eval=is_eval_source,
+        eval_fraction=0.0 if (is_eval_source or cfg.eval_files) else cfg.eval_fraction,
+        fixed_labels=fixed_labels,
+    )
     num_proc = max(1, min(int(cfg.num_proc), len(ds) // 64 or 1))
-    out = ds.map(proc, batched=True, batch_size=256, with_indices=True, remove_columns=ds.column_names,
-                 num_proc=num_proc if num_proc > 1 else None, load_from_cache_file=False,
-                 cache_file_name=str(workdir / f"source{i}.arrow"), desc=f"tokenizing {source.name}")
+    out = ds.map(
+        proc,
+        batched=True,
+        batch_size=256,
+        with_indices=True,
+        remove_columns=ds.column_names,
+        num_proc=num_proc if num_proc > 1 else None,
+        load_from_cache_file=False,
+        cache_file_name=str(workdir / f"source{i}.arrow"),
+        desc=f"tokenizing {source.name}",
+    )
     bad_msgs = out["bad"]
     for m in bad_msgs:
         if m:
@@ -148,7 +171,7 @@ def _tokenize_source(i: int, source: Source, cfg: DataConfig, tok: Tokenizer, *,
             part["labels"] = _take(labels, loff, idx)
         elif cfg.format == "classification":
             names, noff = _list_column(out, "label_names")
-            part["label_names"] = [list(names[noff[j]:noff[j + 1]]) for j in idx]
+            part["label_names"] = [list(names[noff[j] : noff[j + 1]]) for j in idx]
             part["label_kind"] = [k for k, s in zip(out["label_kind"], sel) if s]
             part["label_float"] = np.asarray(out["label_float"], dtype=np.float64)[idx].tolist()
             part["truncated"] = int(np.asarray(out["truncated"], dtype=bool)[idx].sum())
@@ -175,8 +198,12 @@ class _LabelSpace:
 
     @staticmethod
     def _problem_of(kind: str) -> str:
-        return {"name": "single_label_classification", "id": "single_label_classification",
-                "multi": "multi_label_classification", "float": "regression"}[kind]
+        return {
+            "name": "single_label_classification",
+            "id": "single_label_classification",
+            "multi": "multi_label_classification",
+            "float": "regression",
+        }[kind]
 
     def collect(self, kinds, names_lists, where, bad: _BadRows, learn: bool) -> list[bool]:
         """Settle the problem type and (unless fixed) the label names; return rows that fit."""
@@ -188,10 +215,13 @@ class _LabelSpace:
         for kind, names, w in zip(kinds, names_lists, where):
             expected = self.problem_type
             fits = self._problem_of(kind) == expected or (
-                expected == "multi_label_classification" and kind in ("name", "id"))
+                expected == "multi_label_classification" and kind in ("name", "id")
+            )
             if not fits:
-                bad(f"{w}, field '{c.label_field}': a {kind} label, but the labels of this data set "
-                    f"are {expected} (set by the first row or data.problem_type)")
+                bad(
+                    f"{w}, field '{c.label_field}': a {kind} label, but the labels of this data set "
+                    f"are {expected} (set by the first row or data.problem_type)"
+                )
                 ok.append(False)
                 continue
             for n in names:
@@ -203,8 +233,10 @@ class _LabelSpace:
             ok.append(True)
         if learn and self.names is None and self.problem_type != "regression":
             if uses == {"name", "id"}:
-                raise DataError(f"{where[0].split(' row ')[0]}: field '{c.label_field}' mixes label "
-                                f"names and integer ids; use one or set data.labels")
+                raise DataError(
+                    f"{where[0].split(' row ')[0]}: field '{c.label_field}' mixes label "
+                    f"names and integer ids; use one or set data.labels"
+                )
             self.names = sorted(seen_names) if "name" in uses else [str(i) for i in range(max_id + 1)]
         return ok
 
@@ -229,10 +261,10 @@ def _collect_tags(space: _LabelSpace, train_tags: np.ndarray):
         names = {t for t in train_tags.tolist() if t}
         ids = {n for n in names if n.startswith("#")}
         if ids and ids != names:
-            raise DataError(f"field '{space.cfg.tags_field}' mixes tag names and integer ids; "
-                            f"use one or set data.labels")
-        space.names = ([str(i) for i in range(max(int(n[1:]) for n in ids) + 1)] if ids
-                       else sorted(names))
+            raise DataError(
+                f"field '{space.cfg.tags_field}' mixes tag names and integer ids; use one or set data.labels"
+            )
+        space.names = [str(i) for i in range(max(int(n[1:]) for n in ids) + 1)] if ids else sorted(names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,12 +279,14 @@ def _prepare(cfg: DataConfig, tok: Tokenizer, train_sources, eval_sources, out: 
     splits = {"train": _Tokenized(), "eval": _Tokenized()}
     for i, src in enumerate(train_sources + eval_sources):
         is_eval_source = i >= len(train_sources)
-        src_fixed = fixed or (_fixed_labels_from_features(cfg, src)
-                              if cfg.format in ("classification", "token_classification") else None)
+        src_fixed = fixed or (
+            _fixed_labels_from_features(cfg, src) if cfg.format in ("classification", "token_classification") else None
+        )
         if src_fixed and not fixed and cfg.format != "text":
             fixed = src_fixed
-        parts = _tokenize_source(i, src, cfg, tok, is_eval_source=is_eval_source, fixed_labels=fixed,
-                                 workdir=workdir, bad=bad)
+        parts = _tokenize_source(
+            i, src, cfg, tok, is_eval_source=is_eval_source, fixed_labels=fixed, workdir=workdir, bad=bad
+        )
         for split, part in parts.items():
             splits[split].parts.append(part)
             splits[split].source += [src.name] * len(part["row"])
@@ -261,8 +295,10 @@ def _prepare(cfg: DataConfig, tok: Tokenizer, train_sources, eval_sources, out: 
     meta = {"version": CACHE_VERSION, "format": cfg.format, "splits": {}, "stats": {}}
     train = splits["train"]
     if not train.row:
-        raise DataError(f"no usable training rows in {', '.join(s.name for s in train_sources)}"
-                        + (f" ({bad.count} bad rows skipped)" if bad.count else ""))
+        raise DataError(
+            f"no usable training rows in {', '.join(s.name for s in train_sources)}"
+            + (f" ({bad.count} bad rows skipped)" if bad.count else "")
+        )
 
     space = _LabelSpace(cfg, fixed) if cfg.format in ("classification", "token_classification") else None
     if cfg.format == "token_classification":
@@ -296,8 +332,10 @@ def _prepare(cfg: DataConfig, tok: Tokenizer, train_sources, eval_sources, out: 
                 if any(x is None for x in lids):
                     n = names[lids.index(None)]
                     shown = f"id {n[1:]}" if n.startswith("#") else repr(n)
-                    bad(f"{where[j]}, field '{cfg.label_field}': label {shown} is not in the label "
-                        f"set {space.names} (collected from the training data; set data.labels to fix it)")
+                    bad(
+                        f"{where[j]}, field '{cfg.label_field}': label {shown} is not in the label "
+                        f"set {space.names} (collected from the training data; set data.labels to fix it)"
+                    )
                     continue
                 if space.problem_type == "multi_label_classification":
                     hot = np.zeros(len(space.names), np.float32)
@@ -314,8 +352,11 @@ def _prepare(cfg: DataConfig, tok: Tokenizer, train_sources, eval_sources, out: 
             np.save(out / f"{split}_labels.npy", lab)
             np.save(out / f"{split}_input_ids.npy", ids.astype(np.int32))
             np.save(out / f"{split}_offsets.npy", offsets)
-            stats = {"examples": len(keep), "tokens": int(offsets[-1]),
-                     "truncated": sum(p["truncated"] for p in data.parts)}
+            stats = {
+                "examples": len(keep),
+                "tokens": int(offsets[-1]),
+                "truncated": sum(p["truncated"] for p in data.parts),
+            }
         else:
             tags, _ = data.concat("tag_names")
             tag_ids = np.full(len(tags), IGNORE, dtype=np.int64)
@@ -328,8 +369,10 @@ def _prepare(cfg: DataConfig, tok: Tokenizer, train_sources, eval_sources, out: 
                         j = int(doc_of[k])
                         if keep_doc[j]:
                             shown = f"id {t[1:]}" if t.startswith("#") else repr(t)
-                            bad(f"{where[j]}, field '{cfg.tags_field}': tag {shown} is not in the tag "
-                                f"set {space.names} (collected from the training data; set data.labels)")
+                            bad(
+                                f"{where[j]}, field '{cfg.tags_field}': tag {shown} is not in the tag "
+                                f"set {space.names} (collected from the training data; set data.labels)"
+                            )
                             keep_doc[j] = False
                     else:
                         tag_ids[k] = i
@@ -339,14 +382,19 @@ def _prepare(cfg: DataConfig, tok: Tokenizer, train_sources, eval_sources, out: 
             np.save(out / f"{split}_input_ids.npy", ids.astype(np.int32))
             np.save(out / f"{split}_offsets.npy", offsets)
             np.save(out / f"{split}_token_labels.npy", tag_ids)
-            stats = {"examples": int(len(idx)), "tokens": int(offsets[-1]),
-                     "truncated": sum(p["truncated"] for p in data.parts)}
+            stats = {
+                "examples": int(len(idx)),
+                "tokens": int(offsets[-1]),
+                "truncated": sum(p["truncated"] for p in data.parts),
+            }
         meta["splits"][split] = sorted(p.name for p in out.glob(f"{split}_*.npy"))
         meta["stats"][split] = stats
     meta["stats"]["skipped_rows"] = bad.count
     if space is not None:
-        meta["labels"] = {"problem_type": space.problem_type if cfg.format == "classification" else None,
-                          "names": space.names if space.problem_type != "regression" else None}
+        meta["labels"] = {
+            "problem_type": space.problem_type if cfg.format == "classification" else None,
+            "names": space.names if space.problem_type != "regression" else None,
+        }
     shutil.rmtree(workdir, ignore_errors=True)
     return meta
 
@@ -356,19 +404,28 @@ def _prepare(cfg: DataConfig, tok: Tokenizer, train_sources, eval_sources, out: 
 
 
 def _cache_key(cfg: DataConfig, tok: Tokenizer, train_sources, eval_sources) -> str:
-    blob = json.dumps({"version": CACHE_VERSION, "tokenizer": tok.fingerprint, "config": cfg.cache_fields(),
-                       "train": [s.fingerprint for s in train_sources],
-                       "eval": [s.fingerprint for s in eval_sources]}, sort_keys=True, default=str)
+    blob = json.dumps(
+        {
+            "version": CACHE_VERSION,
+            "tokenizer": tok.fingerprint,
+            "config": cfg.cache_fields(),
+            "train": [s.fingerprint for s in train_sources],
+            "eval": [s.fingerprint for s in eval_sources],
+        },
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
 def _load_sources(entries, cfg: DataConfig, hf_cache: Path):
-    return [load_source(e, streaming=cfg.streaming, txt_sample_by=cfg.txt_sample_by, cache_dir=str(hf_cache))
-            for e in resolve(entries)]
+    return [
+        load_source(e, streaming=cfg.streaming, txt_sample_by=cfg.txt_sample_by, cache_dir=str(hf_cache))
+        for e in resolve(entries)
+    ]
 
 
-def build_data(cfg, tokenizer, *, micro_batch_size: int, seed: int, rank: int = 0,
-               world_size: int = 1) -> DataBundle:
+def build_data(cfg, tokenizer, *, micro_batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> DataBundle:
     """Prepare (or load from cache) the data of ``cfg`` and return loaders for this rank."""
     cfg = DataConfig.from_any(cfg).validate()
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
@@ -395,19 +452,23 @@ def build_data(cfg, tokenizer, *, micro_batch_size: int, seed: int, rank: int = 
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     meta = json.loads((folder / "meta.json").read_text())
-    arrays = {split: {f[len(split) + 1:-4]: np.load(folder / f, mmap_mode="r") for f in files}
-              for split, files in meta["splits"].items()}
+    arrays = {
+        split: {f[len(split) + 1 : -4]: np.load(folder / f, mmap_mode="r") for f in files}
+        for split, files in meta["splits"].items()
+    }
     loaders = {}
     for split, arr in arrays.items():
         train = split == "train"
         sources = train_sources if train or not eval_sources else eval_sources
         what = f"{split} data ({', '.join(s.name for s in sources)})"
         if cfg.format in PACKED_FORMATS:
-            loaders[split] = PackedLoader(arr, micro_batch_size, seed, rank, world_size, train=train,
-                                          pad_id=tok.pad_id, what=what)
+            loaders[split] = PackedLoader(
+                arr, micro_batch_size, seed, rank, world_size, train=train, pad_id=tok.pad_id, what=what
+            )
         else:
-            loaders[split] = PaddedLoader(arr, micro_batch_size, seed, rank, world_size, train=train,
-                                          pad_id=tok.pad_id, what=what)
+            loaders[split] = PaddedLoader(
+                arr, micro_batch_size, seed, rank, world_size, train=train, pad_id=tok.pad_id, what=what
+            )
     stats = dict(meta["stats"], cache=str(folder))
     _log_stats(cfg, stats)
     if cfg.eval_fraction and not cfg.eval_files and "eval" not in loaders:
@@ -431,13 +492,27 @@ def _log_stats(cfg: DataConfig, stats: dict) -> None:
         if not s:
             continue
         if cfg.format in PACKED_FORMATS:
-            log.info("data %s: %d documents -> %d rows of %d tokens, %d real tokens, packing efficiency "
-                     "%.2f%%, %d split / %d dropped long documents", split, s["documents"], s["rows"],
-                     cfg.seq_len, s["real_tokens"], 100 * s["efficiency"], s["split_documents"],
-                     s["dropped_documents"])
+            log.info(
+                "data %s: %d documents -> %d rows of %d tokens, %d real tokens, packing efficiency "
+                "%.2f%%, %d split / %d dropped long documents",
+                split,
+                s["documents"],
+                s["rows"],
+                cfg.seq_len,
+                s["real_tokens"],
+                100 * s["efficiency"],
+                s["split_documents"],
+                s["dropped_documents"],
+            )
         else:
-            log.info("data %s: %d examples, %d tokens, %d truncated to %d tokens", split, s["examples"],
-                     s["tokens"], s["truncated"], cfg.seq_len)
+            log.info(
+                "data %s: %d examples, %d tokens, %d truncated to %d tokens",
+                split,
+                s["examples"],
+                s["tokens"],
+                s["truncated"],
+                cfg.seq_len,
+            )
     if stats.get("skipped_rows"):
         log.warning("data: skipped %d bad rows", stats["skipped_rows"])
 
@@ -446,25 +521,38 @@ def _stream_documents(cfg: DataConfig, tok: Tokenizer, sources, *, want_eval: bo
     def documents():
         bad = _BadRows(cfg)
         for src in sources:
-            proc = RowProcessor(cfg, tok, src.name, src.kind, all_eval=all_eval,
-                                eval_fraction=0.0 if (all_eval or cfg.eval_files) else cfg.eval_fraction,
-                                fixed_labels=None)
+            proc = RowProcessor(
+                cfg,
+                tok,
+                src.name,
+                src.kind,
+                all_eval=all_eval,
+                eval_fraction=0.0 if (all_eval or cfg.eval_files) else cfg.eval_fraction,
+                fixed_labels=None,
+            )
             ds = src.dataset
-            mapped = ds.map(proc, batched=True, batch_size=256, with_indices=True,
-                            remove_columns=ds.column_names)
+            mapped = ds.map(proc, batched=True, batch_size=256, with_indices=True, remove_columns=ds.column_names)
             for ex in mapped:
                 if ex["bad"]:
                     bad(ex["bad"])
                     continue
                 if ex["input_ids"] and bool(ex["is_eval"]) == want_eval:
                     yield ex["input_ids"], ex["labels"]
+
     return documents
 
 
 def _build_streaming(cfg, tok, train_sources, eval_sources, micro, seed, rank, world) -> DataBundle:
-    common = dict(seq_len=cfg.seq_len, pad_id=tok.pad_id, long_docs=cfg.long_docs,
-                  buffer_rows=cfg.stream_buffer_rows, micro_batch_size=micro, seed=seed, rank=rank,
-                  world_size=world)
+    common = dict(
+        seq_len=cfg.seq_len,
+        pad_id=tok.pad_id,
+        long_docs=cfg.long_docs,
+        buffer_rows=cfg.stream_buffer_rows,
+        micro_batch_size=micro,
+        seed=seed,
+        rank=rank,
+        world_size=world,
+    )
     train_docs = _stream_documents(cfg, tok, train_sources, want_eval=False, all_eval=False)
     if next(iter(train_docs()), None) is None:  # validates the first rows before training starts
         raise DataError(f"no usable training rows in {', '.join(s.name for s in train_sources)}")
@@ -472,8 +560,10 @@ def _build_streaming(cfg, tok, train_sources, eval_sources, micro, seed, rank, w
     eval_loader = None
     if eval_sources:
         eval_loader = StreamingPackedLoader(
-            _stream_documents(cfg, tok, eval_sources, want_eval=True, all_eval=True), train=False, **common)
+            _stream_documents(cfg, tok, eval_sources, want_eval=True, all_eval=True), train=False, **common
+        )
     elif cfg.eval_fraction:
         eval_loader = StreamingPackedLoader(
-            _stream_documents(cfg, tok, train_sources, want_eval=True, all_eval=False), train=False, **common)
+            _stream_documents(cfg, tok, train_sources, want_eval=True, all_eval=False), train=False, **common
+        )
     return DataBundle(train, eval_loader, stats={"streaming": True})

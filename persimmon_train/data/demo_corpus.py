@@ -15,20 +15,54 @@ import sys
 from pathlib import Path
 
 CAPITALS = {
-    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
-    "Japan": "Tokyo", "China": "Beijing", "India": "New Delhi", "Canada": "Ottawa", "Mexico": "Mexico City",
-    "Brazil": "Brasilia", "Argentina": "Buenos Aires", "Egypt": "Cairo", "Kenya": "Nairobi",
-    "Norway": "Oslo", "Sweden": "Stockholm", "Finland": "Helsinki", "Poland": "Warsaw",
-    "Greece": "Athens", "Turkey": "Ankara", "Australia": "Canberra", "Peru": "Lima", "Chile": "Santiago",
-    "Ireland": "Dublin", "Austria": "Vienna", "Hungary": "Budapest", "Thailand": "Bangkok",
-    "Vietnam": "Hanoi", "Morocco": "Rabat", "Nigeria": "Abuja", "Cuba": "Havana", "Iceland": "Reykjavik",
+    "France": "Paris",
+    "Germany": "Berlin",
+    "Italy": "Rome",
+    "Spain": "Madrid",
+    "Portugal": "Lisbon",
+    "Japan": "Tokyo",
+    "China": "Beijing",
+    "India": "New Delhi",
+    "Canada": "Ottawa",
+    "Mexico": "Mexico City",
+    "Brazil": "Brasilia",
+    "Argentina": "Buenos Aires",
+    "Egypt": "Cairo",
+    "Kenya": "Nairobi",
+    "Norway": "Oslo",
+    "Sweden": "Stockholm",
+    "Finland": "Helsinki",
+    "Poland": "Warsaw",
+    "Greece": "Athens",
+    "Turkey": "Ankara",
+    "Australia": "Canberra",
+    "Peru": "Lima",
+    "Chile": "Santiago",
+    "Ireland": "Dublin",
+    "Austria": "Vienna",
+    "Hungary": "Budapest",
+    "Thailand": "Bangkok",
+    "Vietnam": "Hanoi",
+    "Morocco": "Rabat",
+    "Nigeria": "Abuja",
+    "Cuba": "Havana",
+    "Iceland": "Reykjavik",
 }
-WORDS = ("apple river stone garden window candle forest planet silver yellow orange pencil rocket "
-         "monkey castle bridge dragon island summer winter travel rabbit guitar mirror button "
-         "cookie jacket lemon tiger ocean valley cloud thunder puzzle basket engine circle").split()
-UNITS = [("meters", "centimeters", 100), ("kilometers", "meters", 1000), ("hours", "minutes", 60),
-         ("minutes", "seconds", 60), ("kilograms", "grams", 1000), ("liters", "milliliters", 1000),
-         ("days", "hours", 24), ("weeks", "days", 7)]
+WORDS = (
+    "apple river stone garden window candle forest planet silver yellow orange pencil rocket "
+    "monkey castle bridge dragon island summer winter travel rabbit guitar mirror button "
+    "cookie jacket lemon tiger ocean valley cloud thunder puzzle basket engine circle"
+).split()
+UNITS = [
+    ("meters", "centimeters", 100),
+    ("kilometers", "meters", 1000),
+    ("hours", "minutes", 60),
+    ("minutes", "seconds", 60),
+    ("kilograms", "grams", 1000),
+    ("liters", "milliliters", 1000),
+    ("days", "hours", 24),
+    ("weeks", "days", 7),
+]
 
 
 def _pair(rng: random.Random) -> dict:
@@ -44,16 +78,19 @@ def _pair(rng: random.Random) -> dict:
         return {"prompt": f"Reverse the word {w}.", "response": f"The word {w} reversed is {w[::-1]}."}
     if kind == 3:
         country = rng.choice(sorted(CAPITALS))
-        return {"prompt": f"What is the capital of {country}?",
-                "response": f"The capital of {country} is {CAPITALS[country]}."}
+        return {
+            "prompt": f"What is the capital of {country}?",
+            "response": f"The capital of {country} is {CAPITALS[country]}.",
+        }
     if kind == 4:
         big, small, factor = rng.choice(UNITS)
         n = rng.randrange(1, 13)
-        return {"prompt": f"How many {small} are in {n} {big}?",
-                "response": f"There are {n * factor} {small} in {n} {big}."}
+        return {
+            "prompt": f"How many {small} are in {n} {big}?",
+            "response": f"There are {n * factor} {small} in {n} {big}.",
+        }
     w = rng.choice(WORDS)
-    return {"prompt": f"How many letters are in the word {w}?",
-            "response": f"The word {w} has {len(w)} letters."}
+    return {"prompt": f"How many letters are in the word {w}?", "response": f"The word {w} has {len(w)} letters."}
 
 
 def generate(n: int, seed: int) -> list[dict]:

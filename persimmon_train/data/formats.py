@@ -90,8 +90,17 @@ def label_kind(v) -> str:
 class RowProcessor:
     """Picklable batched map function for one source (name, reading kind, split assignment)."""
 
-    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, source_name: str, kind: str, *,
-                 all_eval: bool, eval_fraction: float, fixed_labels: list[str] | None):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        tokenizer: Tokenizer,
+        source_name: str,
+        kind: str,
+        *,
+        all_eval: bool,
+        eval_fraction: float,
+        fixed_labels: list[str] | None,
+    ):
         self.cfg = cfg
         self.tok = tokenizer
         self.name = source_name
@@ -125,8 +134,9 @@ class RowProcessor:
     def process(self, raw: dict, index: int) -> dict:
         out = self.empty()
         out["row"] = index + 1
-        out["is_eval"] = self.all_eval or split_is_eval(self.split_name, index + 1, self.eval_fraction,
-                                                        self.cfg.split_seed)
+        out["is_eval"] = self.all_eval or split_is_eval(
+            self.split_name, index + 1, self.eval_fraction, self.cfg.split_seed
+        )
         try:
             if self.kind == "jsonl":
                 line = raw["text"]
@@ -138,8 +148,10 @@ class RowProcessor:
                     raise BadRow(None, f"is not a valid JSON object ({e})") from None
             elif self.kind == "txt":
                 if self.cfg.format != "text":
-                    raise DataError(f"{self.name}: .txt files hold plain text; data.format="
-                                    f"{self.cfg.format!r} needs jsonl/json/parquet/csv rows")
+                    raise DataError(
+                        f"{self.name}: .txt files hold plain text; data.format="
+                        f"{self.cfg.format!r} needs jsonl/json/parquet/csv rows"
+                    )
                 if not raw["text"].strip():
                     return out  # blank line/paragraph
                 row = {self.cfg.text_field: raw["text"]}
@@ -193,8 +205,10 @@ class RowProcessor:
                     turns.append((pending, content))
                     pending = None
             if pending is not None:
-                raise BadRow(f"{c.messages_field}[{len(msgs) - 1}]",
-                             "the conversation ends with a user message (no response to learn)")
+                raise BadRow(
+                    f"{c.messages_field}[{len(msgs) - 1}]",
+                    "the conversation ends with a user message (no response to learn)",
+                )
             if not turns:
                 raise BadRow(c.messages_field, "has no user/assistant pair")
             return turns, system
@@ -252,8 +266,13 @@ class RowProcessor:
         ids = self._bos() + self.tok.encode(text)
         truncated = len(ids) + 1 > c.seq_len
         ids = ids[: c.seq_len - 1] + [self.tok.eos_id]
-        return {"input_ids": ids, "label_names": names, "label_float": value, "label_kind": kind,
-                "truncated": truncated}
+        return {
+            "input_ids": ids,
+            "label_names": names,
+            "label_float": value,
+            "label_kind": kind,
+            "truncated": truncated,
+        }
 
     def _token_classification(self, row: dict) -> dict:
         c = self.cfg

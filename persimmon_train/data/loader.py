@@ -27,8 +27,9 @@ from persimmon_train.model.loss import IGNORE_INDEX as IGNORE
 class _ShardedLoader:
     """Common epoch/batch bookkeeping; subclasses define the epoch order and batch assembly."""
 
-    def __init__(self, num_rows: int, micro_batch_size: int, seed: int, rank: int, world_size: int,
-                 train: bool, what: str):
+    def __init__(
+        self, num_rows: int, micro_batch_size: int, seed: int, rank: int, world_size: int, train: bool, what: str
+    ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.num_rows = int(num_rows)
@@ -39,9 +40,11 @@ class _ShardedLoader:
         self.train = train
         self.global_batch = self.micro * self.world
         if train and self.num_rows < self.global_batch:
-            raise DataError(f"{what}: only {self.num_rows} rows, fewer than one global batch "
-                            f"(micro_batch_size {self.micro} x world_size {self.world}); add data or "
-                            f"lower data.seq_len / micro_batch_size")
+            raise DataError(
+                f"{what}: only {self.num_rows} rows, fewer than one global batch "
+                f"(micro_batch_size {self.micro} x world_size {self.world}); add data or "
+                f"lower data.seq_len / micro_batch_size"
+            )
         self.epoch = 0
         self.batch = 0
 
@@ -65,7 +68,7 @@ class _ShardedLoader:
         while True:
             batches = self._global_batches(self.epoch)
             while self.batch < len(batches):
-                rows = batches[self.batch, self.rank * self.micro:(self.rank + 1) * self.micro]
+                rows = batches[self.batch, self.rank * self.micro : (self.rank + 1) * self.micro]
                 self.batch += 1
                 yield self._make_batch(rows)
             if not self.train:
@@ -76,15 +79,27 @@ class _ShardedLoader:
 
     # -- resume --------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "world_size": self.world,
-                "micro_batch_size": self.micro, "num_rows": self.num_rows}
+        return {
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "seed": self.seed,
+            "world_size": self.world,
+            "micro_batch_size": self.micro,
+            "num_rows": self.num_rows,
+        }
 
     def load_state_dict(self, sd: dict) -> None:
-        for key, mine in (("seed", self.seed), ("world_size", self.world),
-                          ("micro_batch_size", self.micro), ("num_rows", self.num_rows)):
+        for key, mine in (
+            ("seed", self.seed),
+            ("world_size", self.world),
+            ("micro_batch_size", self.micro),
+            ("num_rows", self.num_rows),
+        ):
             if key in sd and sd[key] != mine:
-                raise DataError(f"cannot resume the data loader: checkpoint has {key}={sd[key]} but "
-                                f"this run has {key}={mine}; the batches would differ")
+                raise DataError(
+                    f"cannot resume the data loader: checkpoint has {key}={sd[key]} but "
+                    f"this run has {key}={mine}; the batches would differ"
+                )
         self.epoch = int(sd["epoch"])
         self.batch = int(sd["batch"])
 
@@ -104,8 +119,17 @@ def _eval_order(num_rows: int, global_batch: int, world: int, micro: int) -> np.
 class PackedLoader(_ShardedLoader):
     """Batches of packed rows: input_ids, labels, position_ids, all [B, seq_len] int64."""
 
-    def __init__(self, arrays: dict, micro_batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1, train: bool = True, pad_id: int = 0, what: str = "train data"):
+    def __init__(
+        self,
+        arrays: dict,
+        micro_batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        train: bool = True,
+        pad_id: int = 0,
+        what: str = "train data",
+    ):
         self.arrays = arrays
         self.seq_len = arrays["input_ids"].shape[1]
         self.pad_id = pad_id
@@ -127,8 +151,11 @@ class PackedLoader(_ShardedLoader):
             ids[real] = self.arrays["input_ids"][r][back]
             labels[real] = self.arrays["labels"][r][back]
             pos[real] = self.arrays["position_ids"][r][back]
-        return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
-                "position_ids": torch.from_numpy(pos)}
+        return {
+            "input_ids": torch.from_numpy(ids),
+            "labels": torch.from_numpy(labels),
+            "position_ids": torch.from_numpy(pos),
+        }
 
 
 class PaddedLoader(_ShardedLoader):
@@ -140,9 +167,18 @@ class PaddedLoader(_ShardedLoader):
 
     BUCKET_GLOBAL_BATCHES = 64  # sort lengths within windows of this many global batches
 
-    def __init__(self, examples: dict, micro_batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1, train: bool = True, pad_id: int = 0, pad_to_multiple: int = 8,
-                 what: str = "train data"):
+    def __init__(
+        self,
+        examples: dict,
+        micro_batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        train: bool = True,
+        pad_id: int = 0,
+        pad_to_multiple: int = 8,
+        what: str = "train data",
+    ):
         self.ex = examples
         self.offsets = examples["offsets"]
         self.lengths = np.diff(self.offsets)
@@ -171,7 +207,7 @@ class PaddedLoader(_ShardedLoader):
         window = self.global_batch * self.BUCKET_GLOBAL_BATCHES
         chunks = []
         for w in range(0, len(perm), window):
-            part = perm[w:w + window]
+            part = perm[w : w + window]
             chunks.append(part[np.argsort(self.lengths[part], kind="stable")])
         batches = np.concatenate(chunks).reshape(-1, self.global_batch)
         return batches[rng.permutation(len(batches))].reshape(-1)
@@ -206,5 +242,4 @@ class PaddedLoader(_ShardedLoader):
         out_labels = torch.from_numpy(labels)
         if out_labels.dtype == torch.float64:
             out_labels = out_labels.float()
-        return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
-                "labels": out_labels}
+        return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask), "labels": out_labels}

@@ -106,8 +106,9 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
     return bins
 
 
-def pack(input_ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, seq_len: int, pad_id: int,
-         long_docs: str = "split") -> tuple[dict, PackStats]:
+def pack(
+    input_ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, seq_len: int, pad_id: int, long_docs: str = "split"
+) -> tuple[dict, PackStats]:
     """Pack documents given as flat token/label arrays plus offsets (len = docs + 1).
 
     Returns ``{"input_ids", "labels", "position_ids"}`` int32 arrays of shape [rows, seq_len].
@@ -126,10 +127,10 @@ def pack(input_ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, seq_len
         col = 0
         for s in members:
             a, n = int(seg_begin[s]), int(seg_len[s])
-            out_ids[r, col:col + n] = input_ids[a:a + n]
-            out_labels[r, col:col + n] = labels[a:a + n]
+            out_ids[r, col : col + n] = input_ids[a : a + n]
+            out_labels[r, col : col + n] = labels[a : a + n]
             out_labels[r, col] = IGNORE  # a document (or split piece) never predicts its first token
-            out_pos[r, col:col + n] = ar[:n]
+            out_pos[r, col : col + n] = ar[:n]
             col += n
         out_pos[r, col:] = ar[: seq_len - col]
         stats.padding_tokens += seq_len - col

@@ -22,8 +22,7 @@ import datasets
 from persimmon_train.errors import DataError
 
 # extension -> datasets builder
-BUILDERS = {".jsonl": "text", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text",
-            ".tsv": "csv"}
+BUILDERS = {".jsonl": "text", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text", ".tsv": "csv"}
 HUB_PREFIX = "hf:"
 
 
@@ -64,8 +63,7 @@ def resolve(entries: list[str]) -> list[str]:
         elif p.is_file():
             out.append(str(p))
         elif glob.has_magic(entry):
-            files = sorted(f for f in glob.glob(os.path.expanduser(entry), recursive=True)
-                           if os.path.isfile(f))
+            files = sorted(f for f in glob.glob(os.path.expanduser(entry), recursive=True) if os.path.isfile(f))
             if not files:
                 raise DataError(f"data glob {entry!r} matches no files")
             out += files
@@ -87,7 +85,7 @@ def _offline():
 
 
 def _parse_hub(entry: str) -> tuple[str, str | None, str]:
-    spec = entry[len(HUB_PREFIX):]
+    spec = entry[len(HUB_PREFIX) :]
     spec, _, split = spec.partition("@")
     name, _, config = spec.partition(":")
     return name, config or None, split or "train"
@@ -99,8 +97,10 @@ def _pick_split(ds, name: str):
             return ds["train"]
         if len(ds) == 1:
             return next(iter(ds.values()))
-        raise DataError(f"{name}: a dataset with splits {sorted(ds)} has no 'train' split; "
-                        f"name the split as hf:NAME@SPLIT or save one split")
+        raise DataError(
+            f"{name}: a dataset with splits {sorted(ds)} has no 'train' split; "
+            f"name the split as hf:NAME@SPLIT or save one split"
+        )
     return ds
 
 
@@ -112,8 +112,10 @@ def load_source(entry: str, *, streaming: bool, txt_sample_by: str, cache_dir: s
             with _offline():
                 ds = datasets.load_dataset(name, config, split=split, streaming=streaming)
         except Exception as e:
-            raise DataError(f"{entry}: cannot load hub dataset {name!r} (config {config}, split "
-                            f"{split!r}) from the local cache, offline: {type(e).__name__}: {e}") from None
+            raise DataError(
+                f"{entry}: cannot load hub dataset {name!r} (config {config}, split "
+                f"{split!r}) from the local cache, offline: {type(e).__name__}: {e}"
+            ) from None
         fp = getattr(ds, "_fingerprint", None) or f"{entry}:{getattr(ds, 'info', None) and ds.info.version}"
         return Source(entry, "table", ds, f"{entry}:{fp}")
 
@@ -140,13 +142,13 @@ def load_source(entry: str, *, streaming: bool, txt_sample_by: str, cache_dir: s
         kwargs["sep"] = "\t"
     kind = "jsonl" if path.suffix.lower() == ".jsonl" else ("txt" if builder == "text" else "table")
     try:
-        ds = datasets.load_dataset(builder, data_files=[str(path)], split="train", streaming=streaming,
-                                   cache_dir=cache_dir, **kwargs)
+        ds = datasets.load_dataset(
+            builder, data_files=[str(path)], split="train", streaming=streaming, cache_dir=cache_dir, **kwargs
+        )
         if streaming:  # surface "not what its extension says" now, not mid-training
             next(iter(ds.take(1)), None)
     except Exception as e:
-        raise DataError(f"{path}: cannot read as {path.suffix.lstrip('.')} "
-                        f"({type(e).__name__}: {_short(e)})") from None
+        raise DataError(f"{path}: cannot read as {path.suffix.lstrip('.')} ({type(e).__name__}: {_short(e)})") from None
     return Source(entry, kind, ds, _file_fingerprint(path))
 
 

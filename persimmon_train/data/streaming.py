@@ -22,8 +22,20 @@ log = logging.getLogger(__name__)
 
 
 class StreamingPackedLoader:
-    def __init__(self, documents, *, seq_len: int, pad_id: int, long_docs: str, buffer_rows: int,
-                 micro_batch_size: int, seed: int, rank: int = 0, world_size: int = 1, train: bool = True):
+    def __init__(
+        self,
+        documents,
+        *,
+        seq_len: int,
+        pad_id: int,
+        long_docs: str,
+        buffer_rows: int,
+        micro_batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        train: bool = True,
+    ):
         """``documents()``: a callable returning a fresh iterator of (input_ids, labels) lists."""
         self.documents = documents
         self.seq_len, self.pad_id, self.long_docs = seq_len, pad_id, long_docs
@@ -42,12 +54,12 @@ class StreamingPackedLoader:
         def flush():
             nonlocal ids, labels, lengths, tokens, w
             offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-            rows, st = pack(np.concatenate(ids), np.concatenate(labels), offsets, self.seq_len,
-                            self.pad_id, self.long_docs)
+            rows, st = pack(
+                np.concatenate(ids), np.concatenate(labels), offsets, self.seq_len, self.pad_id, self.long_docs
+            )
             stats.add(st)
             n = rows["input_ids"].shape[0]
-            order = (np.random.default_rng([self.seed, epoch, w]).permutation(n) if self.train
-                     else np.arange(n))
+            order = np.random.default_rng([self.seed, epoch, w]).permutation(n) if self.train else np.arange(n)
             ids, labels, lengths, tokens, w = [], [], [], 0, w + 1
             return [{k: v[i] for k, v in rows.items()} for i in order]
 
@@ -64,8 +76,11 @@ class StreamingPackedLoader:
 
     def _filler(self) -> dict:
         ar = np.arange(self.seq_len, dtype=np.int32)
-        return {"input_ids": np.full(self.seq_len, self.pad_id, np.int32),
-                "labels": np.full(self.seq_len, IGNORE, np.int32), "position_ids": ar}
+        return {
+            "input_ids": np.full(self.seq_len, self.pad_id, np.int32),
+            "labels": np.full(self.seq_len, IGNORE, np.int32),
+            "position_ids": ar,
+        }
 
     def _global_batches(self, epoch: int):
         pending = []
@@ -86,10 +101,12 @@ class StreamingPackedLoader:
             for b, rows in enumerate(self._global_batches(self.epoch)):
                 if b < self.batch:
                     continue  # resuming: replay up to the saved position
-                mine = rows[self.rank * self.micro:(self.rank + 1) * self.micro]
+                mine = rows[self.rank * self.micro : (self.rank + 1) * self.micro]
                 self.batch = b + 1
-                yield {k: torch.from_numpy(np.stack([r[k] for r in mine]).astype(np.int64))
-                       for k in ("input_ids", "labels", "position_ids")}
+                yield {
+                    k: torch.from_numpy(np.stack([r[k] for r in mine]).astype(np.int64))
+                    for k in ("input_ids", "labels", "position_ids")
+                }
             if not self.train:
                 self.batch = 0
                 return
@@ -99,8 +116,13 @@ class StreamingPackedLoader:
             self.batch = 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "world_size": self.world,
-                "micro_batch_size": self.micro}
+        return {
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "seed": self.seed,
+            "world_size": self.world,
+            "micro_batch_size": self.micro,
+        }
 
     def load_state_dict(self, sd: dict) -> None:
         self.epoch, self.batch = int(sd["epoch"]), int(sd["batch"])

@@ -34,8 +34,10 @@ def _resolve_model_file(path: str | os.PathLike) -> Path:
     if p.is_dir():
         p = p / TOKENIZER_FILENAME
     if not p.is_file():
-        raise DataError(f"tokenizer file not found: {p} (expected a sentencepiece .model file or a "
-                        f"model folder containing {TOKENIZER_FILENAME})")
+        raise DataError(
+            f"tokenizer file not found: {p} (expected a sentencepiece .model file or a "
+            f"model folder containing {TOKENIZER_FILENAME})"
+        )
     return p
 
 
@@ -93,8 +95,7 @@ class Tokenizer:
         if config.is_file():
             c = _read_json(config)
             bos, eos, pad = (c.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id"))
-            bos, eos, pad = (v if isinstance(v, int) and 0 <= v < self.vocab_size else None
-                             for v in (bos, eos, pad))
+            bos, eos, pad = (v if isinstance(v, int) and 0 <= v < self.vocab_size else None for v in (bos, eos, pad))
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             f = folder / name
             if f.is_file():
@@ -109,8 +110,9 @@ class Tokenizer:
         bos = bos if bos is not None else (self._sp.bos_id() if self._sp.bos_id() >= 0 else None)
         eos = eos if eos is not None else (self._sp.eos_id() if self._sp.eos_id() >= 0 else None)
         if eos is None:
-            raise DataError(f"tokenizer {self.path} has no end-of-document token: no eos id in its "
-                            f"files and no '{ENDOFTEXT}' piece")
+            raise DataError(
+                f"tokenizer {self.path} has no end-of-document token: no eos id in its files and no '{ENDOFTEXT}' piece"
+            )
         bos = eos if bos is None else bos
         if pad is None:
             pad = self._sp.pad_id() if self._sp.pad_id() >= 0 else eos
@@ -118,8 +120,11 @@ class Tokenizer:
 
     # -- pickling (datasets.map(num_proc>1) ships the tokenizer to worker processes) -----------
     def __getstate__(self):
-        return {"path": str(self.path), "model_bytes": self._model_bytes,
-                "ids": (self.bos_id, self.eos_id, self.pad_id)}
+        return {
+            "path": str(self.path),
+            "model_bytes": self._model_bytes,
+            "ids": (self.bos_id, self.eos_id, self.pad_id),
+        }
 
     def __setstate__(self, state):
         self.path = Path(state["path"])
@@ -158,8 +163,9 @@ class Tokenizer:
     def chat_prompt(prompt: str) -> str:
         return f"human: {prompt}\n\nadept:"
 
-    def encode_chat(self, turns: list[tuple[str, str]], system: str | None = None,
-                    bos: bool = False) -> tuple[list[int], list[bool]]:
+    def encode_chat(
+        self, turns: list[tuple[str, str]], system: str | None = None, bos: bool = False
+    ) -> tuple[list[int], list[bool]]:
         """Encode (user, assistant) turns; return token ids and a per-token "is response" mask.
 
         Each turn is ``encode("human: {user}\\n\\nadept:")`` (no loss) followed by
@@ -186,17 +192,28 @@ class Tokenizer:
         d.mkdir(parents=True, exist_ok=True)
         (d / TOKENIZER_FILENAME).write_bytes(self._model_bytes)
         unk = self._sp.id_to_piece(self._sp.unk_id()) if self._sp.unk_id() >= 0 else None
-        special = {"bos_token": self.id_to_piece(self.bos_id), "eos_token": self.id_to_piece(self.eos_id),
-                   "pad_token": self.id_to_piece(self.pad_id)}
+        special = {
+            "bos_token": self.id_to_piece(self.bos_id),
+            "eos_token": self.id_to_piece(self.eos_id),
+            "pad_token": self.id_to_piece(self.pad_id),
+        }
         if unk is not None:
             special["unk_token"] = unk
         (d / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
-        config = {"tokenizer_class": "LlamaTokenizer", **special, "add_bos_token": False,
-                  "add_eos_token": False, "clean_up_tokenization_spaces": False, "legacy": True,
-                  "model_max_length": 16384}
+        config = {
+            "tokenizer_class": "LlamaTokenizer",
+            **special,
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "legacy": True,
+            "model_max_length": 16384,
+        }
         (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         return d / TOKENIZER_FILENAME
 
     def __repr__(self) -> str:
-        return (f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
-                f"eos_id={self.eos_id}, pad_id={self.pad_id})")
+        return (
+            f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
+            f"eos_id={self.eos_id}, pad_id={self.pad_id})"
+        )

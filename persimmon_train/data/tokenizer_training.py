@@ -52,8 +52,9 @@ def _lines_of(path: Path):
         raise DataError(f"{path}: cannot read as text for tokenizer training ({e})") from None
 
 
-def train_tokenizer(files, out_path, vocab_size: int = 2048, *, model_type: str = "unigram",
-                    extra_symbols: tuple[str, ...] = ()) -> Path:
+def train_tokenizer(
+    files, out_path, vocab_size: int = 2048, *, model_type: str = "unigram", extra_symbols: tuple[str, ...] = ()
+) -> Path:
     """Train a sentencepiece model on ``files`` (.txt lines; .jsonl/.json: every string field).
 
     Returns the path of the written ``.model`` file (``out_path``; a folder gets ``tokenizer.model``).
@@ -74,12 +75,21 @@ def train_tokenizer(files, out_path, vocab_size: int = 2048, *, model_type: str 
         # sentence_iterator + model_writer: no temporary paths end up inside the model proto,
         # so the same input gives byte-identical model files
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
-            model_type=model_type, byte_fallback=True, character_coverage=1.0,
-            user_defined_symbols=[ENDOFTEXT, "\n", *extra_symbols], split_digits=True,
-            normalization_rule_name="identity", remove_extra_whitespaces=False,
-            allow_whitespace_only_pieces=True, num_threads=1, shuffle_input_sentence=False,
-            hard_vocab_limit=False, minloglevel=2,
+            sentence_iterator=iter(lines),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            byte_fallback=True,
+            character_coverage=1.0,
+            user_defined_symbols=[ENDOFTEXT, "\n", *extra_symbols],
+            split_digits=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            num_threads=1,
+            shuffle_input_sentence=False,
+            hard_vocab_limit=False,
+            minloglevel=2,
         )
     except RuntimeError as e:
         raise DataError(f"sentencepiece training on {', '.join(map(str, files))} failed: {e}") from None

@@ -77,7 +77,8 @@ _LAYER_TENSORS = (  # per layer, Megatron suffix -> HF suffix; biases everywhere
 )
 _QK_LAYERNORM_TENSORS = tuple(
     (f"self_attention.{which}_layernorm.{p}", f"self_attn.{which}_layernorm.{p}")
-    for which in ("q", "k") for p in ("weight", "bias")
+    for which in ("q", "k")
+    for p in ("weight", "bias")
 )
 # A persistent buffer of Megatron's RotaryEmbedding; recomputed from rope_theta, so dropped
 # (transformers' converter drops it too: KEYS_TO_REMOVE = "rotary_emb.inv_freq").
@@ -117,14 +118,22 @@ def _safe_globals() -> list:
     import numpy as np
 
     allowed: list = [argparse.Namespace]
-    for stand_in, name in ((_MegatronModelType, "ModelType"), (_MegatronLayerType, "LayerType"),
-                           (_MegatronAttnType, "AttnType"), (_MegatronAttnMaskType, "AttnMaskType")):
+    for stand_in, name in (
+        (_MegatronModelType, "ModelType"),
+        (_MegatronLayerType, "LayerType"),
+        (_MegatronAttnType, "AttnType"),
+        (_MegatronAttnMaskType, "AttnMaskType"),
+    ):
         allowed.append((stand_in, f"megatron.model.enums.{name}"))
     # rng_state["np_rng_state"] = np.random.get_state(): a uint32 array rebuilt by numpy's
     # _reconstruct (spelled numpy.core in numpy 1.x pickles, numpy._core in 2.x).
     reconstruct = np.ndarray.__reduce__(np.zeros(0))[0]
-    allowed += [(reconstruct, "numpy.core.multiarray._reconstruct"),
-                (reconstruct, "numpy._core.multiarray._reconstruct"), np.ndarray, np.dtype]
+    allowed += [
+        (reconstruct, "numpy.core.multiarray._reconstruct"),
+        (reconstruct, "numpy._core.multiarray._reconstruct"),
+        np.ndarray,
+        np.dtype,
+    ]
     allowed += [type(np.dtype(code)) for code in ("u4", "i8", "f8")]  # numpy>=1.25 dtype classes
     return allowed
 
@@ -149,12 +158,13 @@ def load_megatron_checkpoint(path: str | os.PathLike) -> dict:
         if "GLOBAL" in str(error):
             raise WeightsError(_refusal_message(path, error)) from None
         detail = re.search(r"Unsupported operand \S+|invalid load key[^\n]*", str(error))
-        raise WeightsError(f"{path} is not a readable PyTorch checkpoint "
-                           f"({detail.group(0) if detail else _first_line(error)})") from None
+        raise WeightsError(
+            f"{path} is not a readable PyTorch checkpoint ({detail.group(0) if detail else _first_line(error)})"
+        ) from None
     except (RuntimeError, EOFError, KeyError, ValueError, OSError, zipfile.BadZipFile) as error:
         raise WeightsError(
-            f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: "
-            f"{_first_line(error)})") from None
+            f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {_first_line(error)})"
+        ) from None
 
 
 def _refusal_message(path: str, error: Exception) -> str:
@@ -166,10 +176,12 @@ def _refusal_message(path: str, error: Exception) -> str:
     if not unsafe:  # legacy (non-zip) files: torch's message names the first refused global
         unsafe = re.findall(r"GLOBAL ([\w.]+)", str(error))[:1]
     what = f"it references {', '.join(unsafe[:_LIST_LIMIT])}" if unsafe else _first_line(error)
-    return (f"{path} was refused by the safe loader (torch.load weights_only=True): {what}. A "
-            "Megatron checkpoint of Persimmon holds tensors, argparse.Namespace, Megatron enums "
-            "and numpy RNG state only; this file needs more, and it will not be unpickled with "
-            "full trust (that can run arbitrary code)")
+    return (
+        f"{path} was refused by the safe loader (torch.load weights_only=True): {what}. A "
+        "Megatron checkpoint of Persimmon holds tensors, argparse.Namespace, Megatron enums "
+        "and numpy RNG state only; this file needs more, and it will not be unpickled with "
+        "full trust (that can run arbitrary code)"
+    )
 
 
 def _first_line(error: Exception) -> str:
@@ -195,32 +207,33 @@ def find_checkpoint_file(path: str | os.PathLike) -> str:
             return os.path.join(path, name)
     if _rank_folders(path):  # an iter_N folder
         return _from_iteration_folder(path)
-    iterations = sorted(d for d in os.listdir(path)
-                        if os.path.isdir(os.path.join(path, d)) and re.fullmatch(r"iter_\d+|release", d))
+    iterations = sorted(
+        d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)) and re.fullmatch(r"iter_\d+|release", d)
+    )
     if not iterations:
         raise WeightsError(
             f"no Megatron checkpoint in {path}: expected {CHECKPOINT_FILE_NAMES[0]}, an mp_rank_00/ "
-            "folder, or iter_<N>/ folders (the layout of ADEPT's release)")
+            "folder, or iter_<N>/ folders (the layout of ADEPT's release)"
+        )
     tracker = os.path.join(path, TRACKER_FILE_NAME)
     if os.path.isfile(tracker):
         with open(tracker, encoding="utf-8") as handle:
             latest = handle.read().strip()
-        chosen = "release" if latest == "release" else (
-            f"iter_{int(latest):07d}" if latest.isdigit() else None)
+        chosen = "release" if latest == "release" else (f"iter_{int(latest):07d}" if latest.isdigit() else None)
         if chosen is None or chosen not in iterations:
-            raise WeightsError(f"{tracker} names iteration {latest!r}, but {path} has only "
-                               f"{', '.join(iterations)}")
+            raise WeightsError(f"{tracker} names iteration {latest!r}, but {path} has only {', '.join(iterations)}")
     elif len(iterations) == 1:
         chosen = iterations[0]
     else:
-        raise WeightsError(f"{path} holds several checkpoints ({', '.join(iterations)}) and no "
-                           f"{TRACKER_FILE_NAME}: pass the iter_<N> folder to convert")
+        raise WeightsError(
+            f"{path} holds several checkpoints ({', '.join(iterations)}) and no "
+            f"{TRACKER_FILE_NAME}: pass the iter_<N> folder to convert"
+        )
     return _from_iteration_folder(os.path.join(path, chosen))
 
 
 def _rank_folders(folder: str) -> list[str]:
-    return sorted(d for d in os.listdir(folder)
-                  if d.startswith("mp_rank_") and os.path.isdir(os.path.join(folder, d)))
+    return sorted(d for d in os.listdir(folder) if d.startswith("mp_rank_") and os.path.isdir(os.path.join(folder, d)))
 
 
 def _refuse_model_parallel_beside(rank_folder: str) -> None:
@@ -232,12 +245,12 @@ def _refuse_model_parallel(iteration_folder: str) -> None:
     ranks = _rank_folders(iteration_folder)
     others = [r for r in ranks if r != "mp_rank_00"]
     if others:
-        kind = ("pipeline-parallel" if any(re.fullmatch(r"mp_rank_\d\d_\d{3}", r) for r in ranks)
-                else "tensor-parallel")
+        kind = "pipeline-parallel" if any(re.fullmatch(r"mp_rank_\d\d_\d{3}", r) for r in ranks) else "tensor-parallel"
         raise WeightsError(
             f"{iteration_folder} holds {kind} shards ({', '.join(ranks[:_LIST_LIMIT])}); only "
             "single-shard checkpoints (mp_rank_00 alone, as ADEPT released) can be converted: "
-            "merge the shards with Megatron's checkpoint tools first")
+            "merge the shards with Megatron's checkpoint tools first"
+        )
 
 
 def _from_iteration_folder(folder: str) -> str:
@@ -264,8 +277,9 @@ def flatten_model(model: Mapping, source: str) -> dict[str, torch.Tensor]:
             elif isinstance(value, Mapping):
                 walk(value, name + ".")
             elif value is not None:  # Megatron's _extra_state-style entries would land here
-                raise WeightsError(f"{source}: model entry {name} is a {type(value).__name__}, "
-                                   "not a tensor or a dict of tensors")
+                raise WeightsError(
+                    f"{source}: model entry {name} is a {type(value).__name__}, not a tensor or a dict of tensors"
+                )
 
     walk(model, "")
     return flat
@@ -274,33 +288,43 @@ def flatten_model(model: Mapping, source: str) -> dict[str, torch.Tensor]:
 def checkpoint_parts(checkpoint: Any, source: str) -> tuple[Any, Mapping]:
     """(args, model dict) of a loaded Megatron checkpoint, or a WeightsError saying what is missing."""
     if not isinstance(checkpoint, Mapping):
-        raise WeightsError(f"{source} is not a Megatron checkpoint: it holds a "
-                           f"{type(checkpoint).__name__}, not a dict with 'model' and 'args'")
+        raise WeightsError(
+            f"{source} is not a Megatron checkpoint: it holds a "
+            f"{type(checkpoint).__name__}, not a dict with 'model' and 'args'"
+        )
     keys = ", ".join(sorted(map(str, checkpoint))[:_LIST_LIMIT]) or "nothing"
     if "model" not in checkpoint:
-        hint = (" ('model0', 'model1', ... are virtual-pipeline chunks, which are not supported)"
-                if "model0" in checkpoint else "")
-        raise WeightsError(f"{source} is not a Megatron checkpoint: no 'model' entry (it has "
-                           f"{keys}){hint}")
+        hint = (
+            " ('model0', 'model1', ... are virtual-pipeline chunks, which are not supported)"
+            if "model0" in checkpoint
+            else ""
+        )
+        raise WeightsError(f"{source} is not a Megatron checkpoint: no 'model' entry (it has {keys}){hint}")
     if "args" not in checkpoint:
-        raise WeightsError(f"{source} has no 'args' entry (it has {keys}): the architecture "
-                           "(hidden_size, num_layers, rotary_emb_base, ...) is read from it")
+        raise WeightsError(
+            f"{source} has no 'args' entry (it has {keys}): the architecture "
+            "(hidden_size, num_layers, rotary_emb_base, ...) is read from it"
+        )
     args = checkpoint["args"]
     if isinstance(args, Mapping):
         args = argparse.Namespace(**args)
     if not isinstance(args, argparse.Namespace):
         raise WeightsError(f"{source}: 'args' is a {type(args).__name__}, expected argparse.Namespace")
     if not isinstance(checkpoint["model"], Mapping):
-        raise WeightsError(f"{source}: 'model' is a {type(checkpoint['model']).__name__}, "
-                           "expected a dict of tensors")
+        raise WeightsError(f"{source}: 'model' is a {type(checkpoint['model']).__name__}, expected a dict of tensors")
     return args, checkpoint["model"]
 
 
 # --------------------------------------------------------------------------- config from args
 
 
-def config_from_args(args: argparse.Namespace, vocab_size: int, bos_token_id: int | None,
-                     eos_token_id: int | None, source: str = "checkpoint"):
+def config_from_args(
+    args: argparse.Namespace,
+    vocab_size: int,
+    bos_token_id: int | None,
+    eos_token_id: int | None,
+    source: str = "checkpoint",
+):
     """A PersimmonConfig from Megatron ``args`` (names as in adept-inference's arguments.py)."""
     from persimmon_train.model import PersimmonConfig
 
@@ -315,29 +339,38 @@ def config_from_args(args: argparse.Namespace, vocab_size: int, bos_token_id: in
 
     def must(condition: bool, message: str) -> None:
         if not condition:
-            raise WeightsError(f"{source}: {message}; the Hugging Face Persimmon architecture "
-                               "cannot represent this checkpoint")
+            raise WeightsError(
+                f"{source}: {message}; the Hugging Face Persimmon architecture cannot represent this checkpoint"
+            )
 
     hidden, heads = int(arg("hidden_size")), int(arg("num_attention_heads"))
     pos_emb = arg("pos_emb", default="rotary")
     must(pos_emb == "rotary", f"args.pos_emb is {pos_emb!r}, not 'rotary'")
     kv_channels = arg("kv_channels", required=False)
-    must(kv_channels is None or heads * int(kv_channels) == hidden,
-         f"args.kv_channels ({kv_channels}) x num_attention_heads ({heads}) != hidden_size ({hidden})")
-    must(not arg("apply_residual_connection_post_layernorm", required=False),
-         "args.apply_residual_connection_post_layernorm is set")
+    must(
+        kv_channels is None or heads * int(kv_channels) == hidden,
+        f"args.kv_channels ({kv_channels}) x num_attention_heads ({heads}) != hidden_size ({hidden})",
+    )
+    must(
+        not arg("apply_residual_connection_post_layernorm", required=False),
+        "args.apply_residual_connection_post_layernorm is set",
+    )
     must(not arg("num_experts", required=False), "args.num_experts is set (mixture of experts)")
     for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
         size = arg(name, default=1)
         if int(size) != 1:
-            raise WeightsError(f"{source}: args.{name} is {size}: this file is one shard of a "
-                               "model-parallel checkpoint; merge the shards first")
+            raise WeightsError(
+                f"{source}: args.{name} is {size}: this file is one shard of a "
+                "model-parallel checkpoint; merge the shards first"
+            )
 
     if arg("sq_relu", required=False):
         act = "relu2"
     else:
-        must(not arg("openai_gelu", required=False) and not arg("onnx_safe", required=False),
-             "args.openai_gelu / onnx_safe select a tanh GeLU")
+        must(
+            not arg("openai_gelu", required=False) and not arg("onnx_safe", required=False),
+            "args.openai_gelu / onnx_safe select a tanh GeLU",
+        )
         act = "gelu"
 
     qk = arg("qk_layernorm", default="none")
@@ -345,14 +378,15 @@ def config_from_args(args: argparse.Namespace, vocab_size: int, bos_token_id: in
         qk_layernorm = qk
     else:
         # weights_per_tensor_parallel_rank_and_layer equals weights_per_layer with one shard.
-        must(qk in ("none", "weights_per_layer", "weights_per_tensor_parallel_rank_and_layer"),
-             f"args.qk_layernorm is {qk!r} (one LayerNorm per head)")
+        must(
+            qk in ("none", "weights_per_layer", "weights_per_tensor_parallel_rank_and_layer"),
+            f"args.qk_layernorm is {qk!r} (one LayerNorm per head)",
+        )
         qk_layernorm = qk != "none"
 
     padded = arg("padded_vocab_size", required=False)
     if padded is not None and int(padded) != vocab_size:
-        raise WeightsError(f"{source}: args.padded_vocab_size is {padded} but "
-                           f"{_EMBEDDING} has {vocab_size} rows")
+        raise WeightsError(f"{source}: args.padded_vocab_size is {padded} but {_EMBEDDING} has {vocab_size} rows")
     try:
         return PersimmonConfig(
             vocab_size=vocab_size,
@@ -395,8 +429,11 @@ def special_token_ids(tokenizer_path: str) -> tuple[int | None, int | None, int]
         return piece_id, piece_id, processor.get_piece_size()
     bos = processor.bos_id() if processor.bos_id() >= 0 else None
     eos = processor.eos_id() if processor.eos_id() >= 0 else None
-    warnings.warn(f"tokenizer {tokenizer_path} has no {ENDOFTEXT!r} piece (ADEPT's adept_vocab.model "
-                  f"has it); using its own bos/eos ids {bos}/{eos}", stacklevel=3)
+    warnings.warn(
+        f"tokenizer {tokenizer_path} has no {ENDOFTEXT!r} piece (ADEPT's adept_vocab.model "
+        f"has it); using its own bos/eos ids {bos}/{eos}",
+        stacklevel=3,
+    )
     return bos, eos, processor.get_piece_size()
 
 
@@ -420,14 +457,26 @@ def megatron_to_hf_names(config, tied: bool = False) -> dict[str, str]:
 def expected_shapes(config) -> dict[str, tuple[int, ...]]:
     """Hugging Face name -> shape, from the config alone."""
     h, i, v, d = config.hidden_size, config.intermediate_size, config.vocab_size, config.head_dim
-    shapes = {"model.embed_tokens.weight": (v, h), "lm_head.weight": (v, h),
-              "model.final_layernorm.weight": (h,), "model.final_layernorm.bias": (h,)}
-    layer = {"input_layernorm.weight": (h,), "input_layernorm.bias": (h,),
-             "self_attn.query_key_value.weight": (3 * h, h), "self_attn.query_key_value.bias": (3 * h,),
-             "self_attn.dense.weight": (h, h), "self_attn.dense.bias": (h,),
-             "post_attention_layernorm.weight": (h,), "post_attention_layernorm.bias": (h,),
-             "mlp.dense_h_to_4h.weight": (i, h), "mlp.dense_h_to_4h.bias": (i,),
-             "mlp.dense_4h_to_h.weight": (h, i), "mlp.dense_4h_to_h.bias": (h,)}
+    shapes = {
+        "model.embed_tokens.weight": (v, h),
+        "lm_head.weight": (v, h),
+        "model.final_layernorm.weight": (h,),
+        "model.final_layernorm.bias": (h,),
+    }
+    layer = {
+        "input_layernorm.weight": (h,),
+        "input_layernorm.bias": (h,),
+        "self_attn.query_key_value.weight": (3 * h, h),
+        "self_attn.query_key_value.bias": (3 * h,),
+        "self_attn.dense.weight": (h, h),
+        "self_attn.dense.bias": (h,),
+        "post_attention_layernorm.weight": (h,),
+        "post_attention_layernorm.bias": (h,),
+        "mlp.dense_h_to_4h.weight": (i, h),
+        "mlp.dense_h_to_4h.bias": (i,),
+        "mlp.dense_4h_to_h.weight": (h, i),
+        "mlp.dense_4h_to_h.bias": (h,),
+    }
     if config.qk_layernorm:
         layer.update({f"self_attn.{w}_layernorm.{p}": (d,) for w in "qk" for p in ("weight", "bias")})
     for n in range(config.num_hidden_layers):
@@ -443,8 +492,7 @@ class ConvertedTensors(Mapping):
     and the bytes go from the memory-mapped file straight to the output file.
     """
 
-    def __init__(self, flat: Mapping[str, torch.Tensor], hf_to_megatron: Mapping[str, str],
-                 dtype: torch.dtype):
+    def __init__(self, flat: Mapping[str, torch.Tensor], hf_to_megatron: Mapping[str, str], dtype: torch.dtype):
         self._flat, self._names, self._dtype = flat, dict(hf_to_megatron), dtype
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -458,19 +506,24 @@ class ConvertedTensors(Mapping):
         return len(self._names)
 
 
-def _check_tensors(flat: Mapping[str, torch.Tensor], names: Mapping[str, str], config,
-                   source: str) -> None:
+def _check_tensors(flat: Mapping[str, torch.Tensor], names: Mapping[str, str], config, source: str) -> None:
     missing = [name for name in names if name not in flat]
     if missing:
-        raise WeightsError(f"{source}: {len(missing)} tensors the architecture in args needs are "
-                           f"missing from 'model': {_preview(missing)}")
+        raise WeightsError(
+            f"{source}: {len(missing)} tensors the architecture in args needs are "
+            f"missing from 'model': {_preview(missing)}"
+        )
     unexpected = [name for name in flat if name not in names and not _INV_FREQ.fullmatch(name)]
     if unexpected:
-        raise WeightsError(f"{source}: {len(unexpected)} tensors in 'model' have no place in a "
-                           f"Persimmon model: {_preview(unexpected)}")
+        raise WeightsError(
+            f"{source}: {len(unexpected)} tensors in 'model' have no place in a Persimmon model: {_preview(unexpected)}"
+        )
     shapes = expected_shapes(config)
-    wrong = [f"{megatron} is {tuple(flat[megatron].shape)}, expected {shapes[hf]}"
-             for megatron, hf in names.items() if tuple(flat[megatron].shape) != shapes[hf]]
+    wrong = [
+        f"{megatron} is {tuple(flat[megatron].shape)}, expected {shapes[hf]}"
+        for megatron, hf in names.items()
+        if tuple(flat[megatron].shape) != shapes[hf]
+    ]
     if wrong:
         raise WeightsError(f"{source}: tensor shapes do not match args: {_preview(wrong)}")
     wrong = [name for name in names if not flat[name].is_floating_point()]
@@ -488,11 +541,13 @@ def _check_rotary_base(flat: Mapping[str, torch.Tensor], config, source: str) ->
     expected = 1.0 / (config.rope_theta ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
     for name, tensor in flat.items():
         if _INV_FREQ.fullmatch(name) and (
-                tensor.shape != expected.shape
-                or not torch.allclose(tensor.float(), expected, rtol=1e-2, atol=0)):
-            warnings.warn(f"{source}: {name} does not match rotary_emb_base={config.rope_theta} and "
-                          f"rotary_pct={config.partial_rotary_factor} from args; the config uses args",
-                          stacklevel=3)
+            tensor.shape != expected.shape or not torch.allclose(tensor.float(), expected, rtol=1e-2, atol=0)
+        ):
+            warnings.warn(
+                f"{source}: {name} does not match rotary_emb_base={config.rope_theta} and "
+                f"rotary_pct={config.partial_rotary_factor} from args; the config uses args",
+                stacklevel=3,
+            )
             return
 
 
@@ -554,8 +609,10 @@ def convert_adept_checkpoint(
         raise WeightsError(f"{source}: 'model' has no {_EMBEDDING} (found {_preview(sorted(flat))})")
     vocab_size = flat[_EMBEDDING].shape[0]
     if pieces > vocab_size:
-        raise WeightsError(f"tokenizer {tokenizer_path} has {pieces} pieces but {_EMBEDDING} has "
-                           f"only {vocab_size} rows: they do not belong together")
+        raise WeightsError(
+            f"tokenizer {tokenizer_path} has {pieces} pieces but {_EMBEDDING} has "
+            f"only {vocab_size} rows: they do not belong together"
+        )
     config = config_from_args(args, vocab_size, bos, eos, source)
     # Megatron saves no separate head when the embeddings are tied (untie_embeddings unset).
     tied = _HEAD not in flat and not getattr(args, "untie_embeddings", None)
@@ -570,10 +627,16 @@ def convert_adept_checkpoint(
     state = ConvertedTensors(flat, hf_to_megatron, dtype)
 
     num_parameters = sum(flat[m].numel() for m in hf_to_megatron.values())
-    weight_files = write_hf_folder(output_dir, ((name, state[name]) for name in state),
-                                   architecture="PersimmonForCausalLM", config=config,
-                                   tokenizer=Tokenizer(tokenizer_path), max_shard_size=max_shard_size,
-                                   overwrite=overwrite, progress_total=len(state))
+    weight_files = write_hf_folder(
+        output_dir,
+        ((name, state[name]) for name in state),
+        architecture="PersimmonForCausalLM",
+        config=config,
+        tokenizer=Tokenizer(tokenizer_path),
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        progress_total=len(state),
+    )
     del state, flat
     logger.info("wrote %s (%d parameters, %s)", output_dir, num_parameters, dtype)
     return ConversionResult(output_dir, source, config, weight_files, num_parameters, iteration)

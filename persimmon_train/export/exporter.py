@@ -50,8 +50,15 @@ def _check_not_inside(out_dir: str, checkpoint: str) -> None:
         raise ConfigError(f"output_dir: {out} overlaps the checkpoint it exports ({checkpoint})")
 
 
-def export_checkpoint(checkpoint: str, output_dir: str, *, dtype: str | None = "bf16", merge: bool = True,
-                      max_shard_size: int | str = "5GB", overwrite: bool = False) -> ExportResult:
+def export_checkpoint(
+    checkpoint: str,
+    output_dir: str,
+    *,
+    dtype: str | None = "bf16",
+    merge: bool = True,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+) -> ExportResult:
     """Export a training checkpoint (any strategy; full or LoRA; any head).
 
     merge=True: a plain HF model folder (LoRA folded into the base) with config, generation config,
@@ -81,12 +88,20 @@ def export_checkpoint(checkpoint: str, output_dir: str, *, dtype: str | None = "
     strategy = manifest["strategy"]["name"]
     peft = manifest.get("peft")
     if not merge and not peft:
-        raise ConfigError(f"merge=false: checkpoint {path} is a full fine-tuning run (no LoRA), "
-                          f"it has no adapter to export alone; use merge=true")
+        raise ConfigError(
+            f"merge=false: checkpoint {path} is a full fine-tuning run (no LoRA), "
+            f"it has no adapter to export alone; use merge=true"
+        )
     where = f"checkpoint {path}"
     name = source.model_class.__name__
-    log.info("export: %s (%s strategy, %s, %s) -> %s", path, strategy, "LoRA" if peft else "full fine-tuning",
-             name, output_dir)
+    log.info(
+        "export: %s (%s strategy, %s, %s) -> %s",
+        path,
+        strategy,
+        "LoRA" if peft else "full fine-tuning",
+        name,
+        output_dir,
+    )
     weights = iter_checkpoint_weights(path, manifest)
     if peft:
         settings = SimpleNamespace(**peft)
@@ -97,17 +112,31 @@ def export_checkpoint(checkpoint: str, output_dir: str, *, dtype: str | None = "
             config = lora_config(settings, manifest["task"])
             config.base_model_name_or_path = manifest["model"]["base"].get("path")
             config.inference_mode = True
-            files = write_adapter_folder(output_dir, {peft_saved_name(k): v for k, v in adapter.raw.items()},
-                                         adapter_config=config, tokenizer=source.tokenizer, dtype=torch_dtype,
-                                         overwrite=overwrite)
-            return ExportResult(os.path.abspath(output_dir), path, strategy, "adapter", name,
-                                dtype or "auto", files)
+            files = write_adapter_folder(
+                output_dir,
+                {peft_saved_name(k): v for k, v in adapter.raw.items()},
+                adapter_config=config,
+                tokenizer=source.tokenizer,
+                dtype=torch_dtype,
+                overwrite=overwrite,
+            )
+            return ExportResult(os.path.abspath(output_dir), path, strategy, "adapter", name, dtype or "auto", files)
         tensors = iter_merged_lora(source.iter_base(), adapter, settings, set(source.expected_shapes()), where)
     else:
         tensors = iter_full(weights, where)
     shapes = source.expected_shapes()
-    files = write_hf_folder(output_dir, tensors, architecture=name, config=source.config, tokenizer=source.tokenizer,
-                            expected_shapes=shapes, dtype=torch_dtype, max_shard_size=max_shard_size,
-                            overwrite=overwrite, progress_total=len(shapes))
-    return ExportResult(os.path.abspath(output_dir), path, strategy, "merged" if peft else "full", name,
-                        dtype or "auto", files)
+    files = write_hf_folder(
+        output_dir,
+        tensors,
+        architecture=name,
+        config=source.config,
+        tokenizer=source.tokenizer,
+        expected_shapes=shapes,
+        dtype=torch_dtype,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        progress_total=len(shapes),
+    )
+    return ExportResult(
+        os.path.abspath(output_dir), path, strategy, "merged" if peft else "full", name, dtype or "auto", files
+    )

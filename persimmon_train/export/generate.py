@@ -84,13 +84,24 @@ class IncrementalDecoder:
             return ""
         if not text.startswith(self.emitted):
             return ""  # an earlier piece decoded differently in context; cannot unprint it
-        new, self.emitted = text[len(self.emitted):], text
+        new, self.emitted = text[len(self.emitted) :], text
         return new
 
 
-def stream_generate(model, tokenizer, prompt: str, *, chat: bool = True, max_new_tokens: int = 64,
-                    greedy: bool = True, temperature: float = 0.7, top_k: int = 0, top_p: float = 0.9,
-                    seed: int = 0, write: Callable[[str], object] | None = None) -> tuple[list[int], str]:
+def stream_generate(
+    model,
+    tokenizer,
+    prompt: str,
+    *,
+    chat: bool = True,
+    max_new_tokens: int = 64,
+    greedy: bool = True,
+    temperature: float = 0.7,
+    top_k: int = 0,
+    top_p: float = 0.9,
+    seed: int = 0,
+    write: Callable[[str], object] | None = None,
+) -> tuple[list[int], str]:
     """Generate after `prompt` (wrapped as `human: ...\\n\\nadept:` when chat), writing text as it comes.
 
     Returns (generated ids, without the prompt; the final eos included if produced) and the text.
@@ -107,10 +118,18 @@ def stream_generate(model, tokenizer, prompt: str, *, chat: bool = True, max_new
         if piece and write is not None:
             write(piece)
 
-    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=temperature,
-                         top_k=top_k, top_p=top_p, eos_token_id=tokenizer.eos_id, generator=generator,
-                         on_token=on_token)
+    out = model.generate(
+        ids,
+        max_new_tokens=max_new_tokens,
+        do_sample=not greedy,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_token_id=tokenizer.eos_id,
+        generator=generator,
+        on_token=on_token,
+    )
     tail = decoder.finish()
     if tail and write is not None:
         write(tail)
-    return out[0, ids.shape[1]:].tolist(), decoder.emitted
+    return out[0, ids.shape[1] :].tolist(), decoder.emitted

@@ -25,7 +25,7 @@ _SAVED = f".modules_to_save.{ADAPTER_NAME}."
 
 
 def strip_peft_prefix(name: str) -> str:
-    return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+    return name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name
 
 
 @dataclass
@@ -55,8 +55,10 @@ def split_lora(tensors: Iterable[tuple[str, torch.Tensor]], where: str) -> LoraW
             weights.saved[name.replace(_SAVED, ".")] = value
         else:
             # lora_embedding_A/B, DoRA magnitudes, other adapters: not what merge_lora_weight folds.
-            raise WeightsError(f"{where}: tensor {key} is not a LoRA A/B matrix or a modules_to_save copy; "
-                               f"export merges plain LoRA on Linear layers only")
+            raise WeightsError(
+                f"{where}: tensor {key} is not a LoRA A/B matrix or a modules_to_save copy; "
+                f"export merges plain LoRA on Linear layers only"
+            )
     unpaired = sorted(set(weights.a) ^ set(weights.b))
     if unpaired:
         raise WeightsError(f"{where}: LoRA A and B do not pair up for {unpaired[:3]}")
@@ -68,8 +70,9 @@ def merge_one(name: str, base: torch.Tensor, lora: LoraWeights, peft_cfg) -> tor
     return merge_lora_weight(base.float(), lora.a[name], lora.b[name], peft_cfg)
 
 
-def iter_merged_lora(base: Iterable[tuple[str, torch.Tensor]], lora: LoraWeights, peft_cfg,
-                     expected: set[str], where: str) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_merged_lora(
+    base: Iterable[tuple[str, torch.Tensor]], lora: LoraWeights, peft_cfg, expected: set[str], where: str
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Base weights with the LoRA deltas folded in and the heads replaced by the trained copies.
 
     Base tensors the exported head does not have (a causal LM's `lm_head` under a classifier) are
@@ -90,8 +93,9 @@ def iter_merged_lora(base: Iterable[tuple[str, torch.Tensor]], lora: LoraWeights
         yield name, tensor
     missing = sorted(set(lora.a) - merged)
     if missing:
-        raise WeightsError(f"{where}: the adapter has LoRA weights for {missing[:3]}, which the base model "
-                           f"does not have")
+        raise WeightsError(
+            f"{where}: the adapter has LoRA weights for {missing[:3]}, which the base model does not have"
+        )
     yield from lora.saved.items()
 
 

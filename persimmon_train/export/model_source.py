@@ -43,8 +43,10 @@ class ModelSource:
         base = self.manifest["model"]["base"]
         if base.get("path"):
             if not os.path.isdir(base["path"]):
-                raise WeightsError(f"{self.path}/manifest.json: the run's base model {base['path']} is gone; "
-                                   f"the LoRA adapter cannot be merged without it (export merge=false still works)")
+                raise WeightsError(
+                    f"{self.path}/manifest.json: the run's base model {base['path']} is gone; "
+                    f"the LoRA adapter cannot be merged without it (export merge=false still works)"
+                )
             yield from iter_weights_folder(base["path"])
             return
         # The trainer seeds right before building a random-init model; do exactly the same.

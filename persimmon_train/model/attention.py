@@ -170,8 +170,9 @@ def _group_documents(lengths: list[int], tile: int) -> list[list[int]]:
 
 def _block_causal(doc_lengths: list[int], device) -> torch.Tensor:
     """[L, L] bool: causal within each of the consecutive documents, nothing across them."""
-    docs = torch.repeat_interleave(torch.arange(len(doc_lengths), device=device),
-                                   torch.tensor(doc_lengths, device=device))
+    docs = torch.repeat_interleave(
+        torch.arange(len(doc_lengths), device=device), torch.tensor(doc_lengths, device=device)
+    )
     n = docs.shape[0]
     causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()
     return causal & (docs[:, None] == docs[None, :])
@@ -180,7 +181,7 @@ def _block_causal(doc_lengths: list[int], device) -> torch.Tensor:
 def _segments_layout(position_ids: torch.Tensor, tile: int) -> AttentionLayout:
     batch, seq = position_ids.shape
     device = position_ids.device
-    starts = (position_ids == 0)
+    starts = position_ids == 0
     starts[:, 0] = True
     groups = []  # (first token in the flattened batch, document lengths)
     for b, row in enumerate(starts.cpu()):
@@ -205,13 +206,19 @@ def _segments_layout(position_ids: torch.Tensor, tile: int) -> AttentionLayout:
         return AttentionLayout(mask=None, is_causal=True, backend="segments", buckets=buckets)
     inverse = torch.empty_like(flat_order)
     inverse[flat_order] = torch.arange(batch * seq)
-    return AttentionLayout(mask=None, is_causal=True, backend="segments", buckets=buckets,
-                           order=flat_order.to(device), inverse=inverse.to(device))
+    return AttentionLayout(
+        mask=None,
+        is_causal=True,
+        backend="segments",
+        buckets=buckets,
+        order=flat_order.to(device),
+        inverse=inverse.to(device),
+    )
 
 
 def _varlen_layout(position_ids: torch.Tensor) -> AttentionLayout:
     batch, seq = position_ids.shape
-    starts = (position_ids == 0)
+    starts = position_ids == 0
     starts[:, 0] = True
     flat = starts.reshape(-1).nonzero().squeeze(-1)
     cu = torch.cat((flat, torch.tensor([batch * seq], device=flat.device))).to(torch.int32)
@@ -230,8 +237,7 @@ def _flex_layout(position_ids: torch.Tensor) -> AttentionLayout:
     kwargs = {}
     if position_ids.device.type == "cuda" and "_compile" in inspect.signature(create_block_mask).parameters:
         kwargs["_compile"] = True  # the uncompiled builder materialises [batch, seq, seq]
-    block_mask = create_block_mask(causal_same_document, batch, None, seq, seq, device=position_ids.device,
-                                   **kwargs)
+    block_mask = create_block_mask(causal_same_document, batch, None, seq, seq, device=position_ids.device, **kwargs)
     return AttentionLayout(mask=None, is_causal=True, backend="flex", block_mask=block_mask)
 
 
@@ -269,8 +275,9 @@ def build_layout(
         # q_len == 1 with a cache: the one query sees everything; otherwise plain causal.
         if q_len == 1 or past == 0:
             return AttentionLayout(mask=None, is_causal=q_len > 1)
-    return AttentionLayout(mask=_dense_mask(q_len, kv_len, attention_mask, position_ids, packed, pad, device),
-                           is_causal=False)
+    return AttentionLayout(
+        mask=_dense_mask(q_len, kv_len, attention_mask, position_ids, packed, pad, device), is_causal=False
+    )
 
 
 # ---------------------------------------------------------------------------- kernels
@@ -279,8 +286,14 @@ def build_layout(
 def sdpa_attend(q, k, v, layout: AttentionLayout, scale: float, dropout_p: float = 0.0):
     """q, k, v: [batch, heads, seq, head_dim]. Returns [batch, heads, q_len, head_dim]."""
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=layout.mask, is_causal=layout.is_causal and layout.mask is None,
-        dropout_p=dropout_p, scale=scale)
+        q,
+        k,
+        v,
+        attn_mask=layout.mask,
+        is_causal=layout.is_causal and layout.mask is None,
+        dropout_p=dropout_p,
+        scale=scale,
+    )
 
 
 @torch.compiler.disable  # a Python loop over this batch's groups: compiling it would recompile per batch
@@ -304,8 +317,9 @@ def segments_attend(q, k, v, layout: AttentionLayout, scale: float, dropout_p: f
     outs = []
     for (length, n, mask), qb, kb, vb in zip(layout.buckets, *pieces):
         qb, kb, vb = (p.view(n, length, heads, dim).transpose(1, 2) for p in (qb, kb, vb))
-        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, is_causal=mask is None,
-                                             dropout_p=dropout_p, scale=scale)
+        out = F.scaled_dot_product_attention(
+            qb, kb, vb, attn_mask=mask, is_causal=mask is None, dropout_p=dropout_p, scale=scale
+        )
         outs.append(out.transpose(1, 2).reshape(n * length, heads, dim))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
     if layout.inverse is not None:
@@ -315,8 +329,10 @@ def segments_attend(q, k, v, layout: AttentionLayout, scale: float, dropout_p: f
 
 def _no_dropout(name: str, dropout_p: float) -> None:
     if dropout_p > 0:
-        raise ConfigError(f"model.attention={name} has no attention dropout; set model.attention_dropout=0 "
-                          f"or model.attention=sdpa|segments")
+        raise ConfigError(
+            f"model.attention={name} has no attention dropout; set model.attention_dropout=0 "
+            f"or model.attention=sdpa|segments"
+        )
 
 
 @functools.cache
@@ -342,8 +358,10 @@ def _varlen_signature() -> tuple[dict, bool]:
     elif "is_causal" in params:
         causal = {"is_causal": True}
     else:
-        raise RuntimeError(f"torch.nn.attention.varlen.varlen_attn{inspect.signature(_torch_varlen())}: "
-                           f"no is_causal or window_size argument")
+        raise RuntimeError(
+            f"torch.nn.attention.varlen.varlen_attn{inspect.signature(_torch_varlen())}: "
+            f"no is_causal or window_size argument"
+        )
     return causal, "scale" in params
 
 
@@ -357,7 +375,7 @@ def varlen_attend(q, k, v, layout: AttentionLayout, scale: float, dropout_p: flo
         causal, takes_scale = _varlen_signature()
         if takes_scale:
             causal = {**causal, "scale": scale}
-        elif abs(scale - head_dim ** -0.5) > 1e-12:
+        elif abs(scale - head_dim**-0.5) > 1e-12:
             raise RuntimeError("this torch's varlen_attn has no scale argument; only head_dim ** -0.5 is possible")
         out = _torch_varlen()(q, k, v, cu, cu, n, n, **causal)
     elif _flash_attn_varlen() is not None:

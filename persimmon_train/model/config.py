@@ -25,10 +25,24 @@ ATTENTION_BACKENDS = ("auto", "sdpa", "segments", "flex", "varlen")
 
 # Keys transformers writes that carry no architecture information for us; dropped silently.
 _IGNORED_KEYS = {
-    "transformers_version", "model_type", "architectures", "_name_or_path", "torch_dtype", "dtype",
-    "output_hidden_states", "output_attentions", "return_dict", "chunk_size_feed_forward",
-    "is_encoder_decoder", "use_cache", "initializer_range", "tie_word_embeddings",
-    "rope_parameters", "rope_scaling", "rope_theta", "partial_rotary_factor",
+    "transformers_version",
+    "model_type",
+    "architectures",
+    "_name_or_path",
+    "torch_dtype",
+    "dtype",
+    "output_hidden_states",
+    "output_attentions",
+    "return_dict",
+    "chunk_size_feed_forward",
+    "is_encoder_decoder",
+    "use_cache",
+    "initializer_range",
+    "tie_word_embeddings",
+    "rope_parameters",
+    "rope_scaling",
+    "rope_theta",
+    "partial_rotary_factor",
 }
 
 
@@ -82,8 +96,13 @@ class PersimmonConfig:
 
     def num_parameters(self, head: str = "causal_lm") -> int:
         """Parameter count computed from the numbers (no tensors built)."""
-        h, i, n, v, d = (self.hidden_size, self.intermediate_size, self.num_hidden_layers,
-                         self.vocab_size, self.head_dim)
+        h, i, n, v, d = (
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_hidden_layers,
+            self.vocab_size,
+            self.head_dim,
+        )
         attn = h * 3 * h + 3 * h + h * h + h + (4 * d if self.qk_layernorm else 0)
         mlp = h * i + i + i * h + h
         layer = attn + mlp + 4 * h
@@ -101,23 +120,30 @@ class PersimmonConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"config key '{key}' must be a positive integer, got {value!r}")
 
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "max_position_embeddings", "num_labels"):
+        for key in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "max_position_embeddings",
+            "num_labels",
+        ):
             positive_int(key)
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"config key 'num_attention_heads' ({self.num_attention_heads}) must divide "
-                f"'hidden_size' ({self.hidden_size})")
+                f"'hidden_size' ({self.hidden_size})"
+            )
         if self.hidden_act not in ACTIVATIONS:
-            raise ConfigError(
-                f"config key 'hidden_act' is {self.hidden_act!r}; known: {', '.join(ACTIVATIONS)}")
+            raise ConfigError(f"config key 'hidden_act' is {self.hidden_act!r}; known: {', '.join(ACTIVATIONS)}")
         if not 0.0 < self.partial_rotary_factor <= 1.0:
-            raise ConfigError(
-                f"config key 'partial_rotary_factor' must be in (0, 1], got {self.partial_rotary_factor}")
+            raise ConfigError(f"config key 'partial_rotary_factor' must be in (0, 1], got {self.partial_rotary_factor}")
         if self.rotary_dim < 2 or self.rotary_dim % 2:
             raise ConfigError(
                 f"config key 'partial_rotary_factor' ({self.partial_rotary_factor}) gives rotary dims "
-                f"{self.rotary_dim} of head_dim {self.head_dim}; it must be a positive even number")
+                f"{self.rotary_dim} of head_dim {self.head_dim}; it must be a positive even number"
+            )
         if not self.rope_theta > 0:
             raise ConfigError(f"config key 'rope_theta' must be > 0, got {self.rope_theta}")
         for key in ("hidden_dropout", "attention_dropout"):
@@ -129,18 +155,15 @@ class PersimmonConfig:
                 raise ConfigError(f"config key 'rope_scaling' must be a dict, got {rs!r}")
             kind = rs.get("type", rs.get("rope_type"))
             if kind not in ROPE_SCALING_TYPES:
-                raise ConfigError(
-                    f"config key 'rope_scaling.type' is {kind!r}; known: {', '.join(ROPE_SCALING_TYPES)}")
+                raise ConfigError(f"config key 'rope_scaling.type' is {kind!r}; known: {', '.join(ROPE_SCALING_TYPES)}")
             factor = rs.get("factor")
             if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor <= 1.0:
                 raise ConfigError(f"config key 'rope_scaling.factor' must be a number > 1, got {factor!r}")
             self.rope_scaling = {"type": kind, "factor": float(factor)}
         if self.attention not in ATTENTION_BACKENDS:
-            raise ConfigError(
-                f"config key 'attention' is {self.attention!r}; known: {', '.join(ATTENTION_BACKENDS)}")
+            raise ConfigError(f"config key 'attention' is {self.attention!r}; known: {', '.join(ATTENTION_BACKENDS)}")
         if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
-            raise ConfigError(
-                f"config key 'problem_type' is {self.problem_type!r}; known: {', '.join(PROBLEM_TYPES)}")
+            raise ConfigError(f"config key 'problem_type' is {self.problem_type!r}; known: {', '.join(PROBLEM_TYPES)}")
 
     # ------------------------------------------------------------------ (de)serialisation
     @classmethod
@@ -193,8 +216,11 @@ class PersimmonConfig:
         """A config.json dict that transformers 4.x and 5.x both load with these numbers."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("extra", "attention")}
         d.update(self.extra)
-        rope_parameters = {"rope_type": "default", "rope_theta": self.rope_theta,
-                           "partial_rotary_factor": self.partial_rotary_factor}
+        rope_parameters = {
+            "rope_type": "default",
+            "rope_theta": self.rope_theta,
+            "partial_rotary_factor": self.partial_rotary_factor,
+        }
         if self.rope_scaling:
             rope_parameters.update(rope_type=self.rope_scaling["type"], factor=self.rope_scaling["factor"])
         d["rope_parameters"] = rope_parameters
@@ -220,8 +246,7 @@ class PersimmonConfig:
 
     def save_generation_config(self, folder: str | os.PathLike) -> None:
         """generation_config.json with the special ids (causal LM folders; transformers reads it)."""
-        ids = {"bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
-               "pad_token_id": self.pad_token_id}
+        ids = {"bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id}
         with open(os.path.join(folder, "generation_config.json"), "w", encoding="utf-8") as f:
             json.dump({k: v for k, v in ids.items() if v is not None}, f, indent=2)
             f.write("\n")

@@ -62,7 +62,7 @@ class PersimmonAttention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
         # One fused projection whose output is [.., heads, 3, head_dim]: q, k, v interleaved per head.
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=True)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
@@ -118,8 +118,7 @@ class PersimmonModel(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.layers = nn.ModuleList(
-            PersimmonDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(PersimmonDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
@@ -130,8 +129,15 @@ class PersimmonModel(nn.Module):
         hidden = self.embed_tokens(input_ids)
         # One layout per forward, shared by every layer (a flex BlockMask, cu_seqlens or segment
         # groups are built here once, not per layer).
-        layout = build_layout(seq, past + seq, attention_mask, position_ids, input_ids.device,
-                              backend=self.config.attention, dtype=_compute_dtype(hidden))
+        layout = build_layout(
+            seq,
+            past + seq,
+            attention_mask,
+            position_ids,
+            input_ids.device,
+            backend=self.config.attention,
+            dtype=_compute_dtype(hidden),
+        )
         cos, sin = rotary_cos_sin(self.config, position_ids, hidden.dtype)
         for layer in self.layers:
             hidden = layer(hidden, cos, sin, layout, cache)

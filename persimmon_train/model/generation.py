@@ -68,9 +68,12 @@ def generate(
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     try:
         for _ in range(max_new_tokens):
-            positions = _positions(attention_mask)[:, -step_ids.shape[1]:]
-            logits = model(step_ids, attention_mask=attention_mask, position_ids=positions,
-                           cache=cache).logits[:, -1, :].float()
+            positions = _positions(attention_mask)[:, -step_ids.shape[1] :]
+            logits = (
+                model(step_ids, attention_mask=attention_mask, position_ids=positions, cache=cache)
+                .logits[:, -1, :]
+                .float()
+            )
             if do_sample:
                 logits = filter_logits(logits / max(temperature, 1e-5), top_k, top_p)
                 next_ids = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)

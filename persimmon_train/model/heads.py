@@ -92,8 +92,9 @@ class PersimmonPreTrainedModel(nn.Module):
         file_keys = set(read_weight_map(path))
         with torch.device("meta"):
             model = cls(config)
-        fresh = [name for name, _ in model.named_parameters()
-                 if name not in file_keys and name.startswith(cls.head_prefixes)]
+        fresh = [
+            name for name, _ in model.named_parameters() if name not in file_keys and name.startswith(cls.head_prefixes)
+        ]
         for prefix in {name.rsplit(".", 1)[0] for name in fresh}:
             module = model.get_submodule(prefix)
             module.to_empty(device="cpu")
@@ -105,8 +106,9 @@ class PersimmonPreTrainedModel(nn.Module):
         model.to(dtype or torch.float32)
         return model
 
-    def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB",
-                        state_dict: dict | None = None, tokenizer=None) -> None:
+    def save_pretrained(
+        self, path: str | os.PathLike, max_shard_size: int | str = "5GB", state_dict: dict | None = None, tokenizer=None
+    ) -> None:
         """Write config.json (+ generation_config.json) and safetensors shards transformers loads.
 
         Like transformers, an existing folder is updated: our files are replaced (stale shards of
@@ -115,8 +117,16 @@ class PersimmonPreTrainedModel(nn.Module):
         from persimmon_train.storage import write_hf_folder
 
         state = state_dict if state_dict is not None else self.state_dict()
-        write_hf_folder(os.fspath(path), state.items(), architecture=type(self).__name__, config=self.config,
-                        tokenizer=tokenizer, max_shard_size=max_shard_size, overwrite=True, key="path")
+        write_hf_folder(
+            os.fspath(path),
+            state.items(),
+            architecture=type(self).__name__,
+            config=self.config,
+            tokenizer=tokenizer,
+            max_shard_size=max_shard_size,
+            overwrite=True,
+            key="path",
+        )
 
 
 class LMHead(nn.Linear):
@@ -143,8 +153,16 @@ class PersimmonForCausalLM(PersimmonPreTrainedModel):
         self.lm_head = LMHead(config.hidden_size, config.vocab_size, bias=False)
         self.loss_chunk_size = loss_chunk_size
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None,
-                num_items_in_batch=None, return_logits: bool = False, cache=None) -> ModelOutput:
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        labels=None,
+        num_items_in_batch=None,
+        return_logits: bool = False,
+        cache=None,
+    ) -> ModelOutput:
         hidden = self.model(input_ids, attention_mask, position_ids, cache=cache)
         loss = logits = None
         if labels is not None:
@@ -169,8 +187,10 @@ def _last_token_index(input_ids, attention_mask, pad_token_id) -> torch.Tensor:
         # transformers' rule: the rightmost token that is not the pad token.
         return (positions * (input_ids != pad_token_id).to(positions.dtype)).argmax(-1)
     if input_ids.shape[0] != 1:
-        raise ConfigError("sequence classification of a batch needs an attention_mask or a pad_token_id "
-                          "in the model config, to find each row's last token")
+        raise ConfigError(
+            "sequence classification of a batch needs an attention_mask or a pad_token_id "
+            "in the model config, to find each row's last token"
+        )
     return torch.full((1,), input_ids.shape[-1] - 1, device=input_ids.device)
 
 
@@ -227,15 +247,20 @@ class PersimmonForTokenClassification(PersimmonPreTrainedModel):
         self.dropout = nn.Dropout(p)
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=True)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None,
-                num_items_in_batch=None, **_) -> ModelOutput:
+    def forward(
+        self, input_ids, attention_mask=None, position_ids=None, labels=None, num_items_in_batch=None, **_
+    ) -> ModelOutput:
         hidden = self.model(input_ids, attention_mask, position_ids)
         logits = self.score(self.dropout(hidden))
         loss = None
         if labels is not None:
             reduction = "mean" if num_items_in_batch is None else "sum"
-            loss = F.cross_entropy(logits.float().view(-1, self.config.num_labels), labels.view(-1),
-                                   ignore_index=IGNORE_INDEX, reduction=reduction)
+            loss = F.cross_entropy(
+                logits.float().view(-1, self.config.num_labels),
+                labels.view(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction=reduction,
+            )
             if num_items_in_batch is not None:
                 loss = loss / num_items_in_batch
         return ModelOutput(loss=loss, logits=logits)

@@ -70,14 +70,14 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         log_scale = torch.log(scale)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, n, chunk_size):
-                h = hidden[start:start + chunk_size].to(dtype)
-                t = targets[start:start + chunk_size]
+                h = hidden[start : start + chunk_size].to(dtype)
+                t = targets[start : start + chunk_size]
                 rows = torch.arange(t.shape[0], device=t.device)
-                logits = logits_buf[:t.shape[0]]
+                logits = logits_buf[: t.shape[0]]
                 if low_buf is None:
                     torch.mm(h, w.t(), out=logits)
                 else:
-                    logits.copy_(torch.mm(h, w.t(), out=low_buf[:t.shape[0]]))
+                    logits.copy_(torch.mm(h, w.t(), out=low_buf[: t.shape[0]]))
                 lse = torch.logsumexp(logits, dim=-1)
                 total += (lse - logits[rows, t]).sum()
                 if not (need_hidden or need_weight):
@@ -87,9 +87,9 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 grad_logits = logits.sub_((lse - log_scale)[:, None]).exp_()
                 grad_logits[rows, t] -= scale
                 if low_buf is not None:
-                    grad_logits = low_buf[:t.shape[0]].copy_(grad_logits)
+                    grad_logits = low_buf[: t.shape[0]].copy_(grad_logits)
                 if need_hidden:
-                    grad_hidden[start:start + chunk_size] = grad_logits @ w  # [chunk, hidden]: small
+                    grad_hidden[start : start + chunk_size] = grad_logits @ w  # [chunk, hidden]: small
                 if need_weight:
                     grad_weight.addmm_(grad_logits.t(), h)
         ctx.weight_dtype = weight.dtype
@@ -138,5 +138,12 @@ def chunked_causal_lm_loss(
     vocab = lm_head_weight.shape[0]
     chunk = max(1, min(chunk_size, LOGITS_CHUNK_BYTES // (4 * vocab)))
     grad_on = torch.is_grad_enabled()
-    return FusedLinearCrossEntropy.apply(flat, lm_head_weight, targets, scale, chunk,
-                                         grad_on and flat.requires_grad, grad_on and lm_head_weight.requires_grad)
+    return FusedLinearCrossEntropy.apply(
+        flat,
+        lm_head_weight,
+        targets,
+        scale,
+        chunk,
+        grad_on and flat.requires_grad,
+        grad_on and lm_head_weight.requires_grad,
+    )

@@ -29,7 +29,7 @@ def inverse_frequencies(config: PersimmonConfig, seq_len: int, device=None) -> t
     if kind == "dynamic" and seq_len > max_pos:
         base = base * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2))
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
-    inv_freq = 1.0 / (base ** exponents)
+    inv_freq = 1.0 / (base**exponents)
     if kind == "linear":
         inv_freq = inv_freq / factor
     return inv_freq

@@ -37,5 +37,11 @@ def build_strategy_from_config(cfg) -> Strategy:
     return strategy_class(cfg.strategy.name).from_run_config(cfg)
 
 
-__all__ = ["Strategy", "SingleDeviceStrategy", "STRATEGIES", "build_strategy", "build_strategy_from_config",
-           "strategy_class"]
+__all__ = [
+    "Strategy",
+    "SingleDeviceStrategy",
+    "STRATEGIES",
+    "build_strategy",
+    "build_strategy_from_config",
+    "strategy_class",
+]

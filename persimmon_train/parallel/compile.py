@@ -45,16 +45,23 @@ class CompileWatch:
         self.forwards += 1
         now = _graphs_compiled()
         if self.forwards == 1 and now == self.start:
-            log.warning("torch.compile: the first forward compiled no graph; the layers run eagerly (a graph "
-                        "break inside an activation-checkpointed layer, e.g. model.attention=segments, does that)")
+            log.warning(
+                "torch.compile: the first forward compiled no graph; the layers run eagerly (a graph "
+                "break inside an activation-checkpointed layer, e.g. model.attention=segments, does that)"
+            )
         if now != self.seen:
             new = now - self.seen
             if self.seen == self.start:
                 log.info("torch.compile: %d graph(s) compiled for the decoder layers", new)
             else:
                 self.recompiles += new
-                log.warning("torch.compile: recompiled (%d new graph(s), %d recompiles so far, forward %d); "
-                            "changing shapes or attention layouts cause this", new, self.recompiles, self.forwards)
+                log.warning(
+                    "torch.compile: recompiled (%d new graph(s), %d recompiles so far, forward %d); "
+                    "changing shapes or attention layouts cause this",
+                    new,
+                    self.recompiles,
+                    self.forwards,
+                )
             self.seen = now
 
 

@@ -49,9 +49,19 @@ log = logging.getLogger("persimmon_train")
 class DeepSpeedStrategy(DistributedStrategy):
     name = "deepspeed"
 
-    def __init__(self, *, ds_config: dict | None = None, precision: str = "bf16", device: str = "auto",
-                 backend: str = "auto", timeout_minutes: float = 30.0, config_source: str = "strategy.*",
-                 make_config=None, model_path: str | None = None, seed: int = 0):
+    def __init__(
+        self,
+        *,
+        ds_config: dict | None = None,
+        precision: str = "bf16",
+        device: str = "auto",
+        backend: str = "auto",
+        timeout_minutes: float = 30.0,
+        config_source: str = "strategy.*",
+        make_config=None,
+        model_path: str | None = None,
+        seed: int = 0,
+    ):
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
@@ -80,24 +90,45 @@ class DeepSpeedStrategy(DistributedStrategy):
     @classmethod
     def from_run_config(cls, cfg):
         s, t = cfg.strategy, cfg.trainer
-        common = dict(precision=t.precision, device=s.device, backend=s.backend, timeout_minutes=s.timeout_minutes,
-                      model_path=cfg.model.path, seed=t.seed)
-        keys = dict(micro_batch_size=t.micro_batch_size, grad_accum_steps=t.grad_accum_steps,
-                    grad_clip=cfg.optim.grad_clip)
+        common = dict(
+            precision=t.precision,
+            device=s.device,
+            backend=s.backend,
+            timeout_minutes=s.timeout_minutes,
+            model_path=cfg.model.path,
+            seed=t.seed,
+        )
+        keys = dict(
+            micro_batch_size=t.micro_batch_size, grad_accum_steps=t.grad_accum_steps, grad_clip=cfg.optim.grad_clip
+        )
         if s.config_file:
             # Read before joining the process group: a bad file fails before anything starts.
             raw = read_user_config(s.config_file)
 
             def make_user(world_size, precision):
-                return check_user_config(raw, s.config_file, world_size=world_size, precision=precision,
-                                         optim=cfg.optim, max_steps=t.max_steps, **keys)
+                return check_user_config(
+                    raw,
+                    s.config_file,
+                    world_size=world_size,
+                    precision=precision,
+                    optim=cfg.optim,
+                    max_steps=t.max_steps,
+                    **keys,
+                )
 
             return cls(make_config=make_user, config_source=s.config_file, **common)
 
         def make(world_size, precision):
-            return build_ds_config(stage=s.stage, world_size=world_size, precision=precision,
-                                   offload_optimizer=s.offload_optimizer, offload_param=s.offload_param,
-                                   nvme_path=s.nvme_path, extra=dict(s.extra) if s.extra else None, **keys)
+            return build_ds_config(
+                stage=s.stage,
+                world_size=world_size,
+                precision=precision,
+                offload_optimizer=s.offload_optimizer,
+                offload_param=s.offload_param,
+                nvme_path=s.nvme_path,
+                extra=dict(s.extra) if s.extra else None,
+                **keys,
+            )
 
         return cls(make_config=make, **common)
 
@@ -113,19 +144,26 @@ class DeepSpeedStrategy(DistributedStrategy):
         hidden = getattr(getattr(base, "config", None), "hidden_size", None)
         if hidden:
             fill_model_autos(self.ds_config, int(hidden), self.config_source)
-        log.info("deepspeed: ZeRO stage %d, config from %s: %s", self.stage, self.config_source,
-                 json.dumps(self.ds_config, sort_keys=True))
+        log.info(
+            "deepspeed: ZeRO stage %d, config from %s: %s",
+            self.stage,
+            self.config_source,
+            json.dumps(self.ds_config, sort_keys=True),
+        )
         if any(p.is_meta for p in model.parameters()):
             if self.stage != 3 or not self.model_path:
-                raise WeightsError("strategy=deepspeed: the model is on the meta device but this is not ZeRO-3 "
-                                   "from model.path")
+                raise WeightsError(
+                    "strategy=deepspeed: the model is on the meta device but this is not ZeRO-3 from model.path"
+                )
             from persimmon_train.parallel.zero3_load import materialize_zero3
 
-            self.load_report = materialize_zero3(model, self.model_path, self.ds_config, seed=self.seed,
-                                                 is_main=self.is_main, device=self._device)
+            self.load_report = materialize_zero3(
+                model, self.model_path, self.ds_config, seed=self.seed, is_main=self.is_main, device=self._device
+            )
         optimizer = make_optimizer(model)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config,
-                                                    dist_init_required=False)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False
+        )
         # A NaN/Inf gradient must skip the step on every stage and precision: ZeRO-1/2 check only
         # when asked (bf16's default, not fp32's); ZeRO-3 treats a non-finite norm as overflow.
         if hasattr(self.engine.optimizer, "check_grad_overflow"):
@@ -163,9 +201,11 @@ class DeepSpeedStrategy(DistributedStrategy):
         # On NaN/Inf gradients ZeRO discards the step (no weight, no optimizer state changes) and
         # zeroes the gradients; was_step_applied() tells the trainer the truth.
         if not self.engine.is_gradient_accumulation_boundary():
-            raise RuntimeError("deepspeed: optimizer step requested before the accumulation boundary "
-                               f"(gradient_accumulation_steps={self.grad_accum_steps} must equal "
-                               f"trainer.grad_accum_steps)")
+            raise RuntimeError(
+                "deepspeed: optimizer step requested before the accumulation boundary "
+                f"(gradient_accumulation_steps={self.grad_accum_steps} must equal "
+                f"trainer.grad_accum_steps)"
+            )
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         norm = torch.tensor(float("nan") if norm is None else float(norm))
@@ -181,11 +221,17 @@ class DeepSpeedStrategy(DistributedStrategy):
 
     def load_state(self, directory):
         if not os.path.isdir(os.path.join(directory, TAG)):
-            raise CheckpointError(f"{directory}: no {TAG}/ folder; not a strategy=deepspeed checkpoint "
-                               f"(see its manifest.json)")
+            raise CheckpointError(
+                f"{directory}: no {TAG}/ folder; not a strategy=deepspeed checkpoint (see its manifest.json)"
+            )
         frozen = any(not p.requires_grad for p in self.engine.module.parameters())
-        path, _ = self.engine.load_checkpoint(directory, tag=TAG, load_module_strict=not frozen,
-                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+        path, _ = self.engine.load_checkpoint(
+            directory,
+            tag=TAG,
+            load_module_strict=not frozen,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
         if path is None:
             raise CheckpointError(f"{directory}/{TAG}: DeepSpeed could not load this checkpoint")
 

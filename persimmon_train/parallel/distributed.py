@@ -20,8 +20,7 @@ from persimmon_train.parallel.base import Strategy
 
 def launched_world() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from the launcher's environment; (0, 1, 0) without one."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)))
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def pick_device(requested: str, local_rank: int) -> torch.device:
@@ -64,8 +63,9 @@ class DistributedStrategy(Strategy):
         init_process_group(self.backend, timeout_minutes)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         if world != self.world_size or rank != self.rank:
-            raise ConfigError(f"strategy: launcher says rank {rank}/{world} but the process group has "
-                              f"{self.rank}/{self.world_size}")
+            raise ConfigError(
+                f"strategy: launcher says rank {rank}/{world} but the process group has {self.rank}/{self.world_size}"
+            )
 
     @property
     def device(self) -> torch.device:

@@ -44,17 +44,28 @@ class FSDPStrategy(DistributedStrategy):
     name = "fsdp"
     loads_sharded_weights = True
 
-    def __init__(self, precision: str = "bf16", device: str = "auto", backend: str = "auto",
-                 timeout_minutes: float = 30.0, reshard_after_forward: bool = True, cpu_offload: bool = False,
-                 replicate_degree: int = 1, model_path: str | None = None, seed: int = 0):
+    def __init__(
+        self,
+        precision: str = "bf16",
+        device: str = "auto",
+        backend: str = "auto",
+        timeout_minutes: float = 30.0,
+        reshard_after_forward: bool = True,
+        cpu_offload: bool = False,
+        replicate_degree: int = 1,
+        model_path: str | None = None,
+        seed: int = 0,
+    ):
         if cpu_offload and pick_device(device, launched_world()[2]).type == "cpu":
             from persimmon_train.errors import ConfigError
 
             # FSDP's CPUOffloadPolicy moves shards between host memory and an accelerator; with the
             # model already on the CPU there is nothing to offload (torch fails deep inside instead).
             # Checked before joining the process group: nothing has started yet.
-            raise ConfigError("strategy.cpu_offload: true needs an accelerator (this rank's device is cpu, where "
-                              "everything is already in host memory); set strategy.cpu_offload=false")
+            raise ConfigError(
+                "strategy.cpu_offload: true needs an accelerator (this rank's device is cpu, where "
+                "everything is already in host memory); set strategy.cpu_offload=false"
+            )
         self._join(device, backend, timeout_minutes)
         self.precision = resolve_precision(precision, self._device)
         self.reshard_after_forward = reshard_after_forward
@@ -68,16 +79,24 @@ class FSDPStrategy(DistributedStrategy):
         if self.world_size % replicate_degree:
             from persimmon_train.errors import ConfigError
 
-            raise ConfigError(f"strategy.replicate_degree: {replicate_degree} does not divide the world "
-                              f"size {self.world_size}")
+            raise ConfigError(
+                f"strategy.replicate_degree: {replicate_degree} does not divide the world size {self.world_size}"
+            )
 
     @classmethod
     def from_run_config(cls, cfg):
         s = cfg.strategy
-        return cls(precision=cfg.trainer.precision, device=s.device, backend=s.backend,
-                   timeout_minutes=s.timeout_minutes, reshard_after_forward=s.reshard_after_forward,
-                   cpu_offload=s.cpu_offload, replicate_degree=s.replicate_degree, model_path=cfg.model.path,
-                   seed=cfg.trainer.seed)
+        return cls(
+            precision=cfg.trainer.precision,
+            device=s.device,
+            backend=s.backend,
+            timeout_minutes=s.timeout_minutes,
+            reshard_after_forward=s.reshard_after_forward,
+            cpu_offload=s.cpu_offload,
+            replicate_degree=s.replicate_degree,
+            model_path=cfg.model.path,
+            seed=cfg.trainer.seed,
+        )
 
     # ------------------------------------------------------------------ set-up
     def mesh(self):
@@ -100,10 +119,14 @@ class FSDPStrategy(DistributedStrategy):
 
         from persimmon_train.parallel.activation_checkpointing import decoder_layers
 
-        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-              if self.precision == "bf16" else MixedPrecisionPolicy())
-        common = dict(mesh=self.mesh(), mp_policy=mp,
-                      offload_policy=CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy())
+        mp = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if self.precision == "bf16"
+            else MixedPrecisionPolicy()
+        )
+        common = dict(
+            mesh=self.mesh(), mp_policy=mp, offload_policy=CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy()
+        )
         for layer in decoder_layers(model):
             fully_shard(layer, reshard_after_forward=self.reshard_after_forward, **common)
         fully_shard(model, **common)  # root: stays gathered between forward and backward (FSDP2 default)
@@ -132,8 +155,13 @@ class FSDPStrategy(DistributedStrategy):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         model.to_empty(device="cpu" if self.cpu_offload else self._device)
         self.load_report = load_sharded_safetensors(
-            model, self.model_path, fresh_prefixes=type(base).head_prefixes, ignore=type(base).foreign_head_keys,
-            seed=self.seed, init_std=base.config.initializer_range)
+            model,
+            self.model_path,
+            fresh_prefixes=type(base).head_prefixes,
+            ignore=type(base).foreign_head_keys,
+            seed=self.seed,
+            init_std=base.config.initializer_range,
+        )
 
     def unwrapped_model(self) -> nn.Module:
         return self.model
@@ -187,16 +215,24 @@ class FSDPStrategy(DistributedStrategy):
 
         path = os.path.join(directory, DCP_DIR)
         if not os.path.isdir(path):
-            raise CheckpointError(f"{directory}: no {DCP_DIR}/ folder; not a strategy=fsdp checkpoint "
-                               f"(see its manifest.json)")
+            raise CheckpointError(
+                f"{directory}: no {DCP_DIR}/ folder; not a strategy=fsdp checkpoint (see its manifest.json)"
+            )
         state = self._state()  # templates: this run's shapes and sharding; DCP reshards into them
         try:
             dcp.load(state, checkpoint_id=path)
         except Exception as exc:  # noqa: BLE001 - DCP raises CheckpointException wrapping per-rank errors
-            raise CheckpointError(f"{path}: cannot load into the model being trained ({_first_line(exc)}); "
-                               f"was it written with another model/peft config?") from None
-        set_state_dict(self.model, self.optimizer, model_state_dict=state[MODEL_KEY],
-                       optim_state_dict=state[OPTIM_KEY], options=self._options())
+            raise CheckpointError(
+                f"{path}: cannot load into the model being trained ({_first_line(exc)}); "
+                f"was it written with another model/peft config?"
+            ) from None
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state[MODEL_KEY],
+            optim_state_dict=state[OPTIM_KEY],
+            options=self._options(),
+        )
 
     def checkpoint_info(self) -> dict:
         return {**super().checkpoint_info(), "replicate_degree": self.replicate_degree, "format": "dcp"}

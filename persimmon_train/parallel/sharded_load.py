@@ -28,7 +28,7 @@ ADAPTER = "default"
 
 def file_name(param_name: str) -> str:
     """The HF checkpoint name a (possibly peft-wrapped) model parameter is loaded from."""
-    name = param_name[len(PEFT_PREFIX):] if param_name.startswith(PEFT_PREFIX) else param_name
+    name = param_name[len(PEFT_PREFIX) :] if param_name.startswith(PEFT_PREFIX) else param_name
     for wrapper in (".base_layer.", ".original_module.", f".modules_to_save.{ADAPTER}."):
         name = name.replace(wrapper, ".")
     return name
@@ -62,8 +62,15 @@ def _fresh_full(name: str, shape, generator: torch.Generator, std: float) -> tor
     return full
 
 
-def load_sharded_safetensors(model: nn.Module, folder: str, *, fresh_prefixes: tuple[str, ...], ignore: tuple[str, ...],
-                             seed: int, init_std: float) -> dict:
+def load_sharded_safetensors(
+    model: nn.Module,
+    folder: str,
+    *,
+    fresh_prefixes: tuple[str, ...],
+    ignore: tuple[str, ...],
+    seed: int,
+    init_std: float,
+) -> dict:
     """Fill every parameter's local shard from `folder` (HF safetensors) or a seeded fresh init.
 
     `fresh_prefixes`: HF names that may be missing from the file (new heads); LoRA adapter weights
@@ -101,8 +108,10 @@ class LoadPlan:
                     headers[path] = read_header(path)
                 entry = headers[path][source]
                 if tuple(entry.shape) != tuple(param.shape):
-                    raise WeightsError(f"tensor {source} in {path} has shape {list(entry.shape)} but "
-                                       f"the model expects {list(param.shape)}")
+                    raise WeightsError(
+                        f"tensor {source} in {path} has shape {list(entry.shape)} but "
+                        f"the model expects {list(param.shape)}"
+                    )
                 self.source[name] = (path, entry)
             elif source.startswith(fresh_prefixes):
                 self.fresh.append(name)
@@ -111,8 +120,9 @@ class LoadPlan:
         used = {file_name(n) for n in self.source}
         unexpected = sorted(set(weight_map) - used - set(ignore))
         if missing or unexpected:
-            raise WeightsError(f"{folder}: weights do not match the model: missing {sorted(missing)[:5]} "
-                               f"unexpected {unexpected[:5]}")
+            raise WeightsError(
+                f"{folder}: weights do not match the model: missing {sorted(missing)[:5]} unexpected {unexpected[:5]}"
+            )
 
     def fill(self, params: dict[str, torch.Tensor], generator: torch.Generator, init_std: float) -> None:
         """Fill the local shard of each of `params` (name -> parameter): file tensors, then fresh ones."""

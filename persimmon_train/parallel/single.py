@@ -62,8 +62,10 @@ class SingleDeviceStrategy(Strategy):
             from persimmon_train.errors import ConfigError
 
             # Every rank would train the same model and write the same files.
-            raise ConfigError(f"strategy: single was launched with WORLD_SIZE={world}; use strategy=fsdp or "
-                              f"strategy=deepspeed under torchrun / deepspeed")
+            raise ConfigError(
+                f"strategy: single was launched with WORLD_SIZE={world}; use strategy=fsdp or "
+                f"strategy=deepspeed under torchrun / deepspeed"
+            )
         self._device = pick_device(device)
         if self._device.type == "cuda":
             torch.cuda.set_device(self._device)
@@ -132,12 +134,15 @@ class SingleDeviceStrategy(Strategy):
         if missing or unexpected:
             raise CheckpointError(
                 f"{path}: does not match the model being trained (missing {sorted(missing)[:3]}, "
-                f"unexpected {sorted(unexpected)[:3]}); was it written with another model/peft config?")
+                f"unexpected {sorted(unexpected)[:3]}); was it written with another model/peft config?"
+            )
         params = dict(self.model.named_parameters())
         for name, tensor in weights.items():
             if tuple(tensor.shape) != tuple(params[name].shape):
-                raise CheckpointError(f"{path}: tensor {name} has shape {list(tensor.shape)} but the model being "
-                                      f"trained has {list(params[name].shape)}")
+                raise CheckpointError(
+                    f"{path}: tensor {name} has shape {list(tensor.shape)} but the model being "
+                    f"trained has {list(params[name].shape)}"
+                )
         with torch.no_grad():
             for name, tensor in weights.items():
                 params[name].copy_(tensor)

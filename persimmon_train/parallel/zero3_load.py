@@ -19,8 +19,9 @@ from torch import nn
 from persimmon_train.parallel.sharded_load import LoadPlan
 
 
-def materialize_zero3(model: nn.Module, folder: str, ds_config: dict, *, seed: int, is_main: bool,
-                      device: torch.device) -> dict:
+def materialize_zero3(
+    model: nn.Module, folder: str, ds_config: dict, *, seed: int, is_main: bool, device: torch.device
+) -> dict:
     """Fill and partition every parameter of the meta-built `model` from `folder`. Returns {"loaded", "fresh"}."""
     import deepspeed
 
@@ -46,6 +47,7 @@ def materialize_zero3(model: nn.Module, folder: str, ds_config: dict, *, seed: i
         deepspeed.zero.Init(module=holder, config_dict_or_path=ds_config)
     for name, buffer in model.named_buffers():
         if buffer.is_meta:
-            raise RuntimeError(f"zero3_load: buffer {name} is on the meta device; the model has buffers this "
-                               f"loader does not fill")
+            raise RuntimeError(
+                f"zero3_load: buffer {name} is on the meta device; the model has buffers this loader does not fill"
+            )
     return {"loaded": len(plan.source), "fresh": plan.fresh}

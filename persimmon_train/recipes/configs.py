@@ -18,8 +18,7 @@ from persimmon_train.errors import ConfigError
 from persimmon_train.recipes import HYDRA_JOBS, JOBS
 
 # data.format -> the recipe that trains it (evaluate accepts every format).
-_FORMAT_JOB = {"text": "finetune", "chat": "finetune", "classification": "classify",
-               "token_classification": "tag"}
+_FORMAT_JOB = {"text": "finetune", "chat": "finetune", "classification": "classify", "token_classification": "tag"}
 
 
 def _options(group: str) -> list[str]:
@@ -58,8 +57,11 @@ def listing() -> str:
                 options = [o for o in options if _job_of_experiment(o) == job]
             if options:
                 lines.append(f"    {group + '=':<12} {' | '.join(options)}")
-    lines += ["", "copy one to edit: persimmon-train cp finetune my_run.yaml   (or cp experiment/lora_chat_16k DIR/)",
-              "then:             persimmon-train finetune --config-path . --config-name my_run"]
+    lines += [
+        "",
+        "copy one to edit: persimmon-train cp finetune my_run.yaml   (or cp experiment/lora_chat_16k DIR/)",
+        "then:             persimmon-train finetune --config-path . --config-name my_run",
+    ]
     return "\n".join(lines)
 
 
@@ -67,8 +69,10 @@ def _source(name: str) -> Path:
     name = name[:-5] if name.endswith(".yaml") else name
     path = config_dir() / f"{name}.yaml"
     if ".." in Path(name).parts or not path.is_file():
-        raise ConfigError(f"cp: no shipped config {name!r}; `persimmon-train ls` lists them "
-                          f"(a recipe's config, e.g. finetune, or group/option, e.g. experiment/lora_chat_16k)")
+        raise ConfigError(
+            f"cp: no shipped config {name!r}; `persimmon-train ls` lists them "
+            f"(a recipe's config, e.g. finetune, or group/option, e.g. experiment/lora_chat_16k)"
+        )
     return path
 
 
@@ -96,8 +100,9 @@ def _next_step(name: str, target: Path) -> str:
     rel = Path(name[:-5] if name.endswith(".yaml") else name)
     if len(rel.parts) == 1:  # a primary config
         job = rel.name if rel.name in HYDRA_JOBS else "finetune"
-        return (f"run it: persimmon-train {job} --config-path {target.parent} --config-name {target.stem} "
-                f"[key=value ...]")
+        return (
+            f"run it: persimmon-train {job} --config-path {target.parent} --config-name {target.stem} [key=value ...]"
+        )
     group, root = rel.parts[0], target.parent.parent
     job = {"experiment": _job_of_experiment, "data": _job_of_data}.get(group, lambda _: None)(target.stem)
     return f"use it: persimmon-train {job or 'finetune'} --config-path {root} {group}={target.stem} [key=value ...]"
@@ -112,8 +117,10 @@ def run(command: str, argv: list[str]) -> None:
             return
         if any(a in ("-h", "--help") for a in argv) or len(argv) != 2:
             if len(argv) != 2 and not any(a in ("-h", "--help") for a in argv):
-                raise ConfigError("usage: persimmon-train cp CONFIG DEST (CONFIG: e.g. finetune or "
-                                  "experiment/lora_chat_16k; DEST: a .yaml file or a folder)")
+                raise ConfigError(
+                    "usage: persimmon-train cp CONFIG DEST (CONFIG: e.g. finetune or "
+                    "experiment/lora_chat_16k; DEST: a .yaml file or a folder)"
+                )
             print("usage: persimmon-train cp CONFIG DEST")
             return
         target = copy_config(*argv)

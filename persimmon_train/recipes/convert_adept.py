@@ -16,10 +16,11 @@ from persimmon_train.cli import prog
 from persimmon_train.cli_args import as_bool, parse_key_values, run_main
 from persimmon_train.errors import ConfigError
 
-USAGE = (f"usage: {prog('convert_adept')} checkpoint=PATH tokenizer=PATH output_dir=OUT "
-         "[dtype=bf16|fp32] [max_shard_size=5GB] [overwrite=false]")
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
-          "float32": torch.float32}
+USAGE = (
+    f"usage: {prog('convert_adept')} checkpoint=PATH tokenizer=PATH output_dir=OUT "
+    "[dtype=bf16|fp32] [max_shard_size=5GB] [overwrite=false]"
+)
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
 REQUIRED = ("checkpoint", "tokenizer", "output_dir")
 OPTIONAL = {"dtype": "bf16", "max_shard_size": "5GB", "overwrite": "false"}
 
@@ -35,18 +36,28 @@ def main(argv: list[str]) -> None:
     from persimmon_train.export.adept import convert_adept_checkpoint
 
     values = parse_args(argv)
-    result = convert_adept_checkpoint(values["checkpoint"], values["tokenizer"], values["output_dir"],
-                                      dtype=DTYPES[values["dtype"]],
-                                      max_shard_size=values["max_shard_size"],
-                                      overwrite=as_bool(values, "overwrite"))
+    result = convert_adept_checkpoint(
+        values["checkpoint"],
+        values["tokenizer"],
+        values["output_dir"],
+        dtype=DTYPES[values["dtype"]],
+        max_shard_size=values["max_shard_size"],
+        overwrite=as_bool(values, "overwrite"),
+    )
     config = result.config
-    print(f"converted {result.checkpoint_file}"
-          + (f" (iteration {result.iteration})" if result.iteration is not None else ""))
-    print(f"  {result.num_parameters:,} parameters, {values['dtype']}, "
-          f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, vocab {config.vocab_size}, "
-          f"rope_theta {config.rope_theta:g}, bos/eos {config.bos_token_id}/{config.eos_token_id}")
-    print(f"wrote {result.output_dir} ({', '.join(result.weight_files)}, config.json, "
-          "generation_config.json, tokenizer.model)")
+    print(
+        f"converted {result.checkpoint_file}"
+        + (f" (iteration {result.iteration})" if result.iteration is not None else "")
+    )
+    print(
+        f"  {result.num_parameters:,} parameters, {values['dtype']}, "
+        f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, vocab {config.vocab_size}, "
+        f"rope_theta {config.rope_theta:g}, bos/eos {config.bos_token_id}/{config.eos_token_id}"
+    )
+    print(
+        f"wrote {result.output_dir} ({', '.join(result.weight_files)}, config.json, "
+        "generation_config.json, tokenizer.model)"
+    )
 
 
 def run(argv: list[str] | None = None) -> None:

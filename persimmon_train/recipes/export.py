@@ -17,8 +17,10 @@ from __future__ import annotations
 from persimmon_train.cli import prog
 from persimmon_train.cli_args import as_bool, parse_key_values, run_main
 
-USAGE = (f"usage: {prog('export')} checkpoint=PATH output_dir=OUT [dtype=bf16|fp32] "
-         "[merge=true|false] [max_shard_size=5GB] [overwrite=false]")
+USAGE = (
+    f"usage: {prog('export')} checkpoint=PATH output_dir=OUT [dtype=bf16|fp32] "
+    "[merge=true|false] [max_shard_size=5GB] [overwrite=false]"
+)
 REQUIRED = ("checkpoint", "output_dir")
 OPTIONAL = {"dtype": "", "merge": "true", "max_shard_size": "5GB", "overwrite": "false"}
 
@@ -32,12 +34,18 @@ def main(argv: list[str]) -> None:
     merge = as_bool(values, "merge")
     # Default: a merged model in bf16 (what inference wants); an adapter as it was trained.
     dtype = values["dtype"] or ("bf16" if merge else "auto")
-    result = export_checkpoint(values["checkpoint"], values["output_dir"], dtype=dtype, merge=merge,
-                               max_shard_size=values["max_shard_size"], overwrite=as_bool(values, "overwrite"))
-    what = {"merged": "LoRA merged into the base", "full": "full fine-tuned weights",
-            "adapter": "PEFT LoRA adapter"}[result.kind]
-    print(f"exported {result.checkpoint} ({result.strategy} checkpoint, {what}, {result.model_class}, "
-          f"{result.dtype})")
+    result = export_checkpoint(
+        values["checkpoint"],
+        values["output_dir"],
+        dtype=dtype,
+        merge=merge,
+        max_shard_size=values["max_shard_size"],
+        overwrite=as_bool(values, "overwrite"),
+    )
+    what = {"merged": "LoRA merged into the base", "full": "full fine-tuned weights", "adapter": "PEFT LoRA adapter"}[
+        result.kind
+    ]
+    print(f"exported {result.checkpoint} ({result.strategy} checkpoint, {what}, {result.model_class}, {result.dtype})")
     print(f"wrote {result.output_dir} ({', '.join(result.files)})")
 
 

@@ -16,11 +16,22 @@ import sys
 from persimmon_train.cli import prog
 from persimmon_train.cli_args import as_bool, as_number, parse_key_values, run_main
 
-USAGE = (f"usage: {prog('generate')} model=PATH prompt=TEXT [max_new_tokens=64] [greedy=true] "
-         "[temperature=0.7] [top_k=0] [top_p=0.9] [chat=true] [seed=0] [dtype=bf16|fp32] [device=auto]")
+USAGE = (
+    f"usage: {prog('generate')} model=PATH prompt=TEXT [max_new_tokens=64] [greedy=true] "
+    "[temperature=0.7] [top_k=0] [top_p=0.9] [chat=true] [seed=0] [dtype=bf16|fp32] [device=auto]"
+)
 REQUIRED = ("model", "prompt")
-OPTIONAL = {"max_new_tokens": "64", "greedy": "true", "temperature": "0.7", "top_k": "0", "top_p": "0.9",
-            "chat": "true", "seed": "0", "dtype": "bf16", "device": "auto"}
+OPTIONAL = {
+    "max_new_tokens": "64",
+    "greedy": "true",
+    "temperature": "0.7",
+    "top_k": "0",
+    "top_p": "0.9",
+    "chat": "true",
+    "seed": "0",
+    "dtype": "bf16",
+    "device": "auto",
+}
 
 
 def main(argv: list[str]) -> None:
@@ -30,11 +41,15 @@ def main(argv: list[str]) -> None:
     from persimmon_train.export.generate import load_causal_lm, stream_generate
 
     values = parse_key_values(argv, REQUIRED, OPTIONAL, USAGE)
-    options = dict(max_new_tokens=as_number(values, "max_new_tokens", int, 1),
-                   greedy=as_bool(values, "greedy"), chat=as_bool(values, "chat"),
-                   temperature=as_number(values, "temperature", float, 0.0),
-                   top_k=as_number(values, "top_k", int, 0), top_p=as_number(values, "top_p", float, 0.0, 1.0),
-                   seed=as_number(values, "seed", int, 0))
+    options = dict(
+        max_new_tokens=as_number(values, "max_new_tokens", int, 1),
+        greedy=as_bool(values, "greedy"),
+        chat=as_bool(values, "chat"),
+        temperature=as_number(values, "temperature", float, 0.0),
+        top_k=as_number(values, "top_k", int, 0),
+        top_p=as_number(values, "top_p", float, 0.0, 1.0),
+        seed=as_number(values, "seed", int, 0),
+    )
     dtype = export_dtype(values["dtype"]) or torch.float32  # auto: the weights as trained
     device = values["device"]
     if device == "auto":

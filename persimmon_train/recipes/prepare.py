@@ -27,12 +27,16 @@ def report(cfg, stats: dict) -> str:
         if not s:
             continue
         if cfg.data.format in PACKED_FORMATS:
-            lines.append(f"  {split}: {s['documents']} documents -> {s['rows']} rows of {cfg.data.seq_len} tokens, "
-                         f"{s['real_tokens']} real tokens, packing efficiency {100 * s['efficiency']:.2f}%, "
-                         f"{s['split_documents']} split / {s['dropped_documents']} dropped long documents")
+            lines.append(
+                f"  {split}: {s['documents']} documents -> {s['rows']} rows of {cfg.data.seq_len} tokens, "
+                f"{s['real_tokens']} real tokens, packing efficiency {100 * s['efficiency']:.2f}%, "
+                f"{s['split_documents']} split / {s['dropped_documents']} dropped long documents"
+            )
         else:
-            lines.append(f"  {split}: {s['examples']} examples, {s['tokens']} tokens, {s['truncated']} truncated "
-                         f"to {cfg.data.seq_len} tokens")
+            lines.append(
+                f"  {split}: {s['examples']} examples, {s['tokens']} tokens, {s['truncated']} truncated "
+                f"to {cfg.data.seq_len} tokens"
+            )
     if stats.get("skipped_rows"):
         lines.append(f"  skipped {stats['skipped_rows']} bad rows (data.on_bad_row=skip)")
     return "\n".join(lines)
@@ -60,8 +64,10 @@ def run(argv: list[str] | None = None) -> None:
     if argv and argv[0] in HYDRA_JOBS:
         job, argv = argv[0], argv[1:]
     if any(a in ("-h", "--help") for a in argv):
-        print(f"usage: {prog('prepare')} [{'|'.join(HYDRA_JOBS)}] [key=value ...] "
-              "[--config-path DIR --config-name NAME]\n"
-              "the same overrides as the training command that follows; the default job is finetune")
+        print(
+            f"usage: {prog('prepare')} [{'|'.join(HYDRA_JOBS)}] [key=value ...] "
+            "[--config-path DIR --config-name NAME]\n"
+            "the same overrides as the training command that follows; the default job is finetune"
+        )
         return
     run_recipe(job, lambda cfg: prepare(cfg, job), argv)

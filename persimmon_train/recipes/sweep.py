@@ -78,8 +78,10 @@ def write_summary(path: Path, rows: list[dict]) -> None:
 
 def run_sweep(job: str, main, inv) -> list[dict]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("-m (multirun) runs its jobs one after another in one process; under a distributed "
-                          "launcher start one launch per combination instead")
+        raise ConfigError(
+            "-m (multirun) runs its jobs one after another in one process; under a distributed "
+            "launcher start one launch per combination instead"
+        )
     jobs, swept = expand(inv.overrides)
     if not swept:
         raise ConfigError("-m (multirun): no sweep in the overrides (e.g. optim.lr=1e-4,3e-4)")
@@ -123,6 +125,9 @@ def run_sweep(job: str, main, inv) -> list[dict]:
     print(f"[sweep] summary: {summary}", flush=True)
     for row in rows:
         loss = row.get("eval_loss")
-        print(f"  {row['job']}: {row['overrides']:<40} final eval loss "
-              f"{loss if not isinstance(loss, float) else f'{loss:.4f}'}  {row['output_dir']}", flush=True)
+        print(
+            f"  {row['job']}: {row['overrides']:<40} final eval loss "
+            f"{loss if not isinstance(loss, float) else f'{loss:.4f}'}  {row['output_dir']}",
+            flush=True,
+        )
     return rows

@@ -48,7 +48,7 @@ def _fsdp(path: str) -> Weights:
     for key, entry in metadata.state_dict_metadata.items():
         if not key.startswith(prefix) or not isinstance(entry, TensorStorageMetadata):
             continue
-        name = key[len(prefix):]
+        name = key[len(prefix) :]
         tensor = torch.empty(entry.size, dtype=entry.properties.dtype)
         dcp.load({DCP_MODEL_KEY: {name: tensor}}, storage_reader=dcp.FileSystemReader(folder), no_dist=True)
         yield name, tensor
@@ -61,8 +61,9 @@ def _deepspeed(path: str) -> Weights:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     except ImportError:
         raise CheckpointError(f"{path} is a DeepSpeed checkpoint; reading it needs the deepspeed package") from None
-    state = get_fp32_state_dict_from_zero_checkpoint(path, tag=DEEPSPEED_TAG, exclude_frozen_parameters=True,
-                                                     lazy_mode=True)
+    state = get_fp32_state_dict_from_zero_checkpoint(
+        path, tag=DEEPSPEED_TAG, exclude_frozen_parameters=True, lazy_mode=True
+    )
     for name in list(state):
         value = state.pop(name)
         yield name, value.contiguous() if hasattr(value, "contiguous") else value
@@ -76,6 +77,8 @@ def iter_checkpoint_weights(path: str, manifest: dict | None = None) -> Weights:
     manifest = manifest if manifest is not None else read_manifest(path)
     name = (manifest.get("strategy") or {}).get("name")
     if name not in READERS:
-        raise CheckpointError(f"{os.path.join(path, 'manifest.json')}: strategy {name!r} has no weights reader "
-                              f"(known: {', '.join(READERS)})")
+        raise CheckpointError(
+            f"{os.path.join(path, 'manifest.json')}: strategy {name!r} has no weights reader "
+            f"(known: {', '.join(READERS)})"
+        )
     return READERS[name](path)

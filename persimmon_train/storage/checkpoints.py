@@ -65,8 +65,11 @@ def list_step_dirs(output_dir: str) -> list[tuple[int, str]]:
     root = checkpoints_root(output_dir)
     if not os.path.isdir(root):
         return []
-    found = [(int(m.group(1)), os.path.join(root, name)) for name in os.listdir(root)
-             if (m := STEP_DIR.match(name)) and os.path.isdir(os.path.join(root, name))]
+    found = [
+        (int(m.group(1)), os.path.join(root, name))
+        for name in os.listdir(root)
+        if (m := STEP_DIR.match(name)) and os.path.isdir(os.path.join(root, name))
+    ]
     return sorted(found)
 
 
@@ -120,8 +123,9 @@ class LocalComm:
         return obj
 
 
-def save_checkpoint(output_dir: str, step: int, *, comm, write_files: Callable[[str], None], metadata: dict,
-                    keep_last: int = 0) -> str:
+def save_checkpoint(
+    output_dir: str, step: int, *, comm, write_files: Callable[[str], None], metadata: dict, keep_last: int = 0
+) -> str:
     """Write `step_<step>/` (collective: every rank calls it) and prune old checkpoints.
 
     `write_files(folder)` runs on every rank and writes that rank's files (weights, optimizer,
@@ -154,16 +158,25 @@ def save_checkpoint(output_dir: str, step: int, *, comm, write_files: Callable[[
 
     agree(lambda: write_files(tmp))
     files = comm.broadcast_object(_relative_files(tmp) if comm.is_main else None)
-    sums = agree(lambda: {name: {"size": os.path.getsize(os.path.join(tmp, name)),
-                                 "crc32": file_crc32(os.path.join(tmp, name))} for name in _my_share(files, comm)})
+    sums = agree(
+        lambda: {
+            name: {"size": os.path.getsize(os.path.join(tmp, name)), "crc32": file_crc32(os.path.join(tmp, name))}
+            for name in _my_share(files, comm)
+        }
+    )
     gathered = _gather(comm, sums)
 
     def commit() -> None:
         if not comm.is_main:
             return
         listing = {name: entry for share in gathered for name, entry in share.items()}
-        manifest = {"format": FORMAT, "version": VERSION, "step": step, **metadata,
-                    "files": dict(sorted(listing.items()))}
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "step": step,
+            **metadata,
+            "files": dict(sorted(listing.items())),
+        }
         atomic_write_text(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=2) + "\n")
         with disk_errors(final):
             if os.path.isdir(final):
@@ -212,8 +225,10 @@ def read_manifest(path: str) -> dict:
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path} does not exist or is not a folder")
     if not os.path.isfile(manifest_path):
-        raise CheckpointError(f"{manifest_path} is missing: the checkpoint is incomplete (its write was "
-                              f"interrupted) or was not written by persimmon-train")
+        raise CheckpointError(
+            f"{manifest_path} is missing: the checkpoint is incomplete (its write was "
+            f"interrupted) or was not written by persimmon-train"
+        )
     try:
         with open(manifest_path, encoding="utf-8") as handle:
             manifest = json.load(handle)
@@ -223,8 +238,10 @@ def read_manifest(path: str) -> dict:
     if not valid or not isinstance(manifest.get("files"), dict):
         raise CheckpointError(f"{manifest_path} is not a persimmon-train checkpoint manifest")
     if manifest.get("version", 0) > VERSION:
-        raise CheckpointError(f"{manifest_path}: version {manifest['version']} is newer than this "
-                              f"persimmon-train understands ({VERSION}); upgrade")
+        raise CheckpointError(
+            f"{manifest_path}: version {manifest['version']} is newer than this "
+            f"persimmon-train understands ({VERSION}); upgrade"
+        )
     return manifest
 
 
@@ -254,8 +271,9 @@ def validate_checkpoint(path: str, comm=None, checksums: bool = True) -> dict:
     if errors:
         raise CheckpointError(errors[0])
     files = sorted(manifest["files"])
-    problems = [p for name in _my_share(files, comm)
-                if (p := _check_file(path, name, manifest["files"][name], checksums))]
+    problems = [
+        p for name in _my_share(files, comm) if (p := _check_file(path, name, manifest["files"][name], checksums))
+    ]
     problems = [p for share in _gather(comm, problems) for p in share]
     if problems:
         raise CheckpointError(problems[0])
@@ -304,6 +322,8 @@ def find_checkpoint(path: str) -> str:
         return path
     chosen = choose_resume("latest", path)
     if chosen is None:
-        raise ConfigError(f"checkpoint: {path} is neither a training checkpoint (checkpoints/step_N with "
-                          f"{MANIFEST}) nor a run folder with a complete checkpoint")
+        raise ConfigError(
+            f"checkpoint: {path} is neither a training checkpoint (checkpoints/step_N with "
+            f"{MANIFEST}) nor a run folder with a complete checkpoint"
+        )
     return chosen[0]

@@ -110,8 +110,10 @@ def check_output_folder(path: str, key: str, overwrite: bool) -> str:
     """An export destination: new, empty, or (overwrite=True) a folder whose files we may replace."""
     path = check_writable_folder(path, key)
     if os.path.isdir(path) and os.listdir(path) and not overwrite:
-        raise ConfigError(f"{key}: {path} exists and is not empty; choose a new folder or pass overwrite=true "
-                          f"(which replaces only the files the export writes)")
+        raise ConfigError(
+            f"{key}: {path} exists and is not empty; choose a new folder or pass overwrite=true "
+            f"(which replaces only the files the export writes)"
+        )
     return path
 
 

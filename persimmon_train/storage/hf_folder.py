@@ -36,10 +36,20 @@ def is_own_file(name: str) -> bool:
     return name in _OWN_FILES or is_weight_file(name)
 
 
-def write_hf_folder(out_dir: str, tensors: Iterable[tuple[str, torch.Tensor]], *, architecture: str, config,
-                    tokenizer=None, expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
-                    dtype: torch.dtype | None = None, max_shard_size: int | str = "5GB",
-                    overwrite: bool = False, key: str = "output_dir", progress_total: int | None = None) -> list[str]:
+def write_hf_folder(
+    out_dir: str,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    architecture: str,
+    config,
+    tokenizer=None,
+    expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    key: str = "output_dir",
+    progress_total: int | None = None,
+) -> list[str]:
     """Stream `(name, tensor)` pairs (HF names) into `out_dir` as a model folder; returns the weight files.
 
     Each tensor is cast to `dtype` (floating tensors; None keeps it) as it arrives and dropped once
@@ -54,8 +64,10 @@ def write_hf_folder(out_dir: str, tensors: Iterable[tuple[str, torch.Tensor]], *
                     if name not in expected_shapes:
                         raise WeightsError(f"tensor {name} is not a weight of {architecture}")
                     if tuple(tensor.shape) != tuple(expected_shapes[name]):
-                        raise WeightsError(f"tensor {name} has shape {list(tensor.shape)} but {architecture} "
-                                           f"expects {list(expected_shapes[name])}")
+                        raise WeightsError(
+                            f"tensor {name} has shape {list(tensor.shape)} but {architecture} "
+                            f"expects {list(expected_shapes[name])}"
+                        )
                 if dtype is not None and tensor.is_floating_point():
                     tensor = tensor.to(dtype)
                 writer.add(name, tensor)
@@ -63,8 +75,9 @@ def write_hf_folder(out_dir: str, tensors: Iterable[tuple[str, torch.Tensor]], *
             if expected_shapes is not None:
                 missing = sorted(set(expected_shapes) - writer.names)
                 if missing:
-                    raise WeightsError(f"{len(missing)} weights of {architecture} were not produced, "
-                                       f"e.g. {missing[:5]}")
+                    raise WeightsError(
+                        f"{len(missing)} weights of {architecture} were not produced, e.g. {missing[:5]}"
+                    )
             files = writer.close()
         config.save_pretrained(tmp, architectures=[architecture])
         if architecture.endswith("ForCausalLM"):
@@ -74,9 +87,16 @@ def write_hf_folder(out_dir: str, tensors: Iterable[tuple[str, torch.Tensor]], *
     return files
 
 
-def write_adapter_folder(out_dir: str, tensors: Mapping[str, torch.Tensor], *, adapter_config, tokenizer=None,
-                         dtype: torch.dtype | None = None, overwrite: bool = False,
-                         key: str = "output_dir") -> list[str]:
+def write_adapter_folder(
+    out_dir: str,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    adapter_config,
+    tokenizer=None,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    key: str = "output_dir",
+) -> list[str]:
     """adapter_model.safetensors (names as peft saves them) + adapter_config.json; returns the files."""
     out_dir = check_output_folder(out_dir, key, overwrite)
     weights = {}

@@ -69,7 +69,8 @@ def load_safetensors_into(
         raise WeightsError(_key_mismatch_message(folder, missing, unexpected, files))
 
     mismatched = [
-        name for name, tensor in targets.items()
+        name
+        for name, tensor in targets.items()
         if name in files and not ignored(name) and files[name].shape != tuple(tensor.shape)
     ]
     if mismatched:

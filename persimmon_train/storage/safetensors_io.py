@@ -54,19 +54,37 @@ LIST_LIMIT = 10
 DTYPES: dict[str, torch.dtype] = {
     tag: getattr(torch, name)
     for tag, name in {
-        "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-        "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
-        "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
-        "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+        "F64": "float64",
+        "F32": "float32",
+        "F16": "float16",
+        "BF16": "bfloat16",
+        "I64": "int64",
+        "I32": "int32",
+        "I16": "int16",
+        "I8": "int8",
+        "U64": "uint64",
+        "U32": "uint32",
+        "U16": "uint16",
+        "U8": "uint8",
+        "BOOL": "bool",
+        "F8_E4M3": "float8_e4m3fn",
+        "F8_E5M2": "float8_e5m2",
     }.items()
     if hasattr(torch, name)
 }
 TAGS: dict[torch.dtype, str] = {dtype: tag for tag, dtype in DTYPES.items()}
 
 _SIZE_UNITS = {
-    "": 1, "B": 1,
-    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,  # decimal, as transformers / huggingface_hub
-    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,  # decimal, as transformers / huggingface_hub
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
 }
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
 
@@ -84,8 +102,10 @@ def parse_size(size: int | str, key: str = "max_shard_size") -> int:
         match = _SIZE_RE.match(size)
         unit = match.group(2).upper() if match else None
         if unit not in _SIZE_UNITS:
-            raise ConfigError(f"{key}: {size!r} is not a size: use bytes or a number with "
-                              "KB/MB/GB/TB (or KiB/MiB/GiB/TiB), e.g. '5GB'")
+            raise ConfigError(
+                f"{key}: {size!r} is not a size: use bytes or a number with "
+                "KB/MB/GB/TB (or KiB/MiB/GiB/TiB), e.g. '5GB'"
+            )
         value = int(float(match.group(1)) * _SIZE_UNITS[unit])
     else:
         raise ConfigError(f"{key}: {size!r} is not a size: give an int or a string like '5GB'")
@@ -99,7 +119,7 @@ def has_nonfinite(tensor: torch.Tensor, chunk: int = 1 << 18) -> bool:
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return False
     flat = tensor.reshape(-1)
-    return any(not bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+    return any(not bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk))
 
 
 def preview(names: list[str]) -> str:
@@ -178,7 +198,9 @@ def _parse_entry(name: str, entry) -> tuple[str, tuple[int, ...], int, int]:
         valid = (
             isinstance(dtype, str)
             and all(isinstance(dim, int) and dim >= 0 for dim in shape)
-            and isinstance(start, int) and isinstance(end, int) and 0 <= start <= end
+            and isinstance(start, int)
+            and isinstance(end, int)
+            and 0 <= start <= end
         )
     except (TypeError, KeyError, ValueError):
         valid = False
@@ -212,8 +234,9 @@ def inspect_folder(folder: str | os.PathLike) -> dict[str, TensorEntry]:
         return _inspect_index(folder, index_path)
 
     pickles = [name for name in _PICKLE_WEIGHT_NAMES if os.path.exists(os.path.join(folder, name))]
-    pickles += sorted(entry for entry in os.listdir(folder)
-                      if re.fullmatch(r"pytorch_model-\d{5}-of-\d{5}\.bin", entry))[:1]
+    pickles += sorted(
+        entry for entry in os.listdir(folder) if re.fullmatch(r"pytorch_model-\d{5}-of-\d{5}\.bin", entry)
+    )[:1]
     hint = f"; found {', '.join(pickles)}: pickle weights are not loaded, convert to safetensors" if pickles else ""
     raise WeightsError(f"no weights in {folder}: expected {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}{hint}")
 
@@ -228,8 +251,9 @@ def _inspect_index(folder: str, index_path: str) -> dict[str, TensorEntry]:
     if not isinstance(weight_map, dict) or not all(
         isinstance(name, str) and isinstance(file, str) for name, file in weight_map.items()
     ):
-        raise WeightsError(f"weights index {index_path} is malformed: expected "
-                           '{"weight_map": {"tensor name": "file name", ...}}')
+        raise WeightsError(
+            f'weights index {index_path} is malformed: expected {{"weight_map": {{"tensor name": "file name", ...}}}}'
+        )
     names_by_file: dict[str, list[str]] = defaultdict(list)
     for name, file_name in weight_map.items():
         names_by_file[file_name].append(name)
@@ -237,13 +261,14 @@ def _inspect_index(folder: str, index_path: str) -> dict[str, TensorEntry]:
     for file_name, names in names_by_file.items():
         path = os.path.join(folder, file_name)
         if os.path.basename(file_name) != file_name or not os.path.isfile(path):
-            raise WeightsError(f"weights index {index_path} maps {len(names)} tensors (e.g. {names[0]}) to "
-                               f"{file_name}, which is missing from {folder}")
+            raise WeightsError(
+                f"weights index {index_path} maps {len(names)} tensors (e.g. {names[0]}) to "
+                f"{file_name}, which is missing from {folder}"
+            )
         header = read_header(path)
         for name in names:  # an index may list a file's tensors only in part
             if name not in header:
-                raise WeightsError(f"weights index {index_path} maps tensor {name} to {path}, "
-                                   f"which has no such tensor")
+                raise WeightsError(f"weights index {index_path} maps tensor {name} to {path}, which has no such tensor")
             entries[name] = header[name]
     return entries
 
@@ -306,8 +331,11 @@ def write_safetensors_file(path: str, tensors: Mapping[str, torch.Tensor], metad
         if tensor.dtype not in TAGS:
             raise WeightsError(f"cannot save {name}: dtype {tensor.dtype} has no safetensors tag")
         size = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": TAGS[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": TAGS[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)  # the format pads the header to 8-byte alignment
@@ -396,8 +424,9 @@ class ShardWriter:
             self.abort()
             raise
         count = len(self._parts)
-        names = [SAFE_WEIGHTS_NAME] if count == 1 else [
-            _SHARD_NAME.format(index=i + 1, count=count) for i in range(count)]
+        names = (
+            [SAFE_WEIGHTS_NAME] if count == 1 else [_SHARD_NAME.format(index=i + 1, count=count) for i in range(count)]
+        )
         index_path = os.path.join(self.folder, SAFE_WEIGHTS_INDEX_NAME)
         with disk_errors(self.folder):
             if count > 1:
@@ -406,8 +435,10 @@ class ShardWriter:
             for i, final in enumerate(names):
                 os.replace(os.path.join(self.folder, _PART_NAME.format(index=i)), os.path.join(self.folder, final))
             if count > 1:
-                index = {"metadata": {"total_size": self.total_size},
-                         "weight_map": {t: f for f, part in zip(names, self._parts) for t in part}}
+                index = {
+                    "metadata": {"total_size": self.total_size},
+                    "weight_map": {t: f for f, part in zip(names, self._parts) for t in part},
+                }
                 atomic_write_text(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n")
             else:
                 _remove_if_present(index_path)
@@ -418,8 +449,12 @@ class ShardWriter:
         return names
 
 
-def save_safetensors(state_dict: Mapping[str, torch.Tensor], folder: str | os.PathLike,
-                     max_shard_size: int | str = "5GB", metadata: Mapping | None = None) -> list[str]:
+def save_safetensors(
+    state_dict: Mapping[str, torch.Tensor],
+    folder: str | os.PathLike,
+    max_shard_size: int | str = "5GB",
+    metadata: Mapping | None = None,
+) -> list[str]:
     """Write a whole state dict as HF safetensors into `folder` (through `ShardWriter`)."""
     with ShardWriter(os.fspath(folder), max_shard_size, metadata) as writer:
         for name, tensor in state_dict.items():

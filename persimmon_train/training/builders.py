@@ -144,8 +144,14 @@ def build_data_bundle(cfg, tokenizer, strategy):
     if not strategy.is_main:
         strategy.barrier()
     try:
-        return build_data(data_cfg, tokenizer, micro_batch_size=cfg.trainer.micro_batch_size,
-                          seed=cfg.trainer.seed, rank=strategy.rank, world_size=strategy.world_size)
+        return build_data(
+            data_cfg,
+            tokenizer,
+            micro_batch_size=cfg.trainer.micro_batch_size,
+            seed=cfg.trainer.seed,
+            rank=strategy.rank,
+            world_size=strategy.world_size,
+        )
     finally:
         if strategy.is_main:
             strategy.barrier()
@@ -159,12 +165,19 @@ def model_class(task: str):
 
 def _config_overrides(cfg, tokenizer, data) -> dict:
     m = cfg.model
-    overrides = {k: getattr(m, k) for k in ("hidden_dropout", "attention_dropout", "classifier_dropout")
-                 if getattr(m, k) is not None}
+    overrides = {
+        k: getattr(m, k)
+        for k in ("hidden_dropout", "attention_dropout", "classifier_dropout")
+        if getattr(m, k) is not None
+    }
     overrides["attention"] = m.attention  # a runtime choice, never read from config.json
     if cfg.task != "causal_lm" and data is not None and data.num_labels:
-        overrides.update(num_labels=data.num_labels, id2label=dict(data.id2label),
-                         label2id=dict(data.label2id), problem_type=data.problem_type)
+        overrides.update(
+            num_labels=data.num_labels,
+            id2label=dict(data.id2label),
+            label2id=dict(data.label2id),
+            problem_type=data.problem_type,
+        )
     return overrides
 
 
@@ -195,25 +208,44 @@ def build_model(cfg, tokenizer, data=None, meta: bool = False):
             model = head.from_pretrained(m.path, dtype=torch.float32, **overrides)
         if model.config.pad_token_id is None and tokenizer.pad_id is not None:
             model.config.pad_token_id = tokenizer.pad_id
-        check_seq_len(cfg.data.seq_len, model.config.max_position_embeddings, model.config.rope_scaling,
-                      f"{m.path}/config.json")
+        check_seq_len(
+            cfg.data.seq_len, model.config.max_position_embeddings, model.config.rope_scaling, f"{m.path}/config.json"
+        )
     else:
         vocab = m.vocab_size or tokenizer.vocab_size
         config = PersimmonConfig(
-            vocab_size=vocab, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-            num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
-            max_position_embeddings=m.max_position_embeddings, rope_theta=m.rope_theta,
+            vocab_size=vocab,
+            hidden_size=m.hidden_size,
+            intermediate_size=m.intermediate_size,
+            num_hidden_layers=m.num_hidden_layers,
+            num_attention_heads=m.num_attention_heads,
+            max_position_embeddings=m.max_position_embeddings,
+            rope_theta=m.rope_theta,
             partial_rotary_factor=m.partial_rotary_factor,
-            rope_scaling=dict(m.rope_scaling) if m.rope_scaling else None, qk_layernorm=m.qk_layernorm,
-            hidden_act=m.hidden_act, layer_norm_eps=m.layer_norm_eps, bos_token_id=tokenizer.bos_id,
-            eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id, **overrides)
+            rope_scaling=dict(m.rope_scaling) if m.rope_scaling else None,
+            qk_layernorm=m.qk_layernorm,
+            hidden_act=m.hidden_act,
+            layer_norm_eps=m.layer_norm_eps,
+            bos_token_id=tokenizer.bos_id,
+            eos_token_id=tokenizer.eos_id,
+            pad_token_id=tokenizer.pad_id,
+            **overrides,
+        )
         model = head.from_config(config)
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise ConfigError(f"model.vocab_size: the model has {model.config.vocab_size} token embeddings but "
-                          f"the tokenizer has {tokenizer.vocab_size} pieces; use the model's tokenizer")
-    log.info("model: %s (%s), %.2fM parameters; dropout: hidden=%s attention=%s (model.hidden_dropout / "
-             "model.attention_dropout)", m.path or f"random init '{m.name}'", type(model).__name__,
-             model.num_parameters() / 1e6, model.config.hidden_dropout, model.config.attention_dropout)
+        raise ConfigError(
+            f"model.vocab_size: the model has {model.config.vocab_size} token embeddings but "
+            f"the tokenizer has {tokenizer.vocab_size} pieces; use the model's tokenizer"
+        )
+    log.info(
+        "model: %s (%s), %.2fM parameters; dropout: hidden=%s attention=%s (model.hidden_dropout / "
+        "model.attention_dropout)",
+        m.path or f"random init '{m.name}'",
+        type(model).__name__,
+        model.num_parameters() / 1e6,
+        model.config.hidden_dropout,
+        model.config.attention_dropout,
+    )
     return model
 
 
@@ -227,8 +259,15 @@ def prepare_for_training(model, cfg, training: bool = True):
         model = apply_lora(model, cfg.peft, cfg.task)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
-        log.info("LoRA r=%d alpha=%s dropout=%s on %s: %.3fM of %.2fM parameters trainable", cfg.peft.r,
-                 cfg.peft.alpha, cfg.peft.dropout, list(cfg.peft.target_modules), trainable / 1e6, total / 1e6)
+        log.info(
+            "LoRA r=%d alpha=%s dropout=%s on %s: %.3fM of %.2fM parameters trainable",
+            cfg.peft.r,
+            cfg.peft.alpha,
+            cfg.peft.dropout,
+            list(cfg.peft.target_modules),
+            trainable / 1e6,
+            total / 1e6,
+        )
     elif training:
         log.info("full fine-tuning: all %.2fM parameters trainable", model.num_parameters() / 1e6)
     layers = apply_activation_checkpointing(model, cfg.trainer.activation_checkpointing)

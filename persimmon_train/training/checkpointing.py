@@ -30,8 +30,13 @@ def capture_rng() -> dict:
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
-                  int(np_state[3]), float(np_state[4])),
+        "numpy": (
+            np_state[0],
+            torch.from_numpy(np_state[1].astype(np.int64)),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -72,15 +77,18 @@ def manifest_metadata(cfg, strategy, model) -> dict:
     return {
         "task": cfg.task,
         "strategy": strategy.checkpoint_info(),
-        "model": {"architecture": type(model).__name__, "config": model.config.to_dict(),
-                  "base": {"path": os.path.abspath(cfg.model.path) if cfg.model.path else None,
-                           "seed": cfg.trainer.seed}},
+        "model": {
+            "architecture": type(model).__name__,
+            "config": model.config.to_dict(),
+            "base": {"path": os.path.abspath(cfg.model.path) if cfg.model.path else None, "seed": cfg.trainer.seed},
+        },
         "peft": peft_settings(cfg.peft) if cfg.peft.method == "lora" else None,
     }
 
 
-def save_checkpoint(output_dir: str, step: int, *, strategy, trainer_state: dict, metadata: dict, tokenizer,
-                    keep_last: int) -> str:
+def save_checkpoint(
+    output_dir: str, step: int, *, strategy, trainer_state: dict, metadata: dict, tokenizer, keep_last: int
+) -> str:
     """Write step_<step>/ (collective: every rank calls it); old ones beyond keep_last are pruned."""
 
     def write_files(folder: str) -> None:
@@ -89,8 +97,9 @@ def save_checkpoint(output_dir: str, step: int, *, strategy, trainer_state: dict
         if strategy.is_main and tokenizer is not None:
             tokenizer.save_pretrained(os.path.join(folder, store.TOKENIZER_DIR))
 
-    return store.save_checkpoint(output_dir, step, comm=strategy, write_files=write_files, metadata=metadata,
-                                 keep_last=keep_last)
+    return store.save_checkpoint(
+        output_dir, step, comm=strategy, write_files=write_files, metadata=metadata, keep_last=keep_last
+    )
 
 
 def load_checkpoint(path: str, *, strategy) -> dict:
@@ -99,8 +108,16 @@ def load_checkpoint(path: str, *, strategy) -> dict:
     return store.load_trainer_state(path, strategy.rank)
 
 
-_ARCHITECTURE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                      "partial_rotary_factor", "qk_layernorm", "num_labels")
+_ARCHITECTURE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "partial_rotary_factor",
+    "qk_layernorm",
+    "num_labels",
+)
 
 
 def check_resumable(path: str, manifest: dict, cfg, model_config, model_class: type, strategy=None) -> None:
@@ -113,31 +130,41 @@ def check_resumable(path: str, manifest: dict, cfg, model_config, model_class: t
 
     where = os.path.join(path, store.MANIFEST)
     written = manifest.get("strategy") or {}
-    if strategy is not None and written.get("name") == "deepspeed" and (
-            strategy.name != "deepspeed" or written.get("world_size") != strategy.world_size):
-        raise CheckpointError(f"resume: {where} was written by strategy=deepspeed on {written.get('world_size')} "
-                              f"ranks; DeepSpeed checkpoints resume only with strategy=deepspeed on the same number "
-                              f"of ranks (this run: strategy={strategy.name}, {strategy.world_size} ranks); "
-                              f"export it (recipes/export.py) and start from the export with model.path instead")
+    if (
+        strategy is not None
+        and written.get("name") == "deepspeed"
+        and (strategy.name != "deepspeed" or written.get("world_size") != strategy.world_size)
+    ):
+        raise CheckpointError(
+            f"resume: {where} was written by strategy=deepspeed on {written.get('world_size')} "
+            f"ranks; DeepSpeed checkpoints resume only with strategy=deepspeed on the same number "
+            f"of ranks (this run: strategy={strategy.name}, {strategy.world_size} ranks); "
+            f"export it (recipes/export.py) and start from the export with model.path instead"
+        )
     model = manifest.get("model") or {}
     if model.get("architecture") != model_class.__name__:
-        raise CheckpointError(f"resume: {where} was written by a {model.get('architecture')} run, this run "
-                              f"trains a {model_class.__name__} (task={cfg.task})")
+        raise CheckpointError(
+            f"resume: {where} was written by a {model.get('architecture')} run, this run "
+            f"trains a {model_class.__name__} (task={cfg.task})"
+        )
     saved, mine = model.get("config") or {}, model_config.to_dict()
     for key in _ARCHITECTURE_KEYS:
         if saved.get(key) != mine.get(key):
-            raise CheckpointError(f"resume: model.{key} is {mine.get(key)} but {where} was trained with "
-                                  f"{saved.get(key)}")
+            raise CheckpointError(
+                f"resume: model.{key} is {mine.get(key)} but {where} was trained with {saved.get(key)}"
+            )
     saved_peft = manifest.get("peft")
     mine_peft = peft_settings(cfg.peft) if cfg.peft.method == "lora" else None
     if (saved_peft is None) != (mine_peft is None):
-        raise CheckpointError(f"resume: peft={cfg.peft.method} but {where} was trained with "
-                              f"peft={'lora' if saved_peft else 'none'}")
+        raise CheckpointError(
+            f"resume: peft={cfg.peft.method} but {where} was trained with peft={'lora' if saved_peft else 'none'}"
+        )
     if saved_peft:
         for key in ("r", "alpha", "use_rslora", "target_modules", "modules_to_save"):
             if saved_peft.get(key) != mine_peft.get(key):
-                raise CheckpointError(f"resume: peft.{key} is {mine_peft.get(key)} but {where} was trained with "
-                                      f"{saved_peft.get(key)}")
+                raise CheckpointError(
+                    f"resume: peft.{key} is {mine_peft.get(key)} but {where} was trained with {saved_peft.get(key)}"
+                )
 
 
 def adapt_loader_state(saved: dict, loader) -> dict:
@@ -158,12 +185,22 @@ def adapt_loader_state(saved: dict, loader) -> dict:
     rows = saved["batch"] * old
     epoch_rows_old, epoch_rows_new = saved["num_rows"] // old * old, saved["num_rows"] // new * new
     if rows % new or epoch_rows_old != epoch_rows_new:
-        raise DataError(f"cannot resume the data loader at world_size={mine['world_size']} x "
-                        f"micro_batch_size={mine['micro_batch_size']}: the checkpoint's position ({rows} rows "
-                        f"into epoch {saved['epoch']}, global batch {old}) does not fall on a global batch of "
-                        f"{new}; keep world_size x micro_batch_size x grad_accum_steps constant")
-    log.info("loader: resuming a world_size=%s x micro_batch_size=%s position at world_size=%s x "
-             "micro_batch_size=%s", saved["world_size"], saved["micro_batch_size"], mine["world_size"],
-             mine["micro_batch_size"])
-    return {**saved, "batch": rows // new, "world_size": mine["world_size"],
-            "micro_batch_size": mine["micro_batch_size"]}
+        raise DataError(
+            f"cannot resume the data loader at world_size={mine['world_size']} x "
+            f"micro_batch_size={mine['micro_batch_size']}: the checkpoint's position ({rows} rows "
+            f"into epoch {saved['epoch']}, global batch {old}) does not fall on a global batch of "
+            f"{new}; keep world_size x micro_batch_size x grad_accum_steps constant"
+        )
+    log.info(
+        "loader: resuming a world_size=%s x micro_batch_size=%s position at world_size=%s x micro_batch_size=%s",
+        saved["world_size"],
+        saved["micro_batch_size"],
+        mine["world_size"],
+        mine["micro_batch_size"],
+    )
+    return {
+        **saved,
+        "batch": rows // new,
+        "world_size": mine["world_size"],
+        "micro_batch_size": mine["micro_batch_size"],
+    }

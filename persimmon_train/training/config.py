@@ -244,12 +244,17 @@ def validate_run_config(cfg: RunConfig) -> RunConfig:
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 1:
             raise ConfigError(f"model.rope_scaling.factor: must be a number > 1, got {factor!r}")
     if m.path is None and not m.allow_random_init:
-        raise ConfigError(f"model.path: model={m.name} needs model.path=DIR (an HF folder with the released "
-                          f"weights); random init is only for small test models")
+        raise ConfigError(
+            f"model.path: model={m.name} needs model.path=DIR (an HF folder with the released "
+            f"weights); random init is only for small test models"
+        )
     if m.path is None:
         check_seq_len(cfg.data.seq_len, m.max_position_embeddings, m.rope_scaling, "model")
-    expected_format = {"causal_lm": ("text", "chat"), "sequence_classification": ("classification",),
-                       "token_classification": ("token_classification",)}[cfg.task]
+    expected_format = {
+        "causal_lm": ("text", "chat"),
+        "sequence_classification": ("classification",),
+        "token_classification": ("token_classification",),
+    }[cfg.task]
     _one_of(f"data.format (task {cfg.task})", cfg.data.format, expected_format)
     if cfg.resume is not None and cfg.output_dir is None and cfg.resume == "latest":
         raise ConfigError("resume: 'latest' needs output_dir=DIR (the run folder to continue)")
@@ -288,4 +293,5 @@ def check_seq_len(seq_len: int, max_positions: int, rope_scaling, where: str) ->
     if seq_len > max_positions and not rope_scaling:
         raise ConfigError(
             f"data.seq_len: {seq_len} is above {where} max_position_embeddings={max_positions} and "
-            f"model.rope_scaling is not set (set model.rope_scaling={{type:linear,factor:F}} or lower data.seq_len)")
+            f"model.rope_scaling is not set (set model.rope_scaling={{type:linear,factor:F}} or lower data.seq_len)"
+        )

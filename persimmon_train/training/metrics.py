@@ -102,4 +102,3 @@ def entity_f1(pred_sequences: list[list[str]], label_sequences: list[list[str]])
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"entity_precision": precision, "entity_recall": recall, "entity_f1": f1}
-

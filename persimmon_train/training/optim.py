@@ -44,7 +44,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg, max_steps: int):
     """cfg: OptimConfig. A LambdaLR (its state_dict is plain numbers, safe to checkpoint)."""
 
     def fn(step: int) -> float:
-        return lr_multiplier(step, max_steps=max_steps, warmup_steps=cfg.warmup_steps,
-                             schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
+        return lr_multiplier(
+            step,
+            max_steps=max_steps,
+            warmup_steps=cfg.warmup_steps,
+            schedule=cfg.schedule,
+            min_lr_ratio=cfg.min_lr_ratio,
+        )
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

@@ -48,8 +48,10 @@ def check_model_and_tokenizer(cfg) -> None:
     if tok_path is not None and model_vocab is not None:
         tokenizer = Tokenizer(tok_path)  # a sentencepiece model: milliseconds, even at 262K pieces
         if tokenizer.vocab_size > model_vocab:
-            raise ConfigError(f"model.vocab_size: the model has {model_vocab} token embeddings but the tokenizer "
-                              f"{tok_path} has {tokenizer.vocab_size} pieces; use the model's tokenizer")
+            raise ConfigError(
+                f"model.vocab_size: the model has {model_vocab} token embeddings but the tokenizer "
+                f"{tok_path} has {tokenizer.vocab_size} pieces; use the model's tokenizer"
+            )
 
 
 def check_data_paths(cfg) -> None:

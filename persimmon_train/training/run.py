@@ -64,8 +64,14 @@ def train(cfg, job: str) -> RunResult:
     chosen = store.choose_resume(cfg.resume, output_dir, comm=strategy)  # validates manifest + checksums
     resume_path, manifest = chosen if chosen else (None, None)
     cfg.output_dir = output_dir  # the saved config names the folder, so a resume command can be copied from it
-    log.info("%s: output_dir=%s strategy=%s precision=%s device=%s", job, output_dir, strategy.name,
-             f"{strategy.precision} (trainer.precision={cfg.trainer.precision})", strategy.device)
+    log.info(
+        "%s: output_dir=%s strategy=%s precision=%s device=%s",
+        job,
+        output_dir,
+        strategy.name,
+        f"{strategy.precision} (trainer.precision={cfg.trainer.precision})",
+        strategy.device,
+    )
     if cfg.resume == "latest" and resume_path is None:
         log.info("resume=latest: no complete checkpoint in %s yet; starting from scratch", output_dir)
 
@@ -79,12 +85,22 @@ def train(cfg, job: str) -> RunResult:
     model = builders.prepare_for_training(base_model, cfg)
     model, optimizer = strategy.wrap(model, lambda m: build_optimizer(m, cfg.optim))
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.trainer.max_steps)
-    trainer = Trainer(cfg, strategy=strategy, model=model, optimizer=optimizer, scheduler=scheduler,
-                      train_loader=data.train_loader, eval_loader=data.eval_loader, tracker=None,
-                      metrics_file=None, output_dir=output_dir, id2label=data.id2label,
-                      flops_per_token=flops_per_token(base_model, base_model.config, cfg.data.seq_len,
-                                                      cfg.peft.method == "none"),
-                      tokenizer=tokenizer, checkpoint_metadata=metadata)
+    trainer = Trainer(
+        cfg,
+        strategy=strategy,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        train_loader=data.train_loader,
+        eval_loader=data.eval_loader,
+        tracker=None,
+        metrics_file=None,
+        output_dir=output_dir,
+        id2label=data.id2label,
+        flops_per_token=flops_per_token(base_model, base_model.config, cfg.data.seq_len, cfg.peft.method == "none"),
+        tokenizer=tokenizer,
+        checkpoint_metadata=metadata,
+    )
     saved_state = trainer.resume_from(resume_path) if resume_path else {}
 
     # Everything validated: from here on output_dir is ours to write.
@@ -93,9 +109,14 @@ def train(cfg, job: str) -> RunResult:
     if strategy.is_main:
         write_resolved_config(cfg, output_dir)
         store.remove_stale_temporaries(output_dir)
-    trainer.tracker = build_tracker(cfg.tracker, config=config_dict(cfg), output_dir=output_dir,
-                                    run_name=os.path.basename(output_dir), run_id=saved_state.get("tracker_run_id"),
-                                    is_main=strategy.is_main)
+    trainer.tracker = build_tracker(
+        cfg.tracker,
+        config=config_dict(cfg),
+        output_dir=output_dir,
+        run_name=os.path.basename(output_dir),
+        run_id=saved_state.get("tracker_run_id"),
+        is_main=strategy.is_main,
+    )
     resume_step = trainer.state.step if resume_path else None
     if strategy.is_main:
         trainer.metrics_file = JsonlMetrics(os.path.join(output_dir, "metrics.jsonl"), resume_step)
@@ -141,8 +162,12 @@ def print_summary(result: RunResult, job: str) -> None:
         lines.append(f"  LoRA adapter: {result.adapter_dir}  (PEFT format)")
     if result.last_checkpoint:
         lines.append(f"  checkpoints:  {os.path.dirname(result.last_checkpoint)}  (resume=latest output_dir={d})")
-    for name, what in (("metrics.jsonl", "metrics"), ("loss_curve.png", "loss curve"), ("train.log", "log"),
-                       ("config.yaml", "config")):
+    for name, what in (
+        ("metrics.jsonl", "metrics"),
+        ("loss_curve.png", "loss curve"),
+        ("train.log", "log"),
+        ("config.yaml", "config"),
+    ):
         if os.path.exists(os.path.join(d, name)):
             lines.append(f"  {what + ':':<13} {os.path.join(d, name)}")
     print("\n".join(lines), flush=True)
@@ -175,9 +200,20 @@ def evaluate(cfg, job: str = "evaluate") -> dict:
         strategy.load_state(chosen[0])
         log.info("evaluating checkpoint %s", chosen[0])
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.trainer.max_steps)
-    trainer = Trainer(cfg, strategy=strategy, model=model, optimizer=optimizer, scheduler=scheduler,
-                      train_loader=data.train_loader, eval_loader=data.eval_loader, tracker=None,
-                      metrics_file=None, output_dir=output_dir, id2label=data.id2label, flops_per_token=0.0)
+    trainer = Trainer(
+        cfg,
+        strategy=strategy,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        train_loader=data.train_loader,
+        eval_loader=data.eval_loader,
+        tracker=None,
+        metrics_file=None,
+        output_dir=output_dir,
+        id2label=data.id2label,
+        flops_per_token=0.0,
+    )
     metrics = trainer.evaluate()
     builders.create_output_dir(output_dir, strategy)
     if strategy.is_main:

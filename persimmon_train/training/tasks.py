@@ -67,12 +67,27 @@ class Task:
 
 
 TASKS: dict[str, Task] = {
-    "causal_lm": Task("causal_lm", _shifted_targets, head_averages=False, collect=None,
-                      metrics=lambda loss, preds, golds: {"eval_ppl": math.exp(min(loss, 50.0))}),
-    "sequence_classification": Task("sequence_classification", _rows, head_averages=True, collect=_collect_classes,
-                                    metrics=lambda loss, preds, golds: classification_metrics(preds, golds)),
-    "token_classification": Task("token_classification", _labelled_tokens, head_averages=False,
-                                 collect=_collect_tags, metrics=lambda loss, preds, golds: entity_f1(preds, golds)),
+    "causal_lm": Task(
+        "causal_lm",
+        _shifted_targets,
+        head_averages=False,
+        collect=None,
+        metrics=lambda loss, preds, golds: {"eval_ppl": math.exp(min(loss, 50.0))},
+    ),
+    "sequence_classification": Task(
+        "sequence_classification",
+        _rows,
+        head_averages=True,
+        collect=_collect_classes,
+        metrics=lambda loss, preds, golds: classification_metrics(preds, golds),
+    ),
+    "token_classification": Task(
+        "token_classification",
+        _labelled_tokens,
+        head_averages=False,
+        collect=_collect_tags,
+        metrics=lambda loss, preds, golds: entity_f1(preds, golds),
+    ),
 }
 
 

@@ -82,8 +82,9 @@ class WandbTracker:
         self.run_id = run_id
         self.output_dir = output_dir
         # tracker.mode, else the user's WANDB_MODE, else online only with an API key to log in with.
-        self.mode = cfg.mode or os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY")
-                                                                 else "offline")
+        self.mode = (
+            cfg.mode or os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        )
         self.final_eval: dict = {}
         self._warned = False
         self._logging = True
@@ -93,17 +94,25 @@ class WandbTracker:
             self._warn("import", exc)
             return
         self._wandb = wandb
-        kwargs = dict(project=cfg.project, entity=cfg.entity, name=cfg.name or run_name, tags=list(cfg.tags),
-                      config=config, dir=os.environ.get("WANDB_DIR") or output_dir, id=run_id,
-                      resume="allow" if run_id else None)
+        kwargs = dict(
+            project=cfg.project,
+            entity=cfg.entity,
+            name=cfg.name or run_name,
+            tags=list(cfg.tags),
+            config=config,
+            dir=os.environ.get("WANDB_DIR") or output_dir,
+            id=run_id,
+            resume="allow" if run_id else None,
+        )
         try:
             self.run = self._init(self.mode, kwargs)
         except Exception as exc:  # noqa: BLE001
             if self.mode != "online":
                 self._warn("init", exc)
                 return
-            log.warning("W&B did not answer within %gs (%s); logging offline instead", self.init_timeout(),
-                        _first_line(exc))
+            log.warning(
+                "W&B did not answer within %gs (%s); logging offline instead", self.init_timeout(), _first_line(exc)
+            )
             try:
                 self.mode = "offline"
                 self.run = self._init("offline", kwargs)
@@ -111,8 +120,9 @@ class WandbTracker:
                 self._warn("init", exc2)
                 return
         self.run_id = getattr(self.run, "id", None) or run_id
-        log.info("W&B run %s (mode=%s%s) in %s", self.run_id, self.mode, ", resumed" if run_id else "",
-                 self.run_dir or "?")
+        log.info(
+            "W&B run %s (mode=%s%s) in %s", self.run_id, self.mode, ", resumed" if run_id else "", self.run_dir or "?"
+        )
         if self.mode == "offline":
             log.info("W&B is offline; upload the run later with: %s", self.sync_command)
 
@@ -160,8 +170,13 @@ class WandbTracker:
         """What lands in the W&B run summary at the end: final eval metrics and where the outputs are."""
         out = {f"final/{k}": v for k, v in self.final_eval.items()}
         out["output_dir"] = self.output_dir
-        for key, name in (("final_model", "final"), ("adapter", "adapter"), ("metrics_file", "metrics.jsonl"),
-                          ("config_file", "config.yaml"), ("log_file", "train.log")):
+        for key, name in (
+            ("final_model", "final"),
+            ("adapter", "adapter"),
+            ("metrics_file", "metrics.jsonl"),
+            ("config_file", "config.yaml"),
+            ("log_file", "train.log"),
+        ):
             if os.path.exists(os.path.join(self.output_dir, name)):
                 out[key] = os.path.join(self.output_dir, name)
         checkpoints = os.path.join(self.output_dir, "checkpoints")

@@ -82,9 +82,25 @@ def _rewind(loader) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg, *, strategy, model, optimizer, scheduler, train_loader, eval_loader,
-                 tracker, metrics_file, output_dir: str, id2label: dict | None, flops_per_token: float,
-                 on_checkpoint=None, tokenizer=None, checkpoint_metadata: dict | None = None):
+    def __init__(
+        self,
+        cfg,
+        *,
+        strategy,
+        model,
+        optimizer,
+        scheduler,
+        train_loader,
+        eval_loader,
+        tracker,
+        metrics_file,
+        output_dir: str,
+        id2label: dict | None,
+        flops_per_token: float,
+        on_checkpoint=None,
+        tokenizer=None,
+        checkpoint_metadata: dict | None = None,
+    ):
         self.cfg = cfg
         self.task = cfg.task
         self.strategy = strategy
@@ -130,9 +146,15 @@ class Trainer:
         return state
 
     def save(self) -> str:
-        path = checkpointing.save_checkpoint(self.output_dir, self.state.step, strategy=self.strategy,
-                                             trainer_state=self.trainer_state_dict(), metadata=self.checkpoint_metadata,
-                                             tokenizer=self.tokenizer, keep_last=self.cfg.checkpoint.keep_last)
+        path = checkpointing.save_checkpoint(
+            self.output_dir,
+            self.state.step,
+            strategy=self.strategy,
+            trainer_state=self.trainer_state_dict(),
+            metadata=self.checkpoint_metadata,
+            tokenizer=self.tokenizer,
+            keep_last=self.cfg.checkpoint.keep_last,
+        )
         self.state.last_checkpoint = path
         log.info("checkpoint: %s", path)
         if self.on_checkpoint is not None:
@@ -156,8 +178,9 @@ class Trainer:
         strategy = self.strategy
         local_items = sum(count_items(b, self.task) for b in micro_batches)
         local_tokens = sum(count_tokens(b) for b in micro_batches)
-        counts = strategy.reduce_sum(torch.tensor([local_items, local_tokens], dtype=torch.float64,
-                                                  device=strategy.device))
+        counts = strategy.reduce_sum(
+            torch.tensor([local_items, local_tokens], dtype=torch.float64, device=strategy.device)
+        )
         global_items = counts[0].clamp(min=1).to(torch.float32)
         self.model.train()
         loss_sum = torch.zeros((), device=strategy.device, dtype=torch.float32)
@@ -177,8 +200,13 @@ class Trainer:
             self.state.skipped_steps += 1
         strategy.zero_grad()
         self.scheduler.step()
-        return {"loss": float(loss), "lr": lr, "grad_norm": float(grad_norm), "finite": finite,
-                "tokens": int(counts[1])}
+        return {
+            "loss": float(loss),
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "finite": finite,
+            "tokens": int(counts[1]),
+        }
 
     # ------------------------------------------------------------------ eval
     @torch.no_grad()
@@ -209,15 +237,22 @@ class Trainer:
                     loss_sum += out.loss.double()
             items += batch_items
             if task.collect is not None:
-                task.collect(out.logits.float(), labels, preds, golds, problem_type=self._problem_type(labels),
-                             id2label=self.id2label)
+                task.collect(
+                    out.logits.float(),
+                    labels,
+                    preds,
+                    golds,
+                    problem_type=self._problem_type(labels),
+                    id2label=self.id2label,
+                )
         if self.strategy.world_size > 1 and task.collect is not None:
             # Metrics such as macro-F1 do not decompose over ranks: gather every rank's predictions.
             gathered = self.strategy.all_gather_object((preds, golds))
             preds = [p for rank_preds, _ in gathered for p in rank_preds]
             golds = [g for _, rank_golds in gathered for g in rank_golds]
-        totals = self.strategy.reduce_sum(torch.stack([loss_sum, torch.tensor(float(items), dtype=torch.float64,
-                                                                               device=loss_sum.device)]))
+        totals = self.strategy.reduce_sum(
+            torch.stack([loss_sum, torch.tensor(float(items), dtype=torch.float64, device=loss_sum.device)])
+        )
         eval_loss = float(totals[0] / totals[1].clamp(min=1))
         metrics = {"eval_loss": eval_loss, **task.metrics(eval_loss, preds, golds)}
         self.model.train()
@@ -249,31 +284,44 @@ class Trainer:
             state.tokens_seen += result["tokens"]
             window_tokens += result["tokens"]
             if not result["finite"]:
-                log.warning("step %d: non-finite loss/grad (loss=%s, grad_norm=%s); step skipped (%d in a row)",
-                            state.step, result["loss"], result["grad_norm"], state.consecutive_nonfinite)
+                log.warning(
+                    "step %d: non-finite loss/grad (loss=%s, grad_norm=%s); step skipped (%d in a row)",
+                    state.step,
+                    result["loss"],
+                    result["grad_norm"],
+                    state.consecutive_nonfinite,
+                )
                 if state.consecutive_nonfinite >= t.max_nonfinite_steps:
                     raise TrainingDivergedError(
                         f"loss was NaN/Inf for {state.consecutive_nonfinite} steps in a row (up to step "
                         f"{state.step}; trainer.max_nonfinite_steps={t.max_nonfinite_steps}); stopped. Last good "
                         f"checkpoint: {state.last_checkpoint or 'none'} -- try a lower optim.lr or "
-                        f"trainer.precision=bf16")
+                        f"trainer.precision=bf16"
+                    )
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{result['lr']:.2e}", refresh=False)
             if state.step % t.log_every_n_steps == 0 or state.step == t.max_steps:
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
-                metrics = {"loss": result["loss"], "lr": result["lr"], "grad_norm": result["grad_norm"],
-                           "tokens_per_sec": window_tokens / elapsed, "tokens_seen": state.tokens_seen,
-                           "peak_mem_gb": peak_memory_gb(self.strategy.device)}
+                metrics = {
+                    "loss": result["loss"],
+                    "lr": result["lr"],
+                    "grad_norm": result["grad_norm"],
+                    "tokens_per_sec": window_tokens / elapsed,
+                    "tokens_seen": state.tokens_seen,
+                    "peak_mem_gb": peak_memory_gb(self.strategy.device),
+                }
                 if self.peak_flops:
-                    metrics["mfu"] = (self.flops_per_token * window_tokens / elapsed
-                                      / (self.peak_flops * self.strategy.world_size))
+                    metrics["mfu"] = (
+                        self.flops_per_token * window_tokens / elapsed / (self.peak_flops * self.strategy.world_size)
+                    )
                 if not result["finite"]:
                     metrics["skipped"] = 1
                 self._log(metrics)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{result['lr']:.2e}",
-                                    tok_s=f"{metrics['tokens_per_sec']:.0f}")
+                    bar.set_postfix(
+                        loss=f"{result['loss']:.4f}", lr=f"{result['lr']:.2e}", tok_s=f"{metrics['tokens_per_sec']:.0f}"
+                    )
                 window_tokens, window_start = 0, time.perf_counter()
             if t.eval_every_n_steps and state.step % t.eval_every_n_steps == 0 and state.step < t.max_steps:
                 self._eval_and_log(bar)
@@ -304,5 +352,11 @@ class Trainer:
 
         # Redirected to a file (CI, nohup): refresh rarely instead of one line per step.
         interval = 0.1 if sys.stderr.isatty() else 15.0
-        return tqdm(total=self.cfg.trainer.max_steps, initial=self.state.step, desc="train", unit="step",
-                    dynamic_ncols=True, mininterval=interval)
+        return tqdm(
+            total=self.cfg.trainer.max_steps,
+            initial=self.state.step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=interval,
+        )

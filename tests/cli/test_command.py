@@ -52,8 +52,12 @@ def test_cp_copies_a_shipped_config_and_config_path_runs_it(tmp_path, capsys):
 def test_cp_never_overwrites_and_names_unknown_configs(tmp_path, capsys):
     dest = tmp_path / "x.yaml"
     dest.write_text("mine\n")
-    for args, needle in ((["cp", "finetune", str(dest)], "exists"), (["cp", "nope", str(tmp_path / "y.yaml")], "nope"),
-                         (["cp", "finetune"], "usage"), (["cp", "../pyproject", str(tmp_path)], "no shipped config")):
+    for args, needle in (
+        (["cp", "finetune", str(dest)], "exists"),
+        (["cp", "nope", str(tmp_path / "y.yaml")], "nope"),
+        (["cp", "finetune"], "usage"),
+        (["cp", "../pyproject", str(tmp_path)], "no shipped config"),
+    ):
         with pytest.raises(SystemExit) as info:
             main(args)
         assert info.value.code == 2
@@ -83,8 +87,9 @@ def test_unknown_command_and_bare_command(capsys):
     assert "convert-adept" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("job", ["finetune", "classify", "tag", "evaluate", "prepare", "export", "generate",
-                                 "convert-adept"])
+@pytest.mark.parametrize(
+    "job", ["finetune", "classify", "tag", "evaluate", "prepare", "export", "generate", "convert-adept"]
+)
 def test_every_command_dispatches_to_its_recipe(job, monkeypatch):
     module = __import__(f"persimmon_train.recipes.{JOBS[job][0]}", fromlist=["run"])
     seen = []
@@ -95,13 +100,16 @@ def test_every_command_dispatches_to_its_recipe(job, monkeypatch):
 
 def test_top_level_recipe_files_are_the_packaged_recipes():
     """`python recipes/x.py` runs the package's recipe (same module), pinned to this checkout."""
-    code = ("import runpy, sys; sys.argv=['recipes/finetune.py']; "
-            "g = runpy.run_path('recipes/finetune.py', run_name='shim'); "
-            "import persimmon_train.recipes.finetune as m, persimmon_train; "
-            "assert g['main'] is m.main and g['run'] is m.run; print(persimmon_train.__file__)")
+    code = (
+        "import runpy, sys; sys.argv=['recipes/finetune.py']; "
+        "g = runpy.run_path('recipes/finetune.py', run_name='shim'); "
+        "import persimmon_train.recipes.finetune as m, persimmon_train; "
+        "assert g['main'] is m.main and g['run'] is m.run; print(persimmon_train.__file__)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(REPO / "persimmon_train" / "__init__.py")
-    out = subprocess.run([sys.executable, "recipes/finetune.py", "--help"], cwd=REPO, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "recipes/finetune.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0 and "python recipes/finetune.py" in out.stdout

@@ -40,8 +40,14 @@ def test_issue_command_trains_on_the_users_text_with_an_eval_fraction(tmp_path):
     """The issue's command stopped on "demo/eval.jsonl row 1, field 'text': is missing"."""
     env = recipe_env(tmp_path)
     mine = _text_rows(tmp_path / "mine.jsonl")
-    proc = persimmon_train("prepare", "data.format=text", f"data.train_files=[{mine}]", "data.eval_fraction=0.1",
-                           "data.seq_len=64", env=env)
+    proc = persimmon_train(
+        "prepare",
+        "data.format=text",
+        f"data.train_files=[{mine}]",
+        "data.eval_fraction=0.1",
+        "data.seq_len=64",
+        env=env,
+    )
     assert "demo" not in proc.stdout
     assert re.search(r"eval: \d+ documents", proc.stdout), proc.stdout  # held out of mine.jsonl
     none = persimmon_train("prepare", "data.eval_files=null", "data.seq_len=64", env=env)
@@ -50,15 +56,21 @@ def test_issue_command_trains_on_the_users_text_with_an_eval_fraction(tmp_path):
 
 def test_prepare_fills_the_cache_that_the_run_reads(tmp_path):
     env = recipe_env(tmp_path)
-    common = [*FAST, "trainer.max_steps=1", "trainer.eval_every_n_steps=0", "trainer.eval_at_start=false",
-              "checkpoint.every_n_steps=0", "export.enabled=false"]
+    common = [
+        *FAST,
+        "trainer.max_steps=1",
+        "trainer.eval_every_n_steps=0",
+        "trainer.eval_at_start=false",
+        "checkpoint.every_n_steps=0",
+        "export.enabled=false",
+    ]
     proc = persimmon_train("prepare", *common, env=env)
     match = re.search(r"prepared data \(chat, seq_len 64\) in (\S+)", proc.stdout)
     assert match, proc.stdout
     folder = match.group(1)
     meta = json.loads(open(f"{folder}/meta.json").read())
     train = meta["stats"]["train"]
-    assert (f"train: {train['documents']} documents -> {train['rows']} rows of 64 tokens" in proc.stdout)
+    assert f"train: {train['documents']} documents -> {train['rows']} rows of 64 tokens" in proc.stdout
     assert f"packing efficiency {100 * train['efficiency']:.2f}%" in proc.stdout
 
     out = tmp_path / "run"

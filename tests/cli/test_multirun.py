@@ -11,22 +11,34 @@ import yaml
 from persimmon_train.recipes.sweep import expand
 from tests.cli.conftest import FAST, persimmon_train, read_metrics, recipe_env
 
-SHORT = [*FAST, "trainer.max_steps=2", "trainer.eval_every_n_steps=2", "trainer.eval_at_start=false",
-         "trainer.eval_max_batches=2", "checkpoint.every_n_steps=0", "export.enabled=false",
-         "optim.warmup_steps=0", "optim.schedule=constant"]
+SHORT = [
+    *FAST,
+    "trainer.max_steps=2",
+    "trainer.eval_every_n_steps=2",
+    "trainer.eval_at_start=false",
+    "trainer.eval_max_batches=2",
+    "checkpoint.every_n_steps=0",
+    "export.enabled=false",
+    "optim.warmup_steps=0",
+    "optim.schedule=constant",
+]
 
 
 def test_expand_is_hydras_cartesian_product():
     jobs, swept = expand(["optim.lr=1e-4,3e-4", "peft=lora,none", "trainer.max_steps=2"])
     assert swept == ["optim.lr", "peft"]
-    assert jobs == [[f"optim.lr={lr}", f"peft={peft}", "trainer.max_steps=2"]
-                    for lr in ("0.0001", "0.0003") for peft in ("lora", "none")]
+    assert jobs == [
+        [f"optim.lr={lr}", f"peft={peft}", "trainer.max_steps=2"]
+        for lr in ("0.0001", "0.0003")
+        for peft in ("lora", "none")
+    ]
 
 
 def test_multirun_runs_each_job_into_its_own_folder_and_writes_a_summary(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = persimmon_train("finetune", "-m", "optim.lr=1e-3,4e-3", *SHORT, f"output_dir={sweep}",
-                           env=recipe_env(tmp_path))
+    proc = persimmon_train(
+        "finetune", "-m", "optim.lr=1e-3,4e-3", *SHORT, f"output_dir={sweep}", env=recipe_env(tmp_path)
+    )
     rows = list(csv.DictReader(open(sweep / "sweep_summary.csv", encoding="utf-8")))
     assert [r["overrides"] for r in rows] == ["optim.lr=0.001", "optim.lr=0.004"]
     for n, (row, lr) in enumerate(zip(rows, (1e-3, 4e-3))):
@@ -41,20 +53,23 @@ def test_multirun_runs_each_job_into_its_own_folder_and_writes_a_summary(tmp_pat
     assert "summary:" in proc.stdout
 
 
-@pytest.mark.parametrize("sweep_arg, message", [
-    ("data.seq_len=64,4096", "error: data.seq_len: 4096 is above"),  # the config schema's checks
-    ("data.eval_files=[],[/nowhere/eval.jsonl]", "error: data file not found: /nowhere/eval.jsonl"),  # preflight's
-])
+@pytest.mark.parametrize(
+    "sweep_arg, message",
+    [
+        ("data.seq_len=64,4096", "error: data.seq_len: 4096 is above"),  # the config schema's checks
+        ("data.eval_files=[],[/nowhere/eval.jsonl]", "error: data file not found: /nowhere/eval.jsonl"),  # preflight's
+    ],
+)
 def test_multirun_checks_every_job_before_the_first_trains(sweep_arg, message, tmp_path):
     sweep = tmp_path / "sweep"
-    proc = persimmon_train("finetune", "-m", *SHORT, sweep_arg, f"output_dir={sweep}", env=recipe_env(tmp_path),
-                           check=False)
+    proc = persimmon_train(
+        "finetune", "-m", *SHORT, sweep_arg, f"output_dir={sweep}", env=recipe_env(tmp_path), check=False
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(message)
     assert not sweep.exists()  # job 0 (valid) never started
 
 
 def test_multirun_needs_a_sweep(tmp_path):
-    proc = persimmon_train("finetune", "-m", "trainer.max_steps=2", env=recipe_env(tmp_path), check=False,
-                           cwd=tmp_path)
+    proc = persimmon_train("finetune", "-m", "trainer.max_steps=2", env=recipe_env(tmp_path), check=False, cwd=tmp_path)
     assert proc.returncode == 2 and "no sweep" in proc.stderr

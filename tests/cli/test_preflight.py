@@ -23,10 +23,17 @@ def small_base(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("base512")
     tokenizer = Tokenizer(demo_assets().tokenizer_path)
-    config = PersimmonConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
-                             num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=512,
-                             bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
-                             pad_token_id=tokenizer.pad_id)
+    config = PersimmonConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_id,
+        eos_token_id=tokenizer.eos_id,
+        pad_token_id=tokenizer.pad_id,
+    )
     torch.manual_seed(0)
     PersimmonForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -62,16 +69,26 @@ def _write_config(folder, **changes):
     path.write_text(json.dumps(config))
 
 
-@pytest.mark.parametrize("case, overrides, message", [
-    ("positions", ["experiment=lora_chat_16k"],
-     r"data\.seq_len: 16384 is above .*config\.json max_position_embeddings=512"),
-    ("vocab", ["data.seq_len=256"], r"model\.vocab_size: the model has 100 token embeddings but the tokenizer"),
-    ("missing data", ["data.seq_len=256", "data.eval_files=[/nowhere/eval.jsonl]"],
-     r"data file not found: /nowhere/eval\.jsonl"),
-    ("missing tokenizer", ["data.seq_len=256", "tokenizer.path=/nowhere/tokenizer.model"], r"tokenizer\.path"),
-])
-def test_cheap_mistakes_stop_the_run_before_data_preparation(case, overrides, message, small_base, corpus,
-                                                             tmp_path, no_data_preparation, monkeypatch):
+@pytest.mark.parametrize(
+    "case, overrides, message",
+    [
+        (
+            "positions",
+            ["experiment=lora_chat_16k"],
+            r"data\.seq_len: 16384 is above .*config\.json max_position_embeddings=512",
+        ),
+        ("vocab", ["data.seq_len=256"], r"model\.vocab_size: the model has 100 token embeddings but the tokenizer"),
+        (
+            "missing data",
+            ["data.seq_len=256", "data.eval_files=[/nowhere/eval.jsonl]"],
+            r"data file not found: /nowhere/eval\.jsonl",
+        ),
+        ("missing tokenizer", ["data.seq_len=256", "tokenizer.path=/nowhere/tokenizer.model"], r"tokenizer\.path"),
+    ],
+)
+def test_cheap_mistakes_stop_the_run_before_data_preparation(
+    case, overrides, message, small_base, corpus, tmp_path, no_data_preparation, monkeypatch
+):
     from persimmon_train.training.run import train
 
     base = small_base
@@ -82,8 +99,10 @@ def test_cheap_mistakes_stop_the_run_before_data_preparation(case, overrides, me
             (base / f.name).write_bytes(f.read_bytes())
         _write_config(base, vocab_size=100)
     out = tmp_path / "out"
-    cfg = cli.load_config("finetune", [f"model.path={base}", f"data.train_files=[{corpus}]", f"output_dir={out}",
-                                       "tracker=none", *overrides])
+    cfg = cli.load_config(
+        "finetune",
+        [f"model.path={base}", f"data.train_files=[{corpus}]", f"output_dir={out}", "tracker=none", *overrides],
+    )
     started = time.perf_counter()
     with pytest.raises(PersimmonTrainError, match=message):
         train(cfg, "finetune")
@@ -95,8 +114,15 @@ def test_issue_command_exits_2_before_tokenizing(small_base, corpus, tmp_path):
     """`experiment=lora_chat_16k` over a 512-position base: one line, exit 2, nothing cached or written."""
     env = recipe_env(tmp_path)
     out = tmp_path / "out"
-    proc = persimmon_train("finetune", "experiment=lora_chat_16k", f"model.path={small_base}",
-                           f"data.train_files=[{corpus}]", f"output_dir={out}", env=env, check=False)
+    proc = persimmon_train(
+        "finetune",
+        "experiment=lora_chat_16k",
+        f"model.path={small_base}",
+        f"data.train_files=[{corpus}]",
+        f"output_dir={out}",
+        env=env,
+        check=False,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error: data.seq_len: 16384 is above") and "max_position_embeddings=512" in lines[-1]

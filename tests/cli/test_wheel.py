@@ -34,10 +34,25 @@ def test_wheel_installs_and_runs_from_an_empty_folder(tmp_path):
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
-    shutil.copytree(REPO / "persimmon_train", src / "persimmon_train",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-          "-w", str(tmp_path / "dist"), str(src)], timeout=300)
+    shutil.copytree(
+        REPO / "persimmon_train", src / "persimmon_train", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+    )
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(src),
+        ],
+        timeout=300,
+    )
     wheel = next((tmp_path / "dist").glob("persimmon_train-*.whl"))
 
     venv = tmp_path / "venv"
@@ -45,8 +60,10 @@ def test_wheel_installs_and_runs_from_an_empty_folder(tmp_path):
     python = venv / "bin" / "python"
     venv_site = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip()
     Path(venv_site, "_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q",
-          str(wheel)], timeout=300)
+    _run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q", str(wheel)],
+        timeout=300,
+    )
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -60,8 +77,12 @@ def test_wheel_installs_and_runs_from_an_empty_folder(tmp_path):
     assert "finetune" in listing.stdout and "lora_chat_16k" in listing.stdout
     assert f"configs ({venv_site}" in listing.stdout  # the config tree inside the installed package
 
-    run = _run(["persimmon-train", "finetune", "trainer.max_steps=2", "trainer.progress_bar=false"], cwd=empty,
-               env=env, timeout=600)
+    run = _run(
+        ["persimmon-train", "finetune", "trainer.max_steps=2", "trainer.progress_bar=false"],
+        cwd=empty,
+        env=env,
+        timeout=600,
+    )
     assert "finetune: 2 steps" in run.stdout
     (out,) = (empty / "outputs" / "finetune").iterdir()
     assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2]

@@ -16,15 +16,25 @@ def _build(tok, files, cache, **kw):
     return build_data(cfg, tok, micro_batch_size=1, seed=0)
 
 
-@pytest.mark.parametrize("row,field,message", [
-    ({"prompt": "hi"}, "response", "is missing"),
-    ({"prompt": "hi", "response": 42}, "response", "expected a string, got int"),
-    ({"prompt": "hi", "response": "   "}, "response", "is empty"),
-    ({"question": "hi", "response": "x"}, "prompt", "is missing"),
-    ({"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]},
-     r"messages\[1\]\.role", "expected one of"),
-    ({"messages": [{"role": "user", "content": "hi"}]}, r"messages\[0\]", "the conversation ends with a user message"),
-])
+@pytest.mark.parametrize(
+    "row,field,message",
+    [
+        ({"prompt": "hi"}, "response", "is missing"),
+        ({"prompt": "hi", "response": 42}, "response", "expected a string, got int"),
+        ({"prompt": "hi", "response": "   "}, "response", "is empty"),
+        ({"question": "hi", "response": "x"}, "prompt", "is missing"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]},
+            r"messages\[1\]\.role",
+            "expected one of",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "hi"}]},
+            r"messages\[0\]",
+            "the conversation ends with a user message",
+        ),
+    ],
+)
 def test_chat_row_errors_name_file_row_field(tok, write_jsonl, cache, row, field, message):
     f = write_jsonl("chat.jsonl", [GOOD, GOOD, row, GOOD])
     with pytest.raises(DataError, match=rf"chat\.jsonl row 3, field '{field}': {message}"):
@@ -47,9 +57,18 @@ def test_label_outside_label_set(tok, write_jsonl, cache):
     # collected label set: an eval label never seen in training
     e = write_jsonl("ev.jsonl", [{"text": "c", "label": "pos"}, {"text": "d", "label": "surprise"}])
     with pytest.raises(DataError, match=r"ev\.jsonl row 2, field 'label': label 'surprise' is not in the label set"):
-        build_data(DataConfig(train_files=[write_jsonl("tr.jsonl", [{"text": "a", "label": "pos"}])],
-                              eval_files=[e], format="classification", seq_len=64, cache_dir=cache),
-                   tok, micro_batch_size=1, seed=0)
+        build_data(
+            DataConfig(
+                train_files=[write_jsonl("tr.jsonl", [{"text": "a", "label": "pos"}])],
+                eval_files=[e],
+                format="classification",
+                seq_len=64,
+                cache_dir=cache,
+            ),
+            tok,
+            micro_batch_size=1,
+            seed=0,
+        )
     t = write_jsonl("tags.jsonl", [{"tokens": ["a", "b"], "tags": ["O", "B-X"]}, {"tokens": ["a"], "tags": ["Q"]}])
     with pytest.raises(DataError, match=r"tags\.jsonl row 2, field 'tags\[0\]': label 'Q' is not in the label set"):
         _build(tok, [t], cache, format="token_classification", labels=["O", "B-X"])
@@ -77,8 +96,9 @@ def test_skip_mode_counts_and_logs(tok, write_jsonl, cache, caplog):
 def test_tokenizer_missing_or_corrupt(tmp_path, write_jsonl, cache):
     f = write_jsonl("t.jsonl", [{"text": "a"}])
     with pytest.raises(DataError, match=r"tokenizer file not found: .*missing\.model"):
-        build_data(DataConfig(train_files=[f], cache_dir=cache), str(tmp_path / "missing.model"),
-                   micro_batch_size=1, seed=0)
+        build_data(
+            DataConfig(train_files=[f], cache_dir=cache), str(tmp_path / "missing.model"), micro_batch_size=1, seed=0
+        )
     bad = tmp_path / "corrupt.model"
     bad.write_bytes(b"\x00\x01garbage" * 10)
     with pytest.raises(DataError, match=r"corrupt\.model is not a valid sentencepiece model"):

@@ -19,7 +19,7 @@ def test_text_labels_every_token_but_the_first(tok, write_jsonl, cache):
     ids = tok.encode("hello there", eos=True)
     assert batch["input_ids"][0, : len(ids)].tolist() == ids
     assert batch["labels"][0, : len(ids)].tolist() == [IGNORE] + ids[1:]
-    assert (batch["labels"][0, len(ids):] == IGNORE).all()
+    assert (batch["labels"][0, len(ids) :] == IGNORE).all()
 
 
 def test_chat_loss_only_on_response_and_eos(tok, write_jsonl, cache):
@@ -34,9 +34,13 @@ def test_chat_loss_only_on_response_and_eos(tok, write_jsonl, cache):
 
 
 def test_chat_messages_multi_turn_with_system(tok, write_jsonl, cache):
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2+2?"},
-            {"role": "assistant", "content": "4."}]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4."},
+    ]
     f = write_jsonl("m.jsonl", [{"messages": msgs}])
     _, batch = _one_batch(DataConfig(train_files=[f], format="chat", seq_len=128, cache_dir=cache), tok)
     p1 = tok.encode("Be brief.\n\nhuman: Hi\n\nadept:")
@@ -71,12 +75,15 @@ def test_token_classification_tag_on_first_subtoken(tok, write_jsonl, cache):
     assert batch["attention_mask"][row, n:].sum() == 0
 
 
-@pytest.mark.parametrize("labels,problem,num", [
-    (["neg", "pos", "neg", "pos"], "single_label_classification", 2),
-    ([0, 2, 1, 2], "single_label_classification", 3),
-    ([["a", "b"], ["b"], [], ["c"]], "multi_label_classification", 3),
-    ([0.5, 1.5, 2.0, -1.0], "regression", 1),
-])
+@pytest.mark.parametrize(
+    "labels,problem,num",
+    [
+        (["neg", "pos", "neg", "pos"], "single_label_classification", 2),
+        ([0, 2, 1, 2], "single_label_classification", 3),
+        ([["a", "b"], ["b"], [], ["c"]], "multi_label_classification", 3),
+        ([0.5, 1.5, 2.0, -1.0], "regression", 1),
+    ],
+)
 def test_classification_label_kinds(tok, write_jsonl, cache, labels, problem, num):
     rows = [{"text": f"text number {i}", "label": lab} for i, lab in enumerate(labels)]
     f = write_jsonl("cls.jsonl", rows)
@@ -101,8 +108,9 @@ def test_classification_label_kinds(tok, write_jsonl, cache, labels, problem, nu
 
 def test_fixed_label_set_from_config(tok, write_jsonl, cache):
     f = write_jsonl("cls.jsonl", [{"text": "a", "label": "pos"}])
-    cfg = DataConfig(train_files=[f], format="classification", seq_len=16, cache_dir=cache,
-                     labels=["neg", "neutral", "pos"])
+    cfg = DataConfig(
+        train_files=[f], format="classification", seq_len=16, cache_dir=cache, labels=["neg", "neutral", "pos"]
+    )
     b = build_data(cfg, tok, micro_batch_size=1, seed=0)
     assert b.label2id == {"neg": 0, "neutral": 1, "pos": 2}
     assert next(iter(b.train_loader))["labels"].tolist() == [2]

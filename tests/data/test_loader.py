@@ -9,8 +9,7 @@ from persimmon_train.errors import DataError
 @pytest.fixture
 def chat_cfg(cache):
     a = demo_assets()
-    return DataConfig(train_files=a.train_files, eval_files=a.eval_files, format="chat", seq_len=256,
-                      cache_dir=cache)
+    return DataConfig(train_files=a.train_files, eval_files=a.eval_files, format="chat", seq_len=256, cache_dir=cache)
 
 
 def _rows(batch):
@@ -18,8 +17,9 @@ def _rows(batch):
 
 
 def test_two_ranks_disjoint_and_covering(tok, chat_cfg):
-    loaders = [build_data(chat_cfg, tok, micro_batch_size=3, seed=7, rank=r, world_size=2).train_loader
-               for r in range(2)]
+    loaders = [
+        build_data(chat_cfg, tok, micro_batch_size=3, seed=7, rank=r, world_size=2).train_loader for r in range(2)
+    ]
     assert len(loaders[0]) == len(loaders[1]) > 0
     seen = []
     for loader in loaders:
@@ -66,8 +66,7 @@ def test_resume_refuses_changed_world_size(tok, chat_cfg):
 
 
 def test_eval_loader_is_finite_complete_and_equal_across_ranks(tok, chat_cfg):
-    evals = [build_data(chat_cfg, tok, micro_batch_size=4, seed=0, rank=r, world_size=2).eval_loader
-             for r in range(2)]
+    evals = [build_data(chat_cfg, tok, micro_batch_size=4, seed=0, rank=r, world_size=2).eval_loader for r in range(2)]
     batches = [list(e) for e in evals]
     assert len(batches[0]) == len(batches[1]) == len(evals[0])
     assert len(list(evals[0])) == len(batches[0])  # can run again
@@ -87,8 +86,14 @@ def test_padded_loader_sharding_and_resume(tok, write_jsonl, cache):
     ids = []
     for r in range(2):
         it = iter(loader(r))
-        ids.append([tok.decode(x[m.bool()][:-1].tolist()).split()[0] for _ in range(len(loader(r)))
-                    for b in [next(it)] for x, m in zip(b["input_ids"], b["attention_mask"])])
+        ids.append(
+            [
+                tok.decode(x[m.bool()][:-1].tolist()).split()[0]
+                for _ in range(len(loader(r)))
+                for b in [next(it)]
+                for x, m in zip(b["input_ids"], b["attention_mask"])
+            ]
+        )
     assert not set(ids[0]) & set(ids[1]) and len(set(ids[0]) | set(ids[1])) == (203 // 8) * 8
     full = iter(loader(0))
     ref = [next(full) for _ in range(40)]

@@ -107,13 +107,16 @@ def test_best_fit_beats_greedy_and_reaches_995_at_16k():
     assert len(bins) <= -(-lengths.sum() // 16384) + 1
 
 
-@pytest.mark.parametrize("lengths, rows", [
-    # Decreasing matters: in corpus order the 2s share a row and each 8 then needs its own.
-    ([2, 2, 2, 8, 8, 8], [[8, 2], [8, 2], [8, 2]]),
-    # Best fit matters: 4 goes where it fills a row (free 4), not into the emptiest row (free 5),
-    # which would leave 3 and 2 without room for both.
-    ([6, 5, 4, 3, 2], [[6, 4], [5, 3, 2]]),
-])
+@pytest.mark.parametrize(
+    "lengths, rows",
+    [
+        # Decreasing matters: in corpus order the 2s share a row and each 8 then needs its own.
+        ([2, 2, 2, 8, 8, 8], [[8, 2], [8, 2], [8, 2]]),
+        # Best fit matters: 4 goes where it fills a row (free 4), not into the emptiest row (free 5),
+        # which would leave 3 and 2 without room for both.
+        ([6, 5, 4, 3, 2], [[6, 4], [5, 3, 2]]),
+    ],
+)
 def test_best_fit_decreasing_by_hand(lengths, rows):
     lengths = np.array(lengths)
     bins = best_fit_decreasing(lengths, 10)
@@ -133,13 +136,25 @@ def test_pack_uses_best_fit_rows():
 def test_packed_logits_equal_each_document_alone(tok):
     model_mod = pytest.importorskip("persimmon_train.model")
     torch.manual_seed(0)
-    config = model_mod.PersimmonConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
-                                       num_hidden_layers=2, num_attention_heads=4,
-                                       max_position_embeddings=256, bos_token_id=tok.bos_id,
-                                       eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    config = model_mod.PersimmonConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_id,
+        eos_token_id=tok.eos_id,
+        pad_token_id=tok.pad_id,
+    )
     model = model_mod.PersimmonForCausalLM(config).eval().float()
-    texts = ["What is 2 plus 2?", "The capital of France is Paris.", "Reverse the word apple: elppa.",
-             "There are 300 centimeters in 3 meters.", "a"]
+    texts = [
+        "What is 2 plus 2?",
+        "The capital of France is Paris.",
+        "Reverse the word apple: elppa.",
+        "There are 300 centimeters in 3 meters.",
+        "a",
+    ]
     doc_ids = [tok.encode(t, eos=True) for t in texts]
     lengths = [len(d) for d in doc_ids]
     flat = np.concatenate([np.asarray(d, np.int32) for d in doc_ids])
@@ -158,8 +173,8 @@ def test_packed_logits_equal_each_document_alone(tok):
             for r in range(ids.shape[0]):
                 starts = (pos[r] == 0).nonzero().flatten().tolist()
                 for s in starts:
-                    if ids[r, s:s + len(d)].tolist() == d and (s + len(d) == seq_len or pos[r, s + len(d)] == 0):
-                        torch.testing.assert_close(packed[r, s:s + len(d)], alone, atol=1e-5, rtol=1e-5)
+                    if ids[r, s : s + len(d)].tolist() == d and (s + len(d) == seq_len or pos[r, s + len(d)] == 0):
+                        torch.testing.assert_close(packed[r, s : s + len(d)], alone, atol=1e-5, rtol=1e-5)
                         checked += 1
                         break
                 else:

@@ -18,7 +18,7 @@ def _docs(bundle, tok):
         starts = np.nonzero(pos == 0)[0].tolist() + [len(pos)]
         for a, b in zip(starts[:-1], starts[1:]):
             if (lab[a:b] != -100).any():
-                out.append(tok.decode(ids[a:b - 1].tolist()))
+                out.append(tok.decode(ids[a : b - 1].tolist()))
     return sorted(out)
 
 
@@ -42,8 +42,12 @@ def test_all_file_types_globs_folders_and_save_to_disk(tok, tmp_path, cache):
         (d / f"e{i}.txt").write_text(r["text"])
     by_folder = build_data(_cfg([str(d)], cache), tok, micro_batch_size=1, seed=0)
     assert _docs(by_folder, tok) == want
-    by_glob = build_data(_cfg([str(d / "*.parquet"), str(d / "*.csv"), str(d / "*.json"), str(d / "*.jsonl"),
-                               str(d / "e*.txt")], cache), tok, micro_batch_size=1, seed=0)
+    by_glob = build_data(
+        _cfg([str(d / "*.parquet"), str(d / "*.csv"), str(d / "*.json"), str(d / "*.jsonl"), str(d / "e*.txt")], cache),
+        tok,
+        micro_batch_size=1,
+        seed=0,
+    )
     assert _docs(by_glob, tok) == want
     ds.save_to_disk(str(tmp_path / "saved"))
     saved = build_data(_cfg([str(tmp_path / "saved")], cache, num_proc=2), tok, micro_batch_size=1, seed=0)
@@ -51,8 +55,9 @@ def test_all_file_types_globs_folders_and_save_to_disk(tok, tmp_path, cache):
 
 
 def test_classlabel_names_become_the_label_set(tok, tmp_path, cache):
-    feats = datasets.Features({"text": datasets.Value("string"),
-                               "label": datasets.ClassLabel(names=["neg", "neu", "pos"])})
+    feats = datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "neu", "pos"])}
+    )
     datasets.Dataset.from_dict({"text": ["a", "b"], "label": [2, 0]}, features=feats).save_to_disk(str(tmp_path / "s"))
     b = build_data(_cfg([str(tmp_path / "s")], cache, format="classification"), tok, micro_batch_size=2, seed=0)
     assert b.id2label == {0: "neg", 1: "neu", 2: "pos"}
@@ -64,10 +69,13 @@ def test_eval_fraction_is_disjoint_and_stable(tok, write_jsonl, cache):
     b = build_data(_cfg([f], cache, eval_fraction=0.25), tok, micro_batch_size=1, seed=0)
     train = set(_docs(b, tok))
     ev = b.eval_loader.arrays
-    eval_docs = {tok.decode(ids[a:bb - 1].tolist())
-                 for ids, pos in zip(ev["input_ids"], ev["position_ids"])
-                 for starts in [np.nonzero(pos == 0)[0].tolist() + [len(pos)]]
-                 for a, bb in zip(starts[:-1], starts[1:]) if ids[a] != tok.pad_id}
+    eval_docs = {
+        tok.decode(ids[a : bb - 1].tolist())
+        for ids, pos in zip(ev["input_ids"], ev["position_ids"])
+        for starts in [np.nonzero(pos == 0)[0].tolist() + [len(pos)]]
+        for a, bb in zip(starts[:-1], starts[1:])
+        if ids[a] != tok.pad_id
+    }
     assert train and eval_docs and not train & eval_docs
     assert train | eval_docs == {r["text"] for r in ROWS}
     again = build_data(_cfg([f], cache, eval_fraction=0.25, num_proc=2), tok, micro_batch_size=1, seed=5)
@@ -109,8 +117,9 @@ def _one_streamed_epoch_equals_in_memory(tok, f, cache):
     arr = mem.train_loader.arrays
     expected = _packed_documents(zip(arr["input_ids"], arr["labels"], arr["position_ids"]))
     assert len(expected) == len(ROWS)
-    loader = build_data(_cfg([f], cache, streaming=True, stream_buffer_rows=4), tok, micro_batch_size=1,
-                        seed=0).train_loader
+    loader = build_data(
+        _cfg([f], cache, streaming=True, stream_buffer_rows=4), tok, micro_batch_size=1, seed=0
+    ).train_loader
     streamed = []
     for batch in loader:
         if loader.state_dict()["epoch"] == 1:  # the first batch of the next epoch
@@ -134,8 +143,9 @@ def test_streaming_matches_in_memory_documents(tok, write_jsonl, cache):
     for batch in [first] + [next(it) for _ in range(len(mem.train_loader) - 2)]:
         for ids, pos in zip(batch["input_ids"], batch["position_ids"]):
             starts = (pos == 0).nonzero().flatten().tolist() + [64]
-            seen += [tok.decode(ids[a:b - 1].tolist()) for a, b in zip(starts[:-1], starts[1:])
-                     if ids[a] != tok.pad_id]
+            seen += [
+                tok.decode(ids[a : b - 1].tolist()) for a, b in zip(starts[:-1], starts[1:]) if ids[a] != tok.pad_id
+            ]
     # (a whole epoch was compared document by document above)
     assert len(seen) == len(set(seen)) and set(seen) <= set(_docs(mem, tok))
     state = stream.train_loader.state_dict()

@@ -63,9 +63,22 @@ def test_train_tokenizer_is_deterministic_and_has_command(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("".join(f"line {i} about the quick brown fox number {i * 7}\n" for i in range(300)))
     a = train_tokenizer([corpus], tmp_path / "a.model", vocab_size=300)
-    out = subprocess.run([sys.executable, "-m", "persimmon_train.data.train_tokenizer", "--input", str(corpus),
-                          "--out", str(tmp_path / "b.model"), "--vocab-size", "300"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "persimmon_train.data.train_tokenizer",
+            "--input",
+            str(corpus),
+            "--out",
+            str(tmp_path / "b.model"),
+            "--vocab-size",
+            "300",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert a.read_bytes() == (tmp_path / "b.model").read_bytes()
     t = Tokenizer(a)

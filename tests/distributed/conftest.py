@@ -21,13 +21,25 @@ from tests.recipes.conftest import FAST, REPO, read_metrics, recipe_env
 VENV_BIN = Path(sys.executable).parent
 STEPS = 10
 # fp32, AC on, 10 steps, global batch 8 rows: 1 rank x 8 or 2 ranks x 4.
-COMMON = [*FAST, f"trainer.max_steps={STEPS}", "trainer.eval_at_start=false", "trainer.eval_every_n_steps=0",
-          "trainer.eval_max_batches=2", "trainer.activation_checkpointing=1", "checkpoint.every_n_steps=5",
-          "checkpoint.keep_last=0", "optim.warmup_steps=2", "trainer.num_threads=1"]
+COMMON = [
+    *FAST,
+    f"trainer.max_steps={STEPS}",
+    "trainer.eval_at_start=false",
+    "trainer.eval_every_n_steps=0",
+    "trainer.eval_max_batches=2",
+    "trainer.activation_checkpointing=1",
+    "checkpoint.every_n_steps=5",
+    "checkpoint.keep_last=0",
+    "optim.warmup_steps=2",
+    "trainer.num_threads=1",
+]
 LORA = ["peft=lora", "peft.dropout=0.0"]
 # Tiny params would stay unpartitioned under ZeRO-3 (persistence threshold); partition everything.
-ZERO3 = ["strategy=deepspeed", "strategy.stage=3",
-         "strategy.extra={zero_optimization:{stage3_param_persistence_threshold:0}}"]
+ZERO3 = [
+    "strategy=deepspeed",
+    "strategy.stage=3",
+    "strategy.extra={zero_optimization:{stage3_param_persistence_threshold:0}}",
+]
 JOBS = {
     "single": ["strategy=single", "peft=none", "trainer.micro_batch_size=8"],
     "single_lora": ["strategy=single", *LORA, "trainer.micro_batch_size=8"],
@@ -54,9 +66,15 @@ def launch_command(output_dir: Path, overrides: list[str], env: dict, nproc: int
         cmd = [sys.executable, str(REPO / "recipes" / "finetune.py"), *args]
     else:
         cmd = ["bash", str(REPO / "launch" / f"{launcher}.sh"), "recipes/finetune.py", *args]
-    env = dict(env, NPROC_PER_NODE=str(nproc), NUM_GPUS=str(nproc), TORCHRUN=str(VENV_BIN / "torchrun"),
-               DEEPSPEED=str(VENV_BIN / "deepspeed"), PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
-               OMP_NUM_THREADS="1")
+    env = dict(
+        env,
+        NPROC_PER_NODE=str(nproc),
+        NUM_GPUS=str(nproc),
+        TORCHRUN=str(VENV_BIN / "torchrun"),
+        DEEPSPEED=str(VENV_BIN / "deepspeed"),
+        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+        OMP_NUM_THREADS="1",
+    )
     return cmd, env
 
 
@@ -65,8 +83,10 @@ def launch(output_dir: Path, overrides: list[str], env: dict, timeout: float = 6
     cmd, env = launch_command(output_dir, overrides, env, nproc=nproc, common=common)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd[:4])} ... exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
-                             f"stderr:\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd[:4])} ... exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
+            f"stderr:\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 

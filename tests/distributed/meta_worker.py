@@ -18,8 +18,15 @@ import torch
 from persimmon_train.model import PersimmonConfig, PersimmonForCausalLM
 from persimmon_train.parallel.fsdp import FSDPStrategy
 
-PERSIMMON_8B = dict(vocab_size=262144, hidden_size=4096, intermediate_size=16384, num_hidden_layers=36,
-                    num_attention_heads=64, max_position_embeddings=16384, rope_theta=25000.0)
+PERSIMMON_8B = dict(
+    vocab_size=262144,
+    hidden_size=4096,
+    intermediate_size=16384,
+    num_hidden_layers=36,
+    num_attention_heads=64,
+    max_position_embeddings=16384,
+    rope_theta=25000.0,
+)
 
 
 def _kib(field: str) -> int:
@@ -96,7 +103,8 @@ def main(out_dir: str, small_model: str) -> None:
 
     with safe_open(os.path.join(small_model, "model.safetensors"), framework="pt") as handle:
         report["shards_match_file"] = all(
-            torch.equal(p.to_local(), handle.get_tensor(name)[local_slices(p)]) for name, p in model.named_parameters())
+            torch.equal(p.to_local(), handle.get_tensor(name)[local_slices(p)]) for name, p in model.named_parameters()
+        )
     with open(os.path.join(out_dir, f"rank{strategy.rank}.json"), "w") as f:
         json.dump(report, f)
     strategy.close()

@@ -17,8 +17,10 @@ def _checkpoint(run_dir):
     return run_dir / "checkpoints" / f"step_{RESUME_AT}"
 
 
-@pytest.mark.parametrize("name,reference", [("fsdp", "single"), ("fsdp_lora", "single_lora"),
-                                            ("zero2", "single"), ("zero3_lora", "single_lora")])
+@pytest.mark.parametrize(
+    "name,reference",
+    [("fsdp", "single"), ("fsdp_lora", "single_lora"), ("zero2", "single"), ("zero3_lora", "single_lora")],
+)
 def test_iter_checkpoint_weights_equal_single(runs, name, reference):
     expected = dict(iter_checkpoint_weights(str(_checkpoint(runs.get(reference)))))
     got = dict(iter_checkpoint_weights(str(_checkpoint(runs.get(name)))))  # one process, no torch.distributed
@@ -43,8 +45,12 @@ def test_strategy_json_names_the_writer(runs):
 
 def _resume(runs, source: str, out_name: str, overrides: list[str], nproc: int):
     out = runs.root / out_name
-    launch(out, [*overrides, f"resume={_checkpoint(runs.get(source))}", "checkpoint.every_n_steps=0"], runs.env,
-           nproc=nproc)
+    launch(
+        out,
+        [*overrides, f"resume={_checkpoint(runs.get(source))}", "checkpoint.every_n_steps=0"],
+        runs.env,
+        nproc=nproc,
+    )
     return out
 
 
@@ -57,8 +63,9 @@ def _assert_continues(uninterrupted, resumed):
 
 def test_fsdp_checkpoint_from_2_ranks_resumes_on_1_rank(runs):
     # Same global batch: 1 rank x 8 rows; DCP reshards the 2-rank checkpoint into a 1-rank group.
-    resumed = _resume(runs, "fsdp", "fsdp_resumed_1", ["strategy=fsdp", "peft=none", "trainer.micro_batch_size=8"],
-                      nproc=1)
+    resumed = _resume(
+        runs, "fsdp", "fsdp_resumed_1", ["strategy=fsdp", "peft=none", "trainer.micro_batch_size=8"], nproc=1
+    )
     _assert_continues(runs.get("fsdp"), resumed)
 
 

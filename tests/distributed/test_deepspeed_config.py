@@ -18,27 +18,59 @@ from tests.recipes.conftest import FAST, REPO, recipe_env
 
 # The shape of a typical HF-Trainer DeepSpeed JSON: everything the trainer decides is "auto".
 HF_STYLE = {
-    "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
-    "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "train_batch_size": "auto",
+    "gradient_clipping": "auto",
+    "bf16": {"enabled": "auto"},
+    "fp16": {"enabled": "auto"},
     "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
-    "scheduler": {"type": "WarmupCosineLR", "params": {"warmup_num_steps": "auto", "total_num_steps": "auto",
-                                                       "warmup_max_lr": "auto", "warmup_min_lr": "auto"}},
-    "zero_optimization": {"stage": 3, "overlap_comm": False, "reduce_bucket_size": "auto",
-                          "stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto"},
+    "scheduler": {
+        "type": "WarmupCosineLR",
+        "params": {
+            "warmup_num_steps": "auto",
+            "total_num_steps": "auto",
+            "warmup_max_lr": "auto",
+            "warmup_min_lr": "auto",
+        },
+    },
+    "zero_optimization": {
+        "stage": 3,
+        "overlap_comm": False,
+        "reduce_bucket_size": "auto",
+        "stage3_prefetch_bucket_size": "auto",
+        "stage3_param_persistence_threshold": "auto",
+    },
 }
 
 
 def _optim(**kw) -> OptimConfig:
-    optim = OptimConfig(lr=3e-4, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, grad_clip=1.0,
-                        schedule="cosine", warmup_steps=5, min_lr_ratio=0.1)
+    optim = OptimConfig(
+        lr=3e-4,
+        weight_decay=0.1,
+        beta1=0.9,
+        beta2=0.95,
+        eps=1e-8,
+        grad_clip=1.0,
+        schedule="cosine",
+        warmup_steps=5,
+        min_lr_ratio=0.1,
+    )
     for key, value in kw.items():
         setattr(optim, key, value)
     return optim
 
 
 def _check(config, precision="bf16", optim=None, **kw):
-    args = dict(micro_batch_size=4, grad_accum_steps=2, world_size=8, grad_clip=1.0, precision=precision,
-                optim=optim or _optim(), max_steps=100)
+    args = dict(
+        micro_batch_size=4,
+        grad_accum_steps=2,
+        world_size=8,
+        grad_clip=1.0,
+        precision=precision,
+        optim=optim or _optim(),
+        max_steps=100,
+    )
     args.update(kw)
     return check_user_config(config, "ds.json", **args)
 
@@ -55,8 +87,11 @@ def test_hf_style_autos_are_filled_from_the_trainer():
     assert out["zero_optimization"]["overlap_comm"] is False  # the user's own knobs pass through
     fill_model_autos(out, 64, "ds.json")
     zero = out["zero_optimization"]
-    assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"],
-            zero["stage3_param_persistence_threshold"]) == (64 * 64, int(0.9 * 64 * 64), 640)
+    assert (
+        zero["reduce_bucket_size"],
+        zero["stage3_prefetch_bucket_size"],
+        zero["stage3_param_persistence_threshold"],
+    ) == (64 * 64, int(0.9 * 64 * 64), 640)
     assert HF_STYLE["train_batch_size"] == "auto"  # the user's dict is not modified
 
 
@@ -67,34 +102,55 @@ def test_fp32_and_absent_keys_are_filled_too():
 
 
 def test_agreeing_explicit_values_pass():
-    config = dict(HF_STYLE, train_micro_batch_size_per_gpu=4, train_batch_size=64, gradient_clipping=1,
-                  optimizer={"type": "AdamW", "params": {"lr": 3e-4, "betas": [0.9, 0.95], "weight_decay": 0.1}},
-                  scheduler={"type": "WarmupCosineLR", "params": {"warmup_num_steps": 5, "total_num_steps": 100,
-                                                                  "cos_min_ratio": 0.1}})
+    config = dict(
+        HF_STYLE,
+        train_micro_batch_size_per_gpu=4,
+        train_batch_size=64,
+        gradient_clipping=1,
+        optimizer={"type": "AdamW", "params": {"lr": 3e-4, "betas": [0.9, 0.95], "weight_decay": 0.1}},
+        scheduler={
+            "type": "WarmupCosineLR",
+            "params": {"warmup_num_steps": 5, "total_num_steps": 100, "cos_min_ratio": 0.1},
+        },
+    )
     _check(config)
 
 
-@pytest.mark.parametrize("change,key", [
-    ({"train_micro_batch_size_per_gpu": 2}, "train_micro_batch_size_per_gpu: 2 but trainer.micro_batch_size gives 4"),
-    ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps: 4 but trainer.grad_accum_steps"),
-    ({"train_batch_size": 32}, "train_batch_size: 32 but"),
-    ({"gradient_clipping": 0.5}, "gradient_clipping: 0.5 but optim.grad_clip"),
-    ({"bf16": {"enabled": False}}, "bf16.enabled: False but trainer.precision=bf16"),
-    ({"fp16": {"enabled": True}}, "fp16.enabled: true, but the trainer runs bf16 or fp32"),
-    ({"amp": {"enabled": True}}, "amp.enabled"),
-    ({"zero_optimization": {"stage": 0}}, "zero_optimization.stage: 0"),
-    ({"zero_optimization": {"offload_param": {"device": "cpu"}, "stage": 2}}, "offload_param: needs"),
-    ({"optimizer": {"type": "Lamb"}}, "optimizer.type: 'Lamb'"),
-    ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}, "optimizer.params.lr: 0.001 but optim.lr gives 0.0003"),
-    ({"optimizer": {"type": "AdamW", "params": {"betas": [0.9, 0.999]}}}, "optimizer.params.betas"),
-    ({"optimizer": {"type": "Adam", "params": {"adam_w_mode": False}}}, "optimizer.params.adam_w_mode"),
-    ({"optimizer": {"type": "AdamW", "params": {"amsgrad": True}}}, "optimizer.params.amsgrad"),
-    ({"scheduler": {"type": "WarmupLR"}}, "scheduler.type: WarmupLR is warmup + constant but optim.schedule is cosine"),
-    ({"scheduler": {"type": "OneCycle"}}, "scheduler.type: 'OneCycle'"),
-    ({"scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": 50}}},
-     "scheduler.params.total_num_steps: 50 but trainer.max_steps gives 100"),
-    ({"scheduler": {"type": "WarmupCosineLR", "params": {"warmup_type": "log"}}}, "warmup_type"),
-])
+@pytest.mark.parametrize(
+    "change,key",
+    [
+        (
+            {"train_micro_batch_size_per_gpu": 2},
+            "train_micro_batch_size_per_gpu: 2 but trainer.micro_batch_size gives 4",
+        ),
+        ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps: 4 but trainer.grad_accum_steps"),
+        ({"train_batch_size": 32}, "train_batch_size: 32 but"),
+        ({"gradient_clipping": 0.5}, "gradient_clipping: 0.5 but optim.grad_clip"),
+        ({"bf16": {"enabled": False}}, "bf16.enabled: False but trainer.precision=bf16"),
+        ({"fp16": {"enabled": True}}, "fp16.enabled: true, but the trainer runs bf16 or fp32"),
+        ({"amp": {"enabled": True}}, "amp.enabled"),
+        ({"zero_optimization": {"stage": 0}}, "zero_optimization.stage: 0"),
+        ({"zero_optimization": {"offload_param": {"device": "cpu"}, "stage": 2}}, "offload_param: needs"),
+        ({"optimizer": {"type": "Lamb"}}, "optimizer.type: 'Lamb'"),
+        (
+            {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}},
+            "optimizer.params.lr: 0.001 but optim.lr gives 0.0003",
+        ),
+        ({"optimizer": {"type": "AdamW", "params": {"betas": [0.9, 0.999]}}}, "optimizer.params.betas"),
+        ({"optimizer": {"type": "Adam", "params": {"adam_w_mode": False}}}, "optimizer.params.adam_w_mode"),
+        ({"optimizer": {"type": "AdamW", "params": {"amsgrad": True}}}, "optimizer.params.amsgrad"),
+        (
+            {"scheduler": {"type": "WarmupLR"}},
+            "scheduler.type: WarmupLR is warmup + constant but optim.schedule is cosine",
+        ),
+        ({"scheduler": {"type": "OneCycle"}}, "scheduler.type: 'OneCycle'"),
+        (
+            {"scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": 50}}},
+            "scheduler.params.total_num_steps: 50 but trainer.max_steps gives 100",
+        ),
+        ({"scheduler": {"type": "WarmupCosineLR", "params": {"warmup_type": "log"}}}, "warmup_type"),
+    ],
+)
 def test_what_the_trainer_cannot_honour_is_named(change, key):
     config = {**HF_STYLE, **change}
     with pytest.raises(ConfigError) as err:
@@ -133,9 +189,22 @@ def test_recipe_refuses_a_conflicting_json_in_one_line_exit_2(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({**HF_STYLE, "train_micro_batch_size_per_gpu": 3}))
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(REPO / "recipes" / "finetune.py"), *FAST, "strategy=deepspeed",
-                           f"strategy.config_file={path}", "trainer.max_steps=1", f"output_dir={out}"],
-                          cwd=REPO, env=recipe_env(tmp_path), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "recipes" / "finetune.py"),
+            *FAST,
+            "strategy=deepspeed",
+            f"strategy.config_file={path}",
+            "trainer.max_steps=1",
+            f"output_dir={out}",
+        ],
+        cwd=REPO,
+        env=recipe_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if "train_micro_batch_size_per_gpu" in line]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]

@@ -45,15 +45,35 @@ def _trainer(strategies, *, stage, precision, grad_clip, extra=None):
     cfg.trainer.precision, cfg.trainer.progress_bar = precision, False
     cfg.optim.lr, cfg.optim.grad_clip, cfg.optim.schedule = 1e-2, grad_clip, "constant"
     zero = {"zero_optimization": {"stage3_param_persistence_threshold": 0, **(extra or {})}}
-    strategy = DeepSpeedStrategy(precision=precision, device="cpu", make_config=lambda world, prec: build_ds_config(
-        stage=stage, micro_batch_size=MICRO, grad_accum_steps=ACCUM, world_size=world, grad_clip=grad_clip,
-        precision=prec, extra=zero))
+    strategy = DeepSpeedStrategy(
+        precision=precision,
+        device="cpu",
+        make_config=lambda world, prec: build_ds_config(
+            stage=stage,
+            micro_batch_size=MICRO,
+            grad_accum_steps=ACCUM,
+            world_size=world,
+            grad_clip=grad_clip,
+            precision=prec,
+            extra=zero,
+        ),
+    )
     strategies.append(strategy)
     model, optimizer = strategy.wrap(tiny_model(), lambda m: build_optimizer(m, cfg.optim))
-    return Trainer(cfg, strategy=strategy, model=model, optimizer=optimizer,
-                   scheduler=build_scheduler(optimizer, cfg.optim, 10), train_loader=ListLoader(causal_rows(16), MICRO),
-                   eval_loader=None, tracker=NullTracker(), metrics_file=None, output_dir="unused", id2label=None,
-                   flops_per_token=0.0)
+    return Trainer(
+        cfg,
+        strategy=strategy,
+        model=model,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, cfg.optim, 10),
+        train_loader=ListLoader(causal_rows(16), MICRO),
+        eval_loader=None,
+        tracker=NullTracker(),
+        metrics_file=None,
+        output_dir="unused",
+        id2label=None,
+        flops_per_token=0.0,
+    )
 
 
 def _snapshot(engine) -> list[torch.Tensor]:
@@ -89,14 +109,17 @@ def _step(trainer, poison=None):
 POISONS = {"nan": lambda loss: loss * float("nan"), "inf_constant": lambda loss: loss + float("inf")}
 
 
-@pytest.mark.parametrize("stage,precision,grad_clip,extra,poison", [
-    (1, "fp32", 1.0, None, "inf_constant"),
-    (2, "bf16", 1.0, None, "inf_constant"),
-    # No clipping and no norm: ZeRO-1/2 in fp32 would not look at the gradients at all.
-    (2, "fp32", None, {"compute_grad_norm": False}, "nan"),
-    (3, "fp32", 1.0, None, "inf_constant"),
-    (3, "bf16", 1.0, None, "nan"),
-])
+@pytest.mark.parametrize(
+    "stage,precision,grad_clip,extra,poison",
+    [
+        (1, "fp32", 1.0, None, "inf_constant"),
+        (2, "bf16", 1.0, None, "inf_constant"),
+        # No clipping and no norm: ZeRO-1/2 in fp32 would not look at the gradients at all.
+        (2, "fp32", None, {"compute_grad_norm": False}, "nan"),
+        (3, "fp32", 1.0, None, "inf_constant"),
+        (3, "bf16", 1.0, None, "nan"),
+    ],
+)
 def test_nonfinite_step_changes_nothing_and_is_counted(one_rank, stage, precision, grad_clip, extra, poison):
     trainer = _trainer(one_rank, stage=stage, precision=precision, grad_clip=grad_clip, extra=extra)
     trainer._batches = iter(trainer.train_loader)

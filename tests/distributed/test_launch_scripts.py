@@ -13,9 +13,14 @@ SCRIPTS = ["launch/torchrun.sh", "launch/deepspeed.sh", "launch/slurm/torchrun.s
 
 
 def _dry(script: str, *args: str, **env) -> str:
-    proc = subprocess.run(["bash", script, "recipes/finetune.py", "strategy=fsdp", "data.train_files=[a b]", *args],
-                          cwd=REPO, env={"PATH": "/usr/bin:/bin", "DRY_RUN": "1", **env}, capture_output=True,
-                          text=True, timeout=30)
+    proc = subprocess.run(
+        ["bash", script, "recipes/finetune.py", "strategy=fsdp", "data.train_files=[a b]", *args],
+        cwd=REPO,
+        env={"PATH": "/usr/bin:/bin", "DRY_RUN": "1", **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -28,7 +33,8 @@ def test_bash_syntax(script):
 def test_torchrun_single_and_multi_node():
     assert _dry("launch/torchrun.sh", NPROC_PER_NODE="2").startswith(
         "torchrun --standalone --nnodes 1 --nproc_per_node 2 recipes/finetune.py strategy=fsdp "
-        "data.train_files=\\[a\\ b\\]")
+        "data.train_files=\\[a\\ b\\]"
+    )
     multi = _dry("launch/torchrun.sh", NNODES="2", NODE_RANK="1", MASTER_ADDR="n1", MASTER_PORT="1234", RDZV_ID="j")
     assert "--nnodes 2 --node_rank 1" in multi and "--rdzv_backend c10d --rdzv_endpoint n1:1234 --rdzv_id j" in multi
 
@@ -37,13 +43,16 @@ def test_deepspeed_hostfile_and_no_ssh():
     dry = _dry("launch/deepspeed.sh", NUM_GPUS="2", MASTER_PORT="1")
     assert dry.startswith("deepspeed --num_gpus 2 --master_port 1 ")
     assert "--hostfile launch/hostfile.example --master_addr n1" in _dry(
-        "launch/deepspeed.sh", HOSTFILE="launch/hostfile.example", MASTER_ADDR="n1")
-    assert "--no_ssh --num_nodes 2 --node_rank 0" in _dry("launch/deepspeed.sh", NNODES="2", NODE_RANK="0",
-                                                          MASTER_ADDR="n1")
+        "launch/deepspeed.sh", HOSTFILE="launch/hostfile.example", MASTER_ADDR="n1"
+    )
+    assert "--no_ssh --num_nodes 2 --node_rank 0" in _dry(
+        "launch/deepspeed.sh", NNODES="2", NODE_RANK="0", MASTER_ADDR="n1"
+    )
 
 
-@pytest.mark.parametrize("script,launcher", [("launch/slurm/torchrun.sbatch", "torchrun"),
-                                             ("launch/slurm/deepspeed.sbatch", "deepspeed")])
+@pytest.mark.parametrize(
+    "script,launcher", [("launch/slurm/torchrun.sbatch", "torchrun"), ("launch/slurm/deepspeed.sbatch", "deepspeed")]
+)
 def test_slurm_dry_run_prints_one_command_per_node(script, launcher):
     out = _dry(script, NNODES="3", MASTER_ADDR="node7")
     assert out.startswith("MASTER_ADDR=node7 MASTER_PORT=29500 NNODES=3")

@@ -38,19 +38,36 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 STEPS = 6
 FP32_REL = 1e-4
 BF16_LOSS_REL, BF16_NORM_REL = 5e-3, 3e-2
-BASE = [*FAST, f"trainer.max_steps={STEPS}", "trainer.eval_at_start=false", "trainer.eval_every_n_steps=0",
-        "trainer.eval_max_batches=1", "trainer.activation_checkpointing=1", "checkpoint.every_n_steps=0",
-        "checkpoint.keep_last=0", "optim.warmup_steps=1", "trainer.num_threads=1", "export.enabled=false",
-        "optim.grad_clip=1.0"]
+BASE = [
+    *FAST,
+    f"trainer.max_steps={STEPS}",
+    "trainer.eval_at_start=false",
+    "trainer.eval_every_n_steps=0",
+    "trainer.eval_max_batches=1",
+    "trainer.activation_checkpointing=1",
+    "checkpoint.every_n_steps=0",
+    "checkpoint.keep_last=0",
+    "optim.warmup_steps=1",
+    "trainer.num_threads=1",
+    "export.enabled=false",
+    "optim.grad_clip=1.0",
+]
 BF16, FP32 = ["trainer.precision=bf16"], ["trainer.precision=fp32"]
 FULL, LORA = ["peft=none"], ["peft=lora", "peft.dropout=0.0"]
 # A team's own DeepSpeed JSON, HF style: everything the trainer decides is "auto".
 USER_JSON = {
-    "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
-    "gradient_clipping": "auto", "bf16": {"enabled": "auto"},
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "train_batch_size": "auto",
+    "gradient_clipping": "auto",
+    "bf16": {"enabled": "auto"},
     "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
-    "zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True,
-                          "reduce_bucket_size": "auto"},
+    "zero_optimization": {
+        "stage": 2,
+        "overlap_comm": False,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": "auto",
+    },
 }
 
 # name: (nproc, overrides, reference job, precision)
@@ -60,24 +77,55 @@ JOBS = {
     "single_lora_bf16": (1, ["strategy=single", *BF16, *LORA, "trainer.micro_batch_size=8"], None, "bf16"),
     "fsdp1_lora_bf16": (1, ["strategy=fsdp", *BF16, *LORA, "trainer.micro_batch_size=8"], None, "bf16"),
     # Checkpoints every 2 steps: also the uninterrupted reference of the SIGKILL test.
-    "fsdp_fp32": (2, ["strategy=fsdp", *FP32, *FULL, "trainer.micro_batch_size=4", "checkpoint.every_n_steps=2"],
-                  "single_fp32", "fp32"),
+    "fsdp_fp32": (
+        2,
+        ["strategy=fsdp", *FP32, *FULL, "trainer.micro_batch_size=4", "checkpoint.every_n_steps=2"],
+        "single_fp32",
+        "fp32",
+    ),
     "fsdp_bf16": (2, ["strategy=fsdp", *BF16, *FULL, "trainer.micro_batch_size=4"], "single_bf16", "bf16"),
     "fsdp_lora_bf16": (2, ["strategy=fsdp", *BF16, *LORA, "trainer.micro_batch_size=4"], "fsdp1_lora_bf16", "bf16"),
-    "hsdp2x2_fp32": (4, ["strategy=fsdp", "strategy.replicate_degree=2", *FP32, *FULL, "trainer.micro_batch_size=2"],
-                     "single_fp32", "fp32"),
-    "zero1_lora_bf16": (2, ["strategy=deepspeed", "strategy.stage=1", *BF16, *LORA, "trainer.micro_batch_size=4"],
-                        "single_lora_bf16", "bf16"),
-    "zero2_json_bf16": (2, ["strategy=deepspeed", "strategy.config_file={json}", *BF16, *FULL,
-                            "trainer.micro_batch_size=4"], "single_bf16", "bf16"),
-    "zero3_offload_fp32": (2, ["strategy=deepspeed", "strategy.stage=3", "strategy.offload_optimizer=cpu",
-                               "strategy.offload_param=cpu",
-                               "strategy.extra={zero_optimization:{stage3_param_persistence_threshold:0}}",
-                               *FP32, *FULL, "trainer.micro_batch_size=4"], "single_fp32", "fp32"),
+    "hsdp2x2_fp32": (
+        4,
+        ["strategy=fsdp", "strategy.replicate_degree=2", *FP32, *FULL, "trainer.micro_batch_size=2"],
+        "single_fp32",
+        "fp32",
+    ),
+    "zero1_lora_bf16": (
+        2,
+        ["strategy=deepspeed", "strategy.stage=1", *BF16, *LORA, "trainer.micro_batch_size=4"],
+        "single_lora_bf16",
+        "bf16",
+    ),
+    "zero2_json_bf16": (
+        2,
+        ["strategy=deepspeed", "strategy.config_file={json}", *BF16, *FULL, "trainer.micro_batch_size=4"],
+        "single_bf16",
+        "bf16",
+    ),
+    "zero3_offload_fp32": (
+        2,
+        [
+            "strategy=deepspeed",
+            "strategy.stage=3",
+            "strategy.offload_optimizer=cpu",
+            "strategy.offload_param=cpu",
+            "strategy.extra={zero_optimization:{stage3_param_persistence_threshold:0}}",
+            *FP32,
+            *FULL,
+            "trainer.micro_batch_size=4",
+        ],
+        "single_fp32",
+        "fp32",
+    ),
     # ZeRO-3 from model.path builds on meta and loads module by module (parallel/zero3_load.py); its
     # LoRA adapters come from the same seeded init as FSDP's sharded loader.
-    "zero3_lora_bf16": (2, ["strategy=deepspeed", "strategy.stage=3", *BF16, *LORA, "trainer.micro_batch_size=4"],
-                        "fsdp1_lora_bf16", "bf16"),
+    "zero3_lora_bf16": (
+        2,
+        ["strategy=deepspeed", "strategy.stage=3", *BF16, *LORA, "trainer.micro_batch_size=4"],
+        "fsdp1_lora_bf16",
+        "bf16",
+    ),
 }
 
 
@@ -91,8 +139,13 @@ class MatrixRuns:
     def _model_folder(self) -> Path:
         """An HF folder (config.json + model.safetensors) written by the recipe's own export."""
         out = self.root / "seed_model"
-        launch(out, ["strategy=single", *FP32, *FULL, "trainer.max_steps=1", "export.enabled=true"], self.env,
-               nproc=1, common=[x for x in BASE if not x.startswith(("trainer.max_steps", "export.enabled"))])
+        launch(
+            out,
+            ["strategy=single", *FP32, *FULL, "trainer.max_steps=1", "export.enabled=true"],
+            self.env,
+            nproc=1,
+            common=[x for x in BASE if not x.startswith(("trainer.max_steps", "export.enabled"))],
+        )
         return out / "final"
 
     def overrides(self, name: str) -> list[str]:
@@ -143,11 +196,16 @@ def test_runs_really_are_what_they_claim(matrix):
         assert f"model: {matrix.model_path} " in log, name  # built from model.path, not random init
     log = (matrix.get("zero2_json_bf16") / "launch.log").read_text()
     line = next(x for x in log.splitlines() if "deepspeed: ZeRO stage" in x)
-    used = json.loads(line[line.index("{"):])
+    used = json.loads(line[line.index("{") :])
     assert f"config from {matrix.json_path}" in line
     # Its "auto"s, filled: rows per rank, 2 ranks x 4 rows, bf16, the clip, HF's bucket size for hidden 64.
-    assert (used["train_micro_batch_size_per_gpu"], used["train_batch_size"], used["bf16"]["enabled"],
-            used["gradient_clipping"], used["zero_optimization"]["reduce_bucket_size"]) == (4, 8, True, 1.0, 64 * 64)
+    assert (
+        used["train_micro_batch_size_per_gpu"],
+        used["train_batch_size"],
+        used["bf16"]["enabled"],
+        used["gradient_clipping"],
+        used["zero_optimization"]["reduce_bucket_size"],
+    ) == (4, 8, True, 1.0, 64 * 64)
     assert "optimizer" not in used  # checked against optim.*, then left to the trainer's AdamW
 
 
@@ -166,8 +224,9 @@ def test_sigkill_mid_run_then_resume_latest_matches_uninterrupted(matrix):
     reference = matrix.get("fsdp_fp32")  # the same run, uninterrupted
     out = matrix.root / "killed"
     cmd, env = launch_command(out, matrix.overrides("fsdp_fp32"), matrix.env, nproc=2, common=BASE)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         _wait_for(out / "checkpoints" / "step_2", proc, timeout=300)
     finally:
@@ -179,8 +238,10 @@ def test_sigkill_mid_run_then_resume_latest_matches_uninterrupted(matrix):
     ref, got = _rows(reference), _rows(out)
     assert sorted(got) == list(range(1, STEPS + 1))
     loss, norm = _worst(ref, got, "loss"), _worst(ref, got, "grad_norm")
-    print(f"MATRIX sigkill after step {max(done, default=0)}, resumed: max rel |loss diff| {loss:.2e}, "
-          f"grad_norm {norm:.2e}")
+    print(
+        f"MATRIX sigkill after step {max(done, default=0)}, resumed: max rel |loss diff| {loss:.2e}, "
+        f"grad_norm {norm:.2e}"
+    )
     # Not bit-identical: two uninterrupted 2-rank gloo runs already differ in the last bit or two
     # (measured: step 2's grad_norm, before any kill, 2.8651400 vs 2.8651404), so the resumed run is
     # held to the fp32 tolerance (a replayed batch or a reset optimizer moves the losses far more).

@@ -20,16 +20,39 @@ def report(tmp_path_factory):
     root = tmp_path_factory.mktemp("meta")
     # ~46M parameters (184 MB float32): big enough that a whole copy per rank would show in RSS.
     torch.manual_seed(0)
-    small = PersimmonForCausalLM.from_config(PersimmonConfig(
-        vocab_size=32000, hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8,
-        max_position_embeddings=256))
+    small = PersimmonForCausalLM.from_config(
+        PersimmonConfig(
+            vocab_size=32000,
+            hidden_size=512,
+            intermediate_size=2048,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            max_position_embeddings=256,
+        )
+    )
     small.save_pretrained(root / "small")
     del small
-    env = dict(os.environ, OMP_NUM_THREADS="1",  # and this checkout's persimmon_train (see recipe_env)
-               PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    proc = subprocess.run([str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node", "2",
-                           str(REPO / "tests" / "distributed" / "meta_worker.py"), str(root), str(root / "small")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",  # and this checkout's persimmon_train (see recipe_env)
+        PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    )
+    proc = subprocess.run(
+        [
+            str(VENV_BIN / "torchrun"),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(REPO / "tests" / "distributed" / "meta_worker.py"),
+            str(root),
+            str(root / "small"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
     reports = [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
     print("meta sharding report:", json.dumps(reports, indent=1))

@@ -27,8 +27,9 @@ SAPPHIRE_RAPIDS = {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8"}
 ZEN4 = {"avx512f", "avx512_bf16"}  # AVX512-BF16, no AMX
 
 
-@pytest.mark.parametrize("flags,expected", [(SAPPHIRE_RAPIDS, "bf16"), (ZEN4, "fp32"), ({"avx2", "fma"}, "fp32"),
-                                            (set(), "fp32")])
+@pytest.mark.parametrize(
+    "flags,expected", [(SAPPHIRE_RAPIDS, "bf16"), (ZEN4, "fp32"), ({"avx2", "fma"}, "fp32"), (set(), "fp32")]
+)
 def test_auto_precision_on_cpu_follows_amx(monkeypatch, flags, expected):
     monkeypatch.setattr(single, "cpu_flags", lambda: flags)
     assert single.resolve_precision("auto", torch.device("cpu")) == expected

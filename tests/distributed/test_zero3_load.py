@@ -25,15 +25,36 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 def report(tmp_path_factory):
     root = tmp_path_factory.mktemp("zero3")
     torch.manual_seed(0)
-    model = PersimmonForCausalLM.from_config(PersimmonConfig(
-        vocab_size=4096, hidden_size=512, intermediate_size=2048, num_hidden_layers=14, num_attention_heads=8,
-        max_position_embeddings=256))
+    model = PersimmonForCausalLM.from_config(
+        PersimmonConfig(
+            vocab_size=4096,
+            hidden_size=512,
+            intermediate_size=2048,
+            num_hidden_layers=14,
+            num_attention_heads=8,
+            max_position_embeddings=256,
+        )
+    )
     model.save_pretrained(root / "model")
     del model
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node", "2",
-                           str(REPO / "tests" / "distributed" / "zero3_worker.py"), str(root), str(root / "model"),
-                           "meta"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            str(VENV_BIN / "torchrun"),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(REPO / "tests" / "distributed" / "zero3_worker.py"),
+            str(root),
+            str(root / "model"),
+            "meta",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
     reports = [json.loads((root / f"meta_rank{r}.json").read_text()) for r in range(2)]
     print("zero3 load report:", json.dumps(reports, indent=1))

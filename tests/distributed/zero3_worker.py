@@ -18,8 +18,11 @@ import sys
 import torch
 
 # HF's "auto" bucket sizes for the worker's hidden size 512 (DeepSpeed's defaults are sized for big models).
-ZERO = {"stage3_param_persistence_threshold": 0, "reduce_bucket_size": 512 * 512,
-        "stage3_prefetch_bucket_size": int(0.9 * 512 * 512)}
+ZERO = {
+    "stage3_param_persistence_threshold": 0,
+    "reduce_bucket_size": 512 * 512,
+    "stage3_prefetch_bucket_size": int(0.9 * 512 * 512),
+}
 
 
 def _kib(field: str) -> int:
@@ -38,14 +41,28 @@ def main(out_dir: str, folder: str, mode: str) -> None:
     from persimmon_train.parallel.deepspeed import DeepSpeedStrategy
     from persimmon_train.parallel.ds_config import build_ds_config
 
-    strategy = DeepSpeedStrategy(precision="fp32", device="cpu", model_path=folder, make_config=lambda world, prec: (
-        build_ds_config(stage=3, micro_batch_size=1, grad_accum_steps=1, world_size=world, grad_clip=1.0,
-                        precision=prec, extra={"zero_optimization": ZERO})))
+    strategy = DeepSpeedStrategy(
+        precision="fp32",
+        device="cpu",
+        model_path=folder,
+        make_config=lambda world, prec: build_ds_config(
+            stage=3,
+            micro_batch_size=1,
+            grad_accum_steps=1,
+            world_size=world,
+            grad_clip=1.0,
+            precision=prec,
+            extra={"zero_optimization": ZERO},
+        ),
+    )
     report = {"rank": strategy.rank, "mode": mode}
     # One-time costs of a first model build (lazy imports, meta kernels: ~70 MB) out of the measure.
     with torch.device("meta"):
-        PersimmonForCausalLM(PersimmonConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                             num_attention_heads=4))
+        PersimmonForCausalLM(
+            PersimmonConfig(
+                vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
+            )
+        )
     rss_before = _kib("VmRSS")
     try:  # reset the peak-RSS counter so VmHWM measures the build + wrap alone
         with open("/proc/self/clear_refs", "w") as f:

@@ -16,8 +16,14 @@ import torch
 from tests.recipes.conftest import FAST, REPO, classification_files, recipe_env, run_recipe  # noqa: F401
 
 STEPS = 3
-QUICK = [*FAST, f"trainer.max_steps={STEPS}", f"checkpoint.every_n_steps={STEPS}", "trainer.eval_at_start=false",
-         "trainer.eval_max_batches=1", "trainer.eval_every_n_steps=0"]
+QUICK = [
+    *FAST,
+    f"trainer.max_steps={STEPS}",
+    f"checkpoint.every_n_steps={STEPS}",
+    "trainer.eval_at_start=false",
+    "trainer.eval_max_batches=1",
+    "trainer.eval_every_n_steps=0",
+]
 
 
 @pytest.fixture(scope="session")
@@ -32,10 +38,17 @@ def base_dir(tmp_path_factory, export_env) -> Path:
     from persimmon_train.model import PersimmonConfig, PersimmonForCausalLM
 
     tokenizer = Tokenizer(demo_assets(Path(export_env["PERSIMMON_TRAIN_CACHE"]) / "demo").tokenizer_path)
-    config = PersimmonConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=256,
-                             num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256,
-                             bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
-                             pad_token_id=tokenizer.pad_id)
+    config = PersimmonConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_id,
+        eos_token_id=tokenizer.eos_id,
+        pad_token_id=tokenizer.pad_id,
+    )
     torch.manual_seed(1234)
     model = PersimmonForCausalLM.from_config(config)
     path = tmp_path_factory.mktemp("base") / "tiny-base"
@@ -59,23 +72,51 @@ def full_run(tmp_path_factory, export_env) -> Path:
 @pytest.fixture(scope="session")
 def lora_run(tmp_path_factory, export_env, base_dir) -> Path:
     """LoRA over model.path (rslora on, to check the scale is the trained one)."""
-    return _train(tmp_path_factory, export_env, "finetune", "lora", "peft=lora", "peft.r=8", "peft.alpha=16",
-                  "peft.use_rslora=true", "optim.lr=2e-2", f"model.path={base_dir}")
+    return _train(
+        tmp_path_factory,
+        export_env,
+        "finetune",
+        "lora",
+        "peft=lora",
+        "peft.r=8",
+        "peft.alpha=16",
+        "peft.use_rslora=true",
+        "optim.lr=2e-2",
+        f"model.path={base_dir}",
+    )
 
 
 @pytest.fixture(scope="session")
 def lora_random_run(tmp_path_factory, export_env) -> Path:
     """LoRA over a random init: export must rebuild the trainer's seeded base exactly."""
-    return _train(tmp_path_factory, export_env, "finetune", "lora_random", "peft=lora", "peft.r=4",
-                  "optim.lr=2e-2", "trainer.seed=7")
+    return _train(
+        tmp_path_factory,
+        export_env,
+        "finetune",
+        "lora_random",
+        "peft=lora",
+        "peft.r=4",
+        "optim.lr=2e-2",
+        "trainer.seed=7",
+    )
 
 
 @pytest.fixture(scope="session")
 def classify_run(tmp_path_factory, export_env, base_dir, classification_files) -> Path:  # noqa: F811
     """LoRA classifier over a causal-LM base: lm_head is dropped, the trained score head comes along."""
     train, evals = classification_files
-    return _train(tmp_path_factory, export_env, "classify", "classify", "peft=lora", "peft.r=4", "optim.lr=1e-2",
-                  f"model.path={base_dir}", f"data.train_files=[{train}]", f"data.eval_files=[{evals}]")
+    return _train(
+        tmp_path_factory,
+        export_env,
+        "classify",
+        "classify",
+        "peft=lora",
+        "peft.r=4",
+        "optim.lr=1e-2",
+        f"model.path={base_dir}",
+        f"data.train_files=[{train}]",
+        f"data.eval_files=[{evals}]",
+    )
 
 
 def checkpoint_of(run: Path) -> Path:
@@ -83,8 +124,14 @@ def checkpoint_of(run: Path) -> Path:
 
 
 def run_script(script: str, *args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "recipes" / script), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(REPO / "recipes" / script), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def load_tensors(folder) -> dict[str, torch.Tensor]:

@@ -66,8 +66,12 @@ def test_classifier_adapter_carries_its_head(classify_run, base_dir, tmp_path, c
     ids = torch.randint(3, base.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
     with torch.no_grad():
-        torch.testing.assert_close(with_adapter(input_ids=ids, attention_mask=mask).logits,
-                                   merged_model(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            with_adapter(input_ids=ids, attention_mask=mask).logits,
+            merged_model(input_ids=ids, attention_mask=mask).logits,
+            atol=1e-5,
+            rtol=1e-4,
+        )
 
 
 def test_full_finetune_has_no_adapter(full_run, tmp_path, cache_env):

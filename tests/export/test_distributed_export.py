@@ -29,10 +29,20 @@ def _needs(strategy: str):
 
 
 def _two_ranks(env, out, *overrides):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "recipes" / "finetune.py"), *JOB, *overrides, f"output_dir={out}"]
-    proc = subprocess.run(cmd, cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "recipes" / "finetune.py"),
+        *JOB,
+        *overrides,
+        f"output_dir={out}",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
@@ -45,8 +55,9 @@ def single_final(tmp_path_factory, export_env):
     return load_tensors(out / "final")
 
 
-@pytest.mark.parametrize("strategy, overrides", [("fsdp", ["strategy=fsdp"]),
-                                                 ("deepspeed", ["strategy=deepspeed", "strategy.stage=3"])])
+@pytest.mark.parametrize(
+    "strategy, overrides", [("fsdp", ["strategy=fsdp"]), ("deepspeed", ["strategy=deepspeed", "strategy.stage=3"])]
+)
 def test_sharded_checkpoint_exports_like_single(strategy, overrides, single_final, tmp_path, export_env):
     _needs(strategy)
     out = tmp_path / strategy
@@ -70,22 +81,40 @@ def test_sharded_checkpoint_exports_like_single(strategy, overrides, single_fina
         torch.testing.assert_close(weights[name], tensor, atol=2e-4, rtol=1e-4, msg=name)
 
 
-LORA_JOB = [*QUICK, "peft=lora", "peft.r=4", "optim.lr=2e-2", "trainer.micro_batch_size=4",
-            "trainer.grad_accum_steps=1"]
+LORA_JOB = [
+    *QUICK,
+    "peft=lora",
+    "peft.r=4",
+    "optim.lr=2e-2",
+    "trainer.micro_batch_size=4",
+    "trainer.grad_accum_steps=1",
+]
 
 
-@pytest.mark.parametrize("overrides", [["strategy=fsdp"], ["strategy=deepspeed", "strategy.stage=3"]],
-                         ids=["fsdp", "zero3"])
+@pytest.mark.parametrize(
+    "overrides", [["strategy=fsdp"], ["strategy=deepspeed", "strategy.stage=3"]], ids=["fsdp", "zero3"]
+)
 def test_two_rank_lora_run_writes_an_adapter_peft_loads(overrides, base_dir, tmp_path, export_env):
     """The run's adapter/ (any strategy, any world size), in the dtype it was trained in, gives in peft
     over transformers' Persimmon the logits of the run's merged final/."""
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "recipes" / "finetune.py"), *LORA_JOB, *overrides, f"model.path={base_dir}", f"output_dir={out}"]
-    proc = subprocess.run(cmd, cwd=REPO, env={**export_env, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, timeout=600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "recipes" / "finetune.py"),
+        *LORA_JOB,
+        *overrides,
+        f"model.path={base_dir}",
+        f"output_dir={out}",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env={**export_env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     from safetensors.torch import load_file
 

@@ -56,8 +56,11 @@ def test_export_user_errors(case, lora_run, tmp_path, export_env):
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and message in lines[-1], proc.stderr
     assert "Traceback" not in proc.stderr
-    names = {"not_a_checkpoint": str(tmp_path), "base_gone": str(tmp_path / "deleted-base"),
-             "truncated": "step_3/model.safetensors"}.get(case, "")
+    names = {
+        "not_a_checkpoint": str(tmp_path),
+        "base_gone": str(tmp_path / "deleted-base"),
+        "truncated": "step_3/model.safetensors",
+    }.get(case, "")
     assert names in lines[-1], lines[-1]  # the path at fault
     assert not out.exists()
 
@@ -87,9 +90,20 @@ def test_full_disk_during_export_is_one_line_and_leaves_nothing(lora_run, tmp_pa
     def small_files():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # CPython ignores SIGXFSZ: EFBIG
 
-    proc = subprocess.run([sys.executable, str(REPO / "recipes" / "export.py"), f"checkpoint={checkpoint_of(lora_run)}",
-                           f"output_dir={out}", "dtype=fp32"], cwd=REPO, env=export_env, capture_output=True,
-                          text=True, preexec_fn=small_files)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "recipes" / "export.py"),
+            f"checkpoint={checkpoint_of(lora_run)}",
+            f"output_dir={out}",
+            "dtype=fp32",
+        ],
+        cwd=REPO,
+        env=export_env,
+        capture_output=True,
+        text=True,
+        preexec_fn=small_files,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("error: writing ") and "model" in line and "larger than this system allows" in line, line

@@ -47,10 +47,17 @@ def _big_base(folder, tokenizer_dir) -> tuple[dict, int]:
     from persimmon_train.model import PersimmonConfig, PersimmonForCausalLM
 
     tokenizer = Tokenizer(tokenizer_dir)
-    config = PersimmonConfig(vocab_size=tokenizer.vocab_size, hidden_size=512, intermediate_size=2048,
-                             num_hidden_layers=12, num_attention_heads=8, max_position_embeddings=256,
-                             bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
-                             pad_token_id=tokenizer.pad_id)
+    config = PersimmonConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=8,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_id,
+        eos_token_id=tokenizer.eos_id,
+        pad_token_id=tokenizer.pad_id,
+    )
     torch.manual_seed(0)
     model = PersimmonForCausalLM.from_config(config)
     model.save_pretrained(folder, max_shard_size=f"{SHARD_MB}MB")
@@ -66,14 +73,29 @@ def _write_checkpoint(root, base, peft_method: str, weights: dict) -> str:
     from persimmon_train.model import PersimmonConfig
     from persimmon_train.storage.checkpoints import LocalComm, save_checkpoint
 
-    peft = None if peft_method == "none" else {"method": "lora", "r": 8, "alpha": 16.0, "dropout": 0.0,
-                                               "use_rslora": False, "modules_to_save": [],
-                                               "target_modules": ["query_key_value", "dense", "dense_h_to_4h",
-                                                                  "dense_4h_to_h"]}
-    metadata = {"task": "causal_lm", "strategy": {"name": "single", "world_size": 1}, "peft": peft,
-                "model": {"architecture": "PersimmonForCausalLM",
-                          "config": PersimmonConfig.from_json_file(base).to_dict(),
-                          "base": {"path": str(base), "seed": 0}}}
+    peft = (
+        None
+        if peft_method == "none"
+        else {
+            "method": "lora",
+            "r": 8,
+            "alpha": 16.0,
+            "dropout": 0.0,
+            "use_rslora": False,
+            "modules_to_save": [],
+            "target_modules": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+        }
+    )
+    metadata = {
+        "task": "causal_lm",
+        "strategy": {"name": "single", "world_size": 1},
+        "peft": peft,
+        "model": {
+            "architecture": "PersimmonForCausalLM",
+            "config": PersimmonConfig.from_json_file(base).to_dict(),
+            "base": {"path": str(base), "seed": 0},
+        },
+    }
 
     def write_files(folder):
         save_file(weights, os.path.join(folder, "model.safetensors"))
@@ -93,8 +115,12 @@ def test_export_peak_memory_stays_near_one_shard(kind, tmp_path, base_dir, expor
         g = torch.Generator().manual_seed(0)
         weights = {}
         for i in range(12):
-            for module, (n_in, n_out) in {"self_attn.query_key_value": (512, 1536), "self_attn.dense": (512, 512),
-                                          "mlp.dense_h_to_4h": (512, 2048), "mlp.dense_4h_to_h": (2048, 512)}.items():
+            for module, (n_in, n_out) in {
+                "self_attn.query_key_value": (512, 1536),
+                "self_attn.dense": (512, 512),
+                "mlp.dense_h_to_4h": (512, 2048),
+                "mlp.dense_4h_to_h": (2048, 512),
+            }.items():
                 prefix = f"base_model.model.model.layers.{i}.{module}"
                 weights[f"{prefix}.lora_A.default.weight"] = torch.randn(8, n_in, generator=g)
                 weights[f"{prefix}.lora_B.default.weight"] = torch.randn(n_out, 8, generator=g)
@@ -104,14 +130,31 @@ def test_export_peak_memory_stays_near_one_shard(kind, tmp_path, base_dir, expor
     del state
 
     out = tmp_path / "export"
-    proc = subprocess.run([sys.executable, "-c", DRIVER, str(REPO), "export.py", f"checkpoint={step}",
-                           f"output_dir={out}", "dtype=fp32", f"max_shard_size={SHARD_MB}MB"],
-                          cwd=REPO, env=export_env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            DRIVER,
+            str(REPO),
+            "export.py",
+            f"checkpoint={step}",
+            f"output_dir={out}",
+            "dtype=fp32",
+            f"max_shard_size={SHARD_MB}MB",
+        ],
+        cwd=REPO,
+        env=export_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     memory = json.loads(proc.stdout.split("MEMORY ", 1)[1])
     growth = memory["peak"] - memory["before"]
-    print(f"\n{kind}: model {model_bytes / 1e6:.0f} MB fp32, shards {SHARD_MB} MB, "
-          f"peak RSS growth {growth / 1e6:.1f} MB ({growth / model_bytes:.2f}x the model)")
+    print(
+        f"\n{kind}: model {model_bytes / 1e6:.0f} MB fp32, shards {SHARD_MB} MB, "
+        f"peak RSS growth {growth / 1e6:.1f} MB ({growth / model_bytes:.2f}x the model)"
+    )
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) >= 7
     assert index["metadata"]["total_size"] == model_bytes
@@ -123,8 +166,9 @@ def test_export_peak_memory_stays_near_one_shard(kind, tmp_path, base_dir, expor
     name = "model.layers.11.mlp.dense_4h_to_h.weight"
     with safe_open(str(out / index["weight_map"][name]), "pt") as f:
         exported = f.get_tensor(name)
-    with safe_open(str(base / json.loads((base / "model.safetensors.index.json").read_text())["weight_map"][name]),
-                   "pt") as f:
+    with safe_open(
+        str(base / json.loads((base / "model.safetensors.index.json").read_text())["weight_map"][name]), "pt"
+    ) as f:
         original = f.get_tensor(name)
     if kind == "full":
         expected = original + 0.01

@@ -18,7 +18,7 @@ def _expected_greedy_text(folder, max_new_tokens: int) -> str:
     tokenizer = Tokenizer(folder)
     ids = torch.tensor([tokenizer.encode(tokenizer.chat_prompt(PROMPT))])
     out = model.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_id)
-    generated = [i for i in out[0, ids.shape[1]:].tolist() if i != tokenizer.eos_id]
+    generated = [i for i in out[0, ids.shape[1] :].tolist() if i != tokenizer.eos_id]
     assert generated, "the tiny model should say something before eos"
     return tokenizer.decode(generated)
 
@@ -26,8 +26,15 @@ def _expected_greedy_text(folder, max_new_tokens: int) -> str:
 def test_generate_from_export_and_from_checkpoint(lora_run, export_env):
     expected = _expected_greedy_text(lora_run / "final", 24)
     for model in (lora_run / "final", lora_run):  # an HF folder; a run folder (its newest checkpoint)
-        proc = run_script("generate.py", f"model={model}", f"prompt={PROMPT}", "max_new_tokens=24", "dtype=fp32",
-                          "greedy=true", env=export_env)
+        proc = run_script(
+            "generate.py",
+            f"model={model}",
+            f"prompt={PROMPT}",
+            "max_new_tokens=24",
+            "dtype=fp32",
+            "greedy=true",
+            env=export_env,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert proc.stdout == expected + "\n", (model, proc.stdout, expected)
 
@@ -37,6 +44,7 @@ def test_generate_sampling_is_seeded_and_errors_are_one_line(base_dir, export_en
     pushed to its limit, turns sampling into greedy decoding, which hot sampling is not. The recipe's
     main runs in-process (a subprocess per option would cost seconds each); one real run checks the
     command line gives the same text."""
+
     def generate(*options: str) -> str:
         main([f"model={base_dir}", "prompt=hello", "max_new_tokens=12", "dtype=fp32", "chat=false", *options])
         text = capsys.readouterr().out
@@ -52,8 +60,17 @@ def test_generate_sampling_is_seeded_and_errors_are_one_line(base_dir, export_en
     assert generate(*hot, "seed=3", "top_k=1") == greedy
     assert generate(*hot, "seed=3", "top_p=0.0001") == greedy
     assert generate(*hot, "seed=3", "temperature=0.00001") == greedy
-    proc = run_script("generate.py", f"model={base_dir}", "prompt=hello", "max_new_tokens=12", "dtype=fp32",
-                      "chat=false", *hot, "seed=3", env=export_env)
+    proc = run_script(
+        "generate.py",
+        f"model={base_dir}",
+        "prompt=hello",
+        "max_new_tokens=12",
+        "dtype=fp32",
+        "chat=false",
+        *hot,
+        "seed=3",
+        env=export_env,
+    )
     universal_newlines = first.replace("\r\n", "\n").replace("\r", "\n")  # as text=True reads stdout
     assert proc.returncode == 0 and proc.stdout == universal_newlines, proc.stderr[-3000:]
     bad = run_script("generate.py", f"model={base_dir.parent / 'nope'}", "prompt=hi", env=export_env)

@@ -29,16 +29,22 @@ def _logits_match_transformers(folder, architecture: str) -> None:
     import persimmon_train.model as ours_models
 
     ours = getattr(ours_models, architecture).from_pretrained(folder).eval()
-    auto = {"PersimmonForCausalLM": transformers.AutoModelForCausalLM,
-            "PersimmonForSequenceClassification": transformers.AutoModelForSequenceClassification,
-            "PersimmonForTokenClassification": transformers.AutoModelForTokenClassification}[architecture]
+    auto = {
+        "PersimmonForCausalLM": transformers.AutoModelForCausalLM,
+        "PersimmonForSequenceClassification": transformers.AutoModelForSequenceClassification,
+        "PersimmonForTokenClassification": transformers.AutoModelForTokenClassification,
+    }[architecture]
     theirs = auto.from_pretrained(folder, dtype=torch.float32).eval()
     assert type(theirs).__name__ == architecture
     ids = torch.randint(3, ours.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     with torch.no_grad():
-        torch.testing.assert_close(ours(ids, attention_mask=mask).logits,
-                                   theirs(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            ours(ids, attention_mask=mask).logits,
+            theirs(input_ids=ids, attention_mask=mask).logits,
+            atol=1e-5,
+            rtol=1e-4,
+        )
 
 
 @pytest.mark.parametrize("run_name", RUNS)

@@ -22,8 +22,15 @@ HF_NAMES = {
 
 
 def tiny_config(**overrides) -> PersimmonConfig:
-    values = dict(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=64, pad_token_id=0)
+    values = dict(
+        vocab_size=160,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
     values.update(overrides)
     return PersimmonConfig(**values)
 

@@ -87,8 +87,10 @@ def test_flex_forward_equals_sdpa():
 
 
 def test_varlen_is_gpu_only():
-    pytest.skip("varlen_attn has no CPU kernel (aten::_flash_attention_forward); bench/gpu.sh checks it "
-                "against sdpa, forward and gradients, on a GPU")
+    pytest.skip(
+        "varlen_attn has no CPU kernel (aten::_flash_attention_forward); bench/gpu.sh checks it "
+        "against sdpa, forward and gradients, on a GPU"
+    )
 
 
 def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal_ok):
@@ -109,11 +111,14 @@ def test_varlen_plumbing_with_a_reference_kernel(monkeypatch, spelling):
     import persimmon_train.model.attention as attention
 
     if spelling == "window_size":
+
         def fake(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
             return _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, window_size == (-1, 0))
     else:
+
         def fake(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, scale=None):
             return _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, is_causal)
+
     monkeypatch.setattr(attention, "_torch_varlen", lambda: fake)
     attention._varlen_signature.cache_clear()
     try:

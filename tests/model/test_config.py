@@ -11,10 +11,21 @@ from persimmon_train.model import PersimmonConfig, PersimmonForCausalLM
 
 def test_defaults_are_the_released_8b():
     c = PersimmonConfig()
-    assert (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
-            c.max_position_embeddings, c.rope_theta, c.partial_rotary_factor, c.qk_layernorm,
-            c.hidden_act, c.layer_norm_eps, c.bos_token_id, c.eos_token_id) == (
-        262144, 4096, 16384, 36, 64, 16384, 25000.0, 0.5, True, "relu2", 1e-5, 1, 2)
+    assert (
+        c.vocab_size,
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_hidden_layers,
+        c.num_attention_heads,
+        c.max_position_embeddings,
+        c.rope_theta,
+        c.partial_rotary_factor,
+        c.qk_layernorm,
+        c.hidden_act,
+        c.layer_norm_eps,
+        c.bos_token_id,
+        c.eos_token_id,
+    ) == (262144, 4096, 16384, 36, 64, 16384, 25000.0, 0.5, True, "relu2", 1e-5, 1, 2)
 
 
 def test_8b_builds_on_meta_and_reports_parameter_count():
@@ -35,11 +46,22 @@ def test_8b_builds_on_meta_and_reports_parameter_count():
 
 
 def test_reads_transformers_4x_config(tmp_path):
-    raw = {"model_type": "persimmon", "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
-           "num_hidden_layers": 2, "num_attention_heads": 4, "rope_theta": 25000.0,
-           "partial_rotary_factor": 0.5, "rope_scaling": {"type": "linear", "factor": 4.0},
-           "bos_token_id": 71013, "eos_token_id": 71013, "hidden_dropout": 0.6,
-           "transformers_version": "4.34.0", "torch_dtype": "bfloat16"}
+    raw = {
+        "model_type": "persimmon",
+        "vocab_size": 100,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "rope_theta": 25000.0,
+        "partial_rotary_factor": 0.5,
+        "rope_scaling": {"type": "linear", "factor": 4.0},
+        "bos_token_id": 71013,
+        "eos_token_id": 71013,
+        "hidden_dropout": 0.6,
+        "transformers_version": "4.34.0",
+        "torch_dtype": "bfloat16",
+    }
     (tmp_path / "config.json").write_text(json.dumps(raw))
     c = PersimmonConfig.from_json_file(tmp_path)
     assert c.rope_scaling == {"type": "linear", "factor": 4.0}
@@ -47,23 +69,32 @@ def test_reads_transformers_4x_config(tmp_path):
 
 
 def test_reads_transformers_5x_config():
-    raw = {"model_type": "persimmon", "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
-           "num_hidden_layers": 2, "num_attention_heads": 4,
-           "rope_parameters": {"rope_type": "default", "rope_theta": 999.0, "partial_rotary_factor": 0.25}}
+    raw = {
+        "model_type": "persimmon",
+        "vocab_size": 100,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 999.0, "partial_rotary_factor": 0.25},
+    }
     c = PersimmonConfig.from_dict(raw)
     assert (c.rope_theta, c.partial_rotary_factor, c.rope_scaling) == (999.0, 0.25, None)
 
 
-@pytest.mark.parametrize("overrides, key", [
-    (dict(hidden_size=100, num_attention_heads=3), "num_attention_heads"),
-    (dict(hidden_act="swish"), "hidden_act"),
-    (dict(rope_scaling={"type": "yarn", "factor": 2.0}), "rope_scaling.type"),
-    (dict(rope_scaling={"type": "linear", "factor": 1.0}), "rope_scaling.factor"),
-    (dict(partial_rotary_factor=0.0), "partial_rotary_factor"),
-    (dict(vocab_size=0), "vocab_size"),
-    (dict(hidden_dropout=1.5), "hidden_dropout"),
-    (dict(problem_type="ranking"), "problem_type"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (dict(hidden_size=100, num_attention_heads=3), "num_attention_heads"),
+        (dict(hidden_act="swish"), "hidden_act"),
+        (dict(rope_scaling={"type": "yarn", "factor": 2.0}), "rope_scaling.type"),
+        (dict(rope_scaling={"type": "linear", "factor": 1.0}), "rope_scaling.factor"),
+        (dict(partial_rotary_factor=0.0), "partial_rotary_factor"),
+        (dict(vocab_size=0), "vocab_size"),
+        (dict(hidden_dropout=1.5), "hidden_dropout"),
+        (dict(problem_type="ranking"), "problem_type"),
+    ],
+)
 def test_validation_names_the_key(overrides, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
         PersimmonConfig(**overrides)

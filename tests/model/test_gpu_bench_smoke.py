@@ -16,16 +16,29 @@ def test_gpu_script_cpu_smoke_without_training_stack(tmp_path):
     poison.mkdir()
     # A bare GPU box lacks these: importing any of them raises ImportError.
     (poison / "sitecustomize.py").write_text(
-        "import sys\nfor n in ('deepspeed', 'datasets', 'hydra', 'wandb', 'omegaconf'):\n    sys.modules[n] = None\n")
+        "import sys\nfor n in ('deepspeed', 'datasets', 'hydra', 'wandb', 'omegaconf'):\n    sys.modules[n] = None\n"
+    )
     out = tmp_path / "table.txt"
     env = dict(os.environ, PYTHONPATH=str(poison), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), str(out), "--cpu-smoke"], env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu.sh"), str(out), "--cpu-smoke"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
     assert "FAILED" not in text, text
-    for section in ("backend equality vs sdpa", "segments", "flex", "throughput:", "transformers+peft/lora/sdpa",
-                    "ours/full/segments", "longest LoRA context"):
+    for section in (
+        "backend equality vs sdpa",
+        "segments",
+        "flex",
+        "throughput:",
+        "transformers+peft/lora/sdpa",
+        "ours/full/segments",
+        "longest LoRA context",
+    ):
         assert section in text, section
 
 

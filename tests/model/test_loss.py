@@ -10,8 +10,9 @@ from persimmon_train.model.loss import chunked_causal_lm_loss, count_targets
 def plain_loss(hidden, weight, labels, num_items=None):
     logits = (hidden @ weight.T).float()
     targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                            ignore_index=-100, reduction="sum")
+    total = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
+    )
     return total / (num_items if num_items is not None else (targets != -100).sum())
 
 
@@ -48,9 +49,16 @@ def test_model_loss_does_not_materialise_full_logits():
     """The model returns no logits with labels (unless asked), so nothing holds [tokens, vocab]."""
     from persimmon_train.model import PersimmonConfig, PersimmonForCausalLM
 
-    model = PersimmonForCausalLM.from_config(PersimmonConfig(
-        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, max_position_embeddings=64))
+    model = PersimmonForCausalLM.from_config(
+        PersimmonConfig(
+            vocab_size=300,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+        )
+    )
     ids = torch.randint(0, 300, (2, 20))
     out = model(ids, labels=ids)
     assert out.logits is None and out.loss.requires_grad

@@ -27,7 +27,7 @@ def test_packed_row_equals_documents_alone():
         start = 0
         for doc in docs:
             alone = model(doc[None]).logits[0]
-            assert (packed[start:start + len(doc)] - alone).abs().max().item() <= 1e-5
+            assert (packed[start : start + len(doc)] - alone).abs().max().item() <= 1e-5
             start += len(doc)
         # And without position_ids the same row is one long document: documents do mix then.
         mixed = model(ids).logits[0]
@@ -72,14 +72,17 @@ def test_layout_mask_structure():
     pos = torch.tensor([[0, 1, 2, 0, 1, 0]])
     assert document_ids(pos).tolist() == [[1, 1, 1, 2, 2, 3]]
     mask = build_layout(6, 6, None, pos, torch.device("cpu")).mask[0, 0]
-    expected = torch.tensor([
-        [1, 0, 0, 0, 0, 0],
-        [1, 1, 0, 0, 0, 0],
-        [1, 1, 1, 0, 0, 0],
-        [0, 0, 0, 1, 0, 0],
-        [0, 0, 0, 1, 1, 0],
-        [0, 0, 0, 0, 0, 1],
-    ], dtype=torch.bool)
+    expected = torch.tensor(
+        [
+            [1, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0],
+            [0, 0, 0, 1, 0, 0],
+            [0, 0, 0, 1, 1, 0],
+            [0, 0, 0, 0, 0, 1],
+        ],
+        dtype=torch.bool,
+    )
     assert torch.equal(mask, expected)
     # No restart after the first token: the plain causal fast path, no mask tensor.
     layout = build_layout(4, 4, None, torch.arange(4)[None], torch.device("cpu"))

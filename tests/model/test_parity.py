@@ -16,14 +16,17 @@ def max_diff(a, b):
     return (a - b).abs().max().item()
 
 
-@pytest.mark.parametrize("overrides", [
-    dict(partial_rotary_factor=0.25),
-    dict(partial_rotary_factor=0.5),
-    dict(partial_rotary_factor=1.0),
-    dict(qk_layernorm=False),
-    dict(hidden_size=96, num_attention_heads=6, num_hidden_layers=3, intermediate_size=200, rope_theta=10000.0),
-    dict(layer_norm_eps=1e-6, rope_theta=25000.0, partial_rotary_factor=0.5, num_hidden_layers=4),
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(partial_rotary_factor=0.25),
+        dict(partial_rotary_factor=0.5),
+        dict(partial_rotary_factor=1.0),
+        dict(qk_layernorm=False),
+        dict(hidden_size=96, num_attention_heads=6, num_hidden_layers=3, intermediate_size=200, rope_theta=10000.0),
+        dict(layer_norm_eps=1e-6, rope_theta=25000.0, partial_rotary_factor=0.5, num_hidden_layers=4),
+    ],
+)
 def test_causal_lm_logits_match(overrides):
     ours, hf = twins(tiny_config(**overrides))
     ids = torch.randint(1, 160, (3, 40), generator=torch.Generator().manual_seed(1))
@@ -158,7 +161,6 @@ def test_sampling_is_seeded_and_respects_top_k():
     y = ours.generate(prompt, generator=torch.Generator().manual_seed(3), **kw)
     assert torch.equal(x, y)
 
-
     z = ours.generate(prompt, generator=torch.Generator().manual_seed(4), **kw)
     assert not torch.equal(x, z)  # it samples: another seed, another continuation
 
@@ -174,8 +176,15 @@ DRAWS = 20000
 class FixedLogits(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.config = PersimmonConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                                      num_attention_heads=1, eos_token_id=None, pad_token_id=None)
+        self.config = PersimmonConfig(
+            vocab_size=8,
+            hidden_size=8,
+            intermediate_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=1,
+            eos_token_id=None,
+            pad_token_id=None,
+        )
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
         from types import SimpleNamespace
@@ -184,8 +193,14 @@ class FixedLogits(torch.nn.Module):
 
 
 def _frequencies(seed=0, **kw) -> torch.Tensor:
-    out = generate(FixedLogits(), torch.zeros(DRAWS, 1, dtype=torch.long), max_new_tokens=1, do_sample=True,
-                   generator=torch.Generator().manual_seed(seed), **kw)
+    out = generate(
+        FixedLogits(),
+        torch.zeros(DRAWS, 1, dtype=torch.long),
+        max_new_tokens=1,
+        do_sample=True,
+        generator=torch.Generator().manual_seed(seed),
+        **kw,
+    )
     return torch.bincount(out[:, -1], minlength=len(LOGITS)).double() / DRAWS
 
 
@@ -209,10 +224,13 @@ def test_top_k_never_samples_outside_the_k_best():
     assert (freq - _expected(2.0, allowed=[2, 6])).abs().max() < 0.02
 
 
-@pytest.mark.parametrize("temperature, nucleus", [
-    (1.0, [2, 6, 4]),  # probabilities .44 .27 .16 ...: cumulative .44 .71 .87 -> three tokens reach 0.8
-    (2.0, [2, 6, 4, 7, 0]),  # .29 .22 .17 .11 .08: cumulative .29 .51 .69 .79 .87 -> five tokens
-])
+@pytest.mark.parametrize(
+    "temperature, nucleus",
+    [
+        (1.0, [2, 6, 4]),  # probabilities .44 .27 .16 ...: cumulative .44 .71 .87 -> three tokens reach 0.8
+        (2.0, [2, 6, 4, 7, 0]),  # .29 .22 .17 .11 .08: cumulative .29 .51 .69 .79 .87 -> five tokens
+    ],
+)
 def test_top_p_never_samples_outside_the_nucleus(temperature, nucleus):
     freq = _frequencies(top_p=0.8, temperature=temperature)
     assert set(freq.nonzero().flatten().tolist()) == set(nucleus)
@@ -222,14 +240,21 @@ def test_top_p_never_samples_outside_the_nucleus(temperature, nucleus):
 def test_sampling_draws_differ_by_seed_and_repeat_by_seed():
     a, b = _frequencies(seed=1), _frequencies(seed=1)
     assert torch.equal(a, b)
-    out = [generate(FixedLogits(), torch.zeros(64, 1, dtype=torch.long), max_new_tokens=1, do_sample=True,
-                    generator=torch.Generator().manual_seed(seed)) for seed in (1, 2)]
+    out = [
+        generate(
+            FixedLogits(),
+            torch.zeros(64, 1, dtype=torch.long),
+            max_new_tokens=1,
+            do_sample=True,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        for seed in (1, 2)
+    ]
     assert not torch.equal(out[0], out[1])
 
 
 def test_config_json_loads_in_transformers_both_spellings():
-    config = tiny_config(rope_theta=1234.0, partial_rotary_factor=0.25,
-                         rope_scaling={"type": "dynamic", "factor": 3.0})
+    config = tiny_config(rope_theta=1234.0, partial_rotary_factor=0.25, rope_scaling={"type": "dynamic", "factor": 3.0})
     d = config.to_dict()
     hf = transformers.PersimmonConfig.from_dict(config.to_dict())
     assert hf.rope_parameters["rope_theta"] == 1234.0
@@ -241,4 +266,7 @@ def test_config_json_loads_in_transformers_both_spellings():
     # And we read what transformers 5 writes.
     back = PersimmonConfig.from_dict(hf.to_dict())
     assert (back.rope_theta, back.partial_rotary_factor, back.rope_scaling) == (
-        1234.0, 0.25, {"type": "dynamic", "factor": 3.0})
+        1234.0,
+        0.25,
+        {"type": "dynamic", "factor": 3.0},
+    )

@@ -27,7 +27,8 @@ def test_ours_to_transformers(tmp_path, max_shard_size):
     assert sharded == (max_shard_size == "40KB")
     if sharded:
         assert len(json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]) == len(
-            ours.state_dict())
+            ours.state_dict()
+        )
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     assert type(hf).__name__ == "PersimmonForCausalLM"
     with torch.no_grad():
@@ -46,10 +47,13 @@ def test_transformers_to_ours(tmp_path, max_shard_size):
     assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
 
 
-@pytest.mark.parametrize("cls, auto", [
-    (PersimmonForSequenceClassification, "AutoModelForSequenceClassification"),
-    (PersimmonForTokenClassification, "AutoModelForTokenClassification"),
-])
+@pytest.mark.parametrize(
+    "cls, auto",
+    [
+        (PersimmonForSequenceClassification, "AutoModelForSequenceClassification"),
+        (PersimmonForTokenClassification, "AutoModelForTokenClassification"),
+    ],
+)
 def test_heads_round_trip_with_labels(tmp_path, cls, auto):
     config = tiny_config(id2label={0: "neg", 1: "neu", 2: "pos"})
     head = "sequence_classification" if cls is PersimmonForSequenceClassification else "token_classification"

@@ -15,16 +15,27 @@ REPO = Path(__file__).resolve().parents[2]
 
 # A small, fast model and settings shared by the recipe tests (fp32: numbers are compared).
 FAST = [
-    "trainer.precision=fp32", "trainer.progress_bar=false", "model.hidden_size=64",
-    "model.intermediate_size=256", "model.num_attention_heads=4", "model.num_hidden_layers=2",
-    "data.seq_len=64", "trainer.micro_batch_size=8", "export.dtype=fp32",
+    "trainer.precision=fp32",
+    "trainer.progress_bar=false",
+    "model.hidden_size=64",
+    "model.intermediate_size=256",
+    "model.num_attention_heads=4",
+    "model.num_hidden_layers=2",
+    "data.seq_len=64",
+    "trainer.micro_batch_size=8",
+    "export.dtype=fp32",
 ]
 
 
 def recipe_env(tmp_path: Path, **extra) -> dict:
     env = dict(os.environ)
-    env.update(PERSIMMON_TRAIN_CACHE=str(tmp_path / "cache"), WANDB_DIR=str(tmp_path / "wandb_dir"),
-               WANDB_MODE="offline", PYTHONUNBUFFERED="1", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"))
+    env.update(
+        PERSIMMON_TRAIN_CACHE=str(tmp_path / "cache"),
+        WANDB_DIR=str(tmp_path / "wandb_dir"),
+        WANDB_MODE="offline",
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"),
+    )
     env.pop("WANDB_API_KEY", None)
     # `python recipes/x.py` puts recipes/ first on sys.path, not the checkout: without this an
     # installed copy of persimmon_train (site-packages, another checkout's editable install, a
@@ -35,11 +46,18 @@ def recipe_env(tmp_path: Path, **extra) -> dict:
 
 
 def run_recipe(job: str, *overrides: str, env: dict, timeout: float = 300, check: bool = True):
-    proc = subprocess.run([sys.executable, str(REPO / "recipes" / f"{job}.py"), *overrides], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "recipes" / f"{job}.py"), *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{job} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
-                             f"stderr:\n{proc.stderr[-5000:]}")
+        raise AssertionError(
+            f"{job} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+        )
     return proc
 
 

@@ -17,9 +17,18 @@ def _final_eval(out) -> dict:
 def test_classify_lora_learns_sentiment(tmp_path, classification_files):
     train, evals = classification_files
     out = tmp_path / "cls"
-    run_recipe("classify", *FAST, "peft=lora", "trainer.max_steps=60", "trainer.eval_every_n_steps=0",
-               "optim.lr=3e-3", f"data.train_files=[{train}]", f"data.eval_files=[{evals}]",
-               f"output_dir={out}", env=recipe_env(tmp_path))
+    run_recipe(
+        "classify",
+        *FAST,
+        "peft=lora",
+        "trainer.max_steps=60",
+        "trainer.eval_every_n_steps=0",
+        "optim.lr=3e-3",
+        f"data.train_files=[{train}]",
+        f"data.eval_files=[{evals}]",
+        f"output_dir={out}",
+        env=recipe_env(tmp_path),
+    )
     losses = eval_losses(out)
     assert losses[-1] < losses[0] - 0.2, losses
     final = _final_eval(out)
@@ -37,16 +46,29 @@ def test_classify_lora_learns_sentiment(tmp_path, classification_files):
     ids = torch.randint(3, ours.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     with torch.no_grad():
-        torch.testing.assert_close(ours(ids, attention_mask=mask).logits,
-                                   theirs(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            ours(ids, attention_mask=mask).logits,
+            theirs(input_ids=ids, attention_mask=mask).logits,
+            atol=1e-5,
+            rtol=1e-4,
+        )
 
 
 def test_tag_full_learns_entities(tmp_path, tagging_files):
     train, evals = tagging_files
     out = tmp_path / "tag"
-    run_recipe("tag", *FAST, "peft=none", "trainer.max_steps=40", "trainer.eval_every_n_steps=20",
-               "optim.lr=1e-2", f"data.train_files=[{train}]", f"data.eval_files=[{evals}]",
-               f"output_dir={out}", env=recipe_env(tmp_path))
+    run_recipe(
+        "tag",
+        *FAST,
+        "peft=none",
+        "trainer.max_steps=40",
+        "trainer.eval_every_n_steps=20",
+        "optim.lr=1e-2",
+        f"data.train_files=[{train}]",
+        f"data.eval_files=[{evals}]",
+        f"output_dir={out}",
+        env=recipe_env(tmp_path),
+    )
     losses = eval_losses(out)
     assert losses[-1] < losses[0] - 0.5, losses
     final = _final_eval(out)

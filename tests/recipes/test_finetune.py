@@ -34,10 +34,23 @@ def _assert_final_matches_transformers(final_dir):
 def test_full_finetune_with_wandb_offline(tmp_path):
     out = tmp_path / "full"
     env = recipe_env(tmp_path, WANDB_API_KEY=FAKE_KEY)
-    run_recipe("finetune", *FAST, "peft=none", "trainer.max_steps=30", "trainer.eval_every_n_steps=10",
-               "trainer.eval_max_batches=4", "optim.lr=3e-3", "checkpoint.every_n_steps=15",
-               "tracker=wandb", "tracker.mode=offline", "tracker.project=tests", "tracker.tags=[ci]",
-               "trainer.peak_tflops=1.0", f"output_dir={out}", env=env)
+    run_recipe(
+        "finetune",
+        *FAST,
+        "peft=none",
+        "trainer.max_steps=30",
+        "trainer.eval_every_n_steps=10",
+        "trainer.eval_max_batches=4",
+        "optim.lr=3e-3",
+        "checkpoint.every_n_steps=15",
+        "tracker=wandb",
+        "tracker.mode=offline",
+        "tracker.project=tests",
+        "tracker.tags=[ci]",
+        "trainer.peak_tflops=1.0",
+        f"output_dir={out}",
+        env=env,
+    )
     losses = eval_losses(out)
     assert len(losses) == 4  # step 0, 10, 20, 30
     assert losses[-1] < losses[0] - 0.5, losses
@@ -63,16 +76,27 @@ def test_full_finetune_with_wandb_offline(tmp_path):
     assert wandb_reader.config(run_files[0])["trainer"]["max_steps"] == 30
     # The API key never lands in our files or W&B's.
     for path in glob.glob(str(out / "**" / "*"), recursive=True) + glob.glob(
-            str(tmp_path / "wandb_dir" / "**" / "*"), recursive=True):
+        str(tmp_path / "wandb_dir" / "**" / "*"), recursive=True
+    ):
         if os.path.isfile(path) and not path.endswith((".safetensors", ".pt", ".png")):
             assert FAKE_KEY not in open(path, encoding="utf-8", errors="replace").read(), path
 
 
 def test_lora_finetune_merges_into_final(tmp_path):
     out = tmp_path / "lora"
-    run_recipe("finetune", *FAST, "peft=lora", "peft.r=8", "trainer.max_steps=30", "trainer.eval_every_n_steps=0",
-               "trainer.eval_max_batches=4", "optim.lr=2e-2", "checkpoint.every_n_steps=30",
-               f"output_dir={out}", env=recipe_env(tmp_path))
+    run_recipe(
+        "finetune",
+        *FAST,
+        "peft=lora",
+        "peft.r=8",
+        "trainer.max_steps=30",
+        "trainer.eval_every_n_steps=0",
+        "trainer.eval_max_batches=4",
+        "optim.lr=2e-2",
+        "checkpoint.every_n_steps=30",
+        f"output_dir={out}",
+        env=recipe_env(tmp_path),
+    )
     losses = eval_losses(out)
     assert losses[-1] < losses[0] - 0.3, losses  # LoRA over a random base learns slower than full
     assert os.path.isfile(out / "adapter" / "adapter_config.json")
@@ -84,8 +108,15 @@ def test_lora_finetune_merges_into_final(tmp_path):
     _assert_final_matches_transformers(str(out / "final"))
 
     # evaluate.py on the exported folder reproduces the run's final eval loss.
-    proc = run_recipe("evaluate", "trainer.precision=fp32", "data.seq_len=64", "trainer.micro_batch_size=8",
-                      "trainer.eval_max_batches=4", f"model.path={out / 'final'}", f"output_dir={tmp_path / 'eval'}",
-                      env=recipe_env(tmp_path))
+    proc = run_recipe(
+        "evaluate",
+        "trainer.precision=fp32",
+        "data.seq_len=64",
+        "trainer.micro_batch_size=8",
+        "trainer.eval_max_batches=4",
+        f"model.path={out / 'final'}",
+        f"output_dir={tmp_path / 'eval'}",
+        env=recipe_env(tmp_path),
+    )
     result = json.loads((tmp_path / "eval" / "eval_metrics.json").read_text())
     assert result["eval_loss"] == pytest.approx(losses[-1], rel=1e-4), proc.stdout

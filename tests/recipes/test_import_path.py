@@ -19,7 +19,8 @@ def test_children_import_the_checkout_not_a_shadowing_copy(tmp_path, monkeypatch
     # A script outside the checkout, like recipes/x.py: sys.path[0] is its own folder.
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(REPO / "persimmon_train" / "__init__.py")

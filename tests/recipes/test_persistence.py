@@ -20,14 +20,26 @@ from safetensors.torch import load_file
 from persimmon_train.storage import validate_checkpoint
 from tests.recipes.conftest import FAST, REPO, read_metrics, recipe_env, run_recipe
 
-JOB = [*FAST, "peft=lora", "trainer.max_steps=6", "checkpoint.every_n_steps=2", "checkpoint.keep_last=0",
-       "trainer.eval_every_n_steps=0", "trainer.eval_at_start=false", "trainer.eval_max_batches=1", "optim.lr=3e-3"]
+JOB = [
+    *FAST,
+    "peft=lora",
+    "trainer.max_steps=6",
+    "checkpoint.every_n_steps=2",
+    "checkpoint.keep_last=0",
+    "trainer.eval_every_n_steps=0",
+    "trainer.eval_at_start=false",
+    "trainer.eval_max_batches=1",
+    "optim.lr=3e-3",
+]
 
 
 def snapshot(folder: Path) -> dict[str, str]:
     """Every file under `folder` (relative path -> sha256): byte-identity of a whole tree."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def assert_one_line_error(proc, *needles: str) -> str:
@@ -64,20 +76,34 @@ def _copy(run: Path, tmp_path: Path) -> Path:
 def test_failed_commands_leave_output_dir_byte_identical(run, tmp_path, env):
     copy = _copy(run, tmp_path)
     before = snapshot(copy)
-    typo = run_recipe("finetune", *JOB, f"output_dir={copy}", "resume=latest", "peft.alpha=64",
-                      f"data.train_files=[{tmp_path / 'typo.jsonl'}]", env=env, check=False)
+    typo = run_recipe(
+        "finetune",
+        *JOB,
+        f"output_dir={copy}",
+        "resume=latest",
+        "peft.alpha=64",
+        f"data.train_files=[{tmp_path / 'typo.jsonl'}]",
+        env=env,
+        check=False,
+    )
     assert_one_line_error(typo, "typo.jsonl")
     other_r = run_recipe("finetune", *JOB, f"output_dir={copy}", "resume=latest", "peft.r=8", env=env, check=False)
     assert_one_line_error(other_r, "peft.r", "step_6")
-    other_shape = run_recipe("finetune", *JOB, f"output_dir={copy}", "resume=latest", "model.num_hidden_layers=3",
-                             env=env, check=False)
+    other_shape = run_recipe(
+        "finetune", *JOB, f"output_dir={copy}", "resume=latest", "model.num_hidden_layers=3", env=env, check=False
+    )
     assert_one_line_error(other_shape, "num_hidden_layers")
     assert snapshot(copy) == before
 
     # Export reads the checkpoint's manifest, not the (untouched anyway) config.yaml: equals final/.
     out = tmp_path / "export"
-    proc = subprocess.run([sys.executable, str(REPO / "recipes" / "export.py"), f"checkpoint={copy}",
-                           f"output_dir={out}", "dtype=fp32"], cwd=REPO, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "recipes" / "export.py"), f"checkpoint={copy}", f"output_dir={out}", "dtype=fp32"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     exported, final = load_file(str(out / "model.safetensors")), load_file(str(copy / "final" / "model.safetensors"))
     assert exported.keys() == final.keys()
@@ -91,8 +117,9 @@ def test_resume_from_a_damaged_checkpoint_names_the_file(damaged, run, tmp_path,
     target = copy / "checkpoints" / "step_4" / damaged
     target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
     before = snapshot(copy)
-    proc = run_recipe("finetune", *JOB, f"output_dir={copy}", f"resume={copy / 'checkpoints' / 'step_4'}",
-                      env=env, check=False)
+    proc = run_recipe(
+        "finetune", *JOB, f"output_dir={copy}", f"resume={copy / 'checkpoints' / 'step_4'}", env=env, check=False
+    )
     assert_one_line_error(proc, f"step_4/{damaged}")
     assert snapshot(copy) == before  # metrics.jsonl, config.yaml, train.log: untouched
 
@@ -120,6 +147,7 @@ def test_resume_latest_falls_back_past_a_damaged_checkpoint(run, tmp_path, env):
 def _limit_file_size(limit: int):
     def preexec():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # CPython ignores SIGXFSZ: writes get EFBIG
+
     return preexec
 
 
@@ -130,11 +158,20 @@ def test_full_disk_during_a_checkpoint_is_one_line_and_keeps_earlier_ones(run, t
     shutil.rmtree(copy / "final")
     limit = 100_000  # below the LoRA checkpoint's weight/optimizer files, above the logs
     assert (copy / "checkpoints" / "step_2" / "optimizer.pt").stat().st_size > limit
-    proc = subprocess.run([sys.executable, str(REPO / "recipes" / "finetune.py"), *JOB, f"output_dir={copy}",
-                           "resume=latest"], cwd=REPO, env=env, capture_output=True, text=True,
-                          preexec_fn=_limit_file_size(limit))
-    assert_one_line_error(proc, "checkpoint step_4 not written", str(copy / "checkpoints" / "step_4.tmp"),
-                          "earlier checkpoints are intact")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "recipes" / "finetune.py"), *JOB, f"output_dir={copy}", "resume=latest"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        preexec_fn=_limit_file_size(limit),
+    )
+    assert_one_line_error(
+        proc,
+        "checkpoint step_4 not written",
+        str(copy / "checkpoints" / "step_4.tmp"),
+        "earlier checkpoints are intact",
+    )
     assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["step_2"]
     validate_checkpoint(str(copy / "checkpoints" / "step_2"))  # still complete and undamaged
 
@@ -142,9 +179,11 @@ def test_full_disk_during_a_checkpoint_is_one_line_and_keeps_earlier_ones(run, t
 def test_bad_output_dir_and_model_path_are_one_line(tmp_path, env):
     a_file = tmp_path / "file.txt"
     a_file.write_text("mine")
-    for overrides, needle in (([f"output_dir={a_file}"], "output_dir"),
-                              ([f"output_dir={a_file / 'sub'}"], "output_dir"),
-                              ([f"model.path={a_file}", f"output_dir={tmp_path / 'o'}"], "model.path")):
+    for overrides, needle in (
+        ([f"output_dir={a_file}"], "output_dir"),
+        ([f"output_dir={a_file / 'sub'}"], "output_dir"),
+        ([f"model.path={a_file}", f"output_dir={tmp_path / 'o'}"], "model.path"),
+    ):
         proc = run_recipe("finetune", *JOB, *overrides, env=env, check=False)
         assert_one_line_error(proc, needle, str(a_file))
     assert a_file.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
@@ -156,10 +195,17 @@ def _tiny_base_config(env):
     from persimmon_train.model import PersimmonConfig
 
     tokenizer = Tokenizer(demo_assets(Path(env["PERSIMMON_TRAIN_CACHE"]) / "demo").tokenizer_path)
-    config = PersimmonConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=256,
-                             num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256,
-                             bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
-                             pad_token_id=tokenizer.pad_id)
+    config = PersimmonConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_id,
+        eos_token_id=tokenizer.eos_id,
+        pad_token_id=tokenizer.pad_id,
+    )
     return tokenizer, config
 
 
@@ -172,8 +218,9 @@ def test_nan_in_model_path_weights_names_the_tensor(tmp_path, env):
         model.model.layers[1].mlp.dense_h_to_4h.weight[3, 5] = float("nan")
     model.save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
-    proc = run_recipe("finetune", *JOB, f"model.path={tmp_path / 'base'}", f"output_dir={tmp_path / 'o'}",
-                      env=env, check=False)
+    proc = run_recipe(
+        "finetune", *JOB, f"model.path={tmp_path / 'base'}", f"output_dir={tmp_path / 'o'}", env=env, check=False
+    )
     assert_one_line_error(proc, "model.layers.1.mlp.dense_h_to_4h.weight", "NaN")
     assert not (tmp_path / "o").exists()
 
@@ -189,8 +236,15 @@ def test_one_rank_fsdp_lora_writes_an_adapter_peft_loads(tmp_path, env):
     torch.manual_seed(0)
     PersimmonForCausalLM.from_config(config).save_pretrained(tmp_path / "base", tokenizer=tokenizer)
     out = tmp_path / "fsdp1"
-    run_recipe("finetune", *JOB, "trainer.max_steps=2", "strategy=fsdp", f"model.path={tmp_path / 'base'}",
-               f"output_dir={out}", env={**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29617"})
+    run_recipe(
+        "finetune",
+        *JOB,
+        "trainer.max_steps=2",
+        "strategy=fsdp",
+        f"model.path={tmp_path / 'base'}",
+        f"output_dir={out}",
+        env={**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29617"},
+    )
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert adapter and all(t.dtype == torch.float32 for t in adapter.values())
     assert json.loads((out / "checkpoints" / "step_2" / "manifest.json").read_text())["strategy"]["name"] == "fsdp"
@@ -199,8 +253,9 @@ def test_one_rank_fsdp_lora_writes_an_adapter_peft_loads(tmp_path, env):
     merged = transformers.AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32).eval()
     ids = torch.randint(3, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(with_adapter(input_ids=ids).logits, merged(input_ids=ids).logits,
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            with_adapter(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5, rtol=1e-5
+        )
 
 
 def test_readonly_output_dir_is_one_line(tmp_path, env):

@@ -15,10 +15,22 @@ from tests.recipes.conftest import FAST, REPO, read_metrics, recipe_env, run_rec
 
 # LoRA (adapter-only checkpoints over a seeded random base) with dropout on, so the restored RNG
 # state matters; bigger batches so a step takes long enough to kill the run between checkpoints.
-COMMON = [*FAST, "peft=lora", "peft.dropout=0.1", "model.hidden_dropout=0.1", "data.seq_len=128",
-          "trainer.micro_batch_size=8", "trainer.grad_accum_steps=2", "trainer.max_steps=24",
-          "checkpoint.every_n_steps=4", "checkpoint.keep_last=2", "trainer.eval_every_n_steps=0",
-          "trainer.eval_at_start=false", "trainer.eval_max_batches=2", "optim.lr=3e-3"]
+COMMON = [
+    *FAST,
+    "peft=lora",
+    "peft.dropout=0.1",
+    "model.hidden_dropout=0.1",
+    "data.seq_len=128",
+    "trainer.micro_batch_size=8",
+    "trainer.grad_accum_steps=2",
+    "trainer.max_steps=24",
+    "checkpoint.every_n_steps=4",
+    "checkpoint.keep_last=2",
+    "trainer.eval_every_n_steps=0",
+    "trainer.eval_at_start=false",
+    "trainer.eval_max_batches=2",
+    "optim.lr=3e-3",
+]
 
 
 def _weights(run_dir):
@@ -31,8 +43,13 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     run_recipe("finetune", *COMMON, f"output_dir={reference}", env=env)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(REPO / "recipes" / "finetune.py"), *COMMON, f"output_dir={killed}"],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "recipes" / "finetune.py"), *COMMON, f"output_dir={killed}"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     first = killed / "checkpoints" / "step_4"
     deadline = time.time() + 240
     while not first.exists() and proc.poll() is None and time.time() < deadline:

@@ -25,11 +25,11 @@ def records(path: str):
         if left < 7:
             pos += left
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0 and length == 0:  # zero padding to the end of a block
             pos += left
             continue
-        chunks.append(data[pos + 7:pos + 7 + length])
+        chunks.append(data[pos + 7 : pos + 7 + length])
         pos += 7 + length
         if kind in (FULL, LAST):
             record = wandb_internal_pb2.Record()

@@ -44,16 +44,40 @@ def _train_sentencepiece(folder: Path, name: str, user_symbols: list[str]) -> Pa
     import sentencepiece as spm
 
     rng = random.Random(0)
-    words = ["persimmon", "adept", "human", "model", "train", "weights", "token", "layer", "rotary",
-             "megatron", "fruit", "orange", "sweet", "tree", "autumn", "checkpoint", "convert"]
+    words = [
+        "persimmon",
+        "adept",
+        "human",
+        "model",
+        "train",
+        "weights",
+        "token",
+        "layer",
+        "rotary",
+        "megatron",
+        "fruit",
+        "orange",
+        "sweet",
+        "tree",
+        "autumn",
+        "checkpoint",
+        "convert",
+    ]
     corpus = folder / f"{name}.txt"
-    corpus.write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) + " |ENDOFTEXT|"
-                                for _ in range(400)) + "\n")
+    corpus.write_text(
+        "\n".join(" ".join(rng.choice(words) for _ in range(12)) + " |ENDOFTEXT|" for _ in range(400)) + "\n"
+    )
     prefix = folder / name
     spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(prefix), vocab_size=300, model_type="unigram",
-        user_defined_symbols=user_symbols, hard_vocab_limit=False, minloglevel=2,
-        num_threads=1)
+        input=str(corpus),
+        model_prefix=str(prefix),
+        vocab_size=300,
+        model_type="unigram",
+        user_defined_symbols=user_symbols,
+        hard_vocab_limit=False,
+        minloglevel=2,
+        num_threads=1,
+    )
     return prefix.with_suffix(".model")
 
 
@@ -77,19 +101,45 @@ _MEGATRON_ENUMS.ModelType = _ModelType
 def megatron_args(**overrides) -> argparse.Namespace:
     """The architecture-relevant part of a Megatron args namespace, plus typical noise."""
     values = dict(
-        num_layers=LAYERS, encoder_num_layers=LAYERS, decoder_num_layers=LAYERS,
-        hidden_size=HIDDEN, ffn_hidden_size=FFN, num_attention_heads=HEADS, kv_channels=HIDDEN // HEADS,
-        seq_length=64, encoder_seq_length=64, max_position_embeddings=64, pos_emb="rotary",
-        rotary_pct=ROTARY_PCT, rotary_emb_base=ROTARY_BASE, qk_layernorm="weights_per_layer",
-        untie_embeddings=True, sq_relu=True, openai_gelu=False, onnx_safe=None,
-        layernorm_epsilon=EPS, apply_residual_connection_post_layernorm=False,
-        padded_vocab_size=PADDED_VOCAB, make_vocab_size_divisible_by=128,
-        hidden_dropout=0.0, attention_dropout=0.0, num_experts=None,
-        tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-        bf16=True, fp16=False, params_dtype=torch.bfloat16, tokenizer_type="SentencePiece",
-        sp_model_file="/mnt/weka/vocabularies/adept_vocab.model", use_flash_attn=True,
-        micro_batch_size=1, global_batch_size=256, lr=1e-4, rampup_batch_size=None,
-        consumed_train_samples=320256, iteration=ITERATION,
+        num_layers=LAYERS,
+        encoder_num_layers=LAYERS,
+        decoder_num_layers=LAYERS,
+        hidden_size=HIDDEN,
+        ffn_hidden_size=FFN,
+        num_attention_heads=HEADS,
+        kv_channels=HIDDEN // HEADS,
+        seq_length=64,
+        encoder_seq_length=64,
+        max_position_embeddings=64,
+        pos_emb="rotary",
+        rotary_pct=ROTARY_PCT,
+        rotary_emb_base=ROTARY_BASE,
+        qk_layernorm="weights_per_layer",
+        untie_embeddings=True,
+        sq_relu=True,
+        openai_gelu=False,
+        onnx_safe=None,
+        layernorm_epsilon=EPS,
+        apply_residual_connection_post_layernorm=False,
+        padded_vocab_size=PADDED_VOCAB,
+        make_vocab_size_divisible_by=128,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        num_experts=None,
+        tensor_model_parallel_size=1,
+        pipeline_model_parallel_size=1,
+        bf16=True,
+        fp16=False,
+        params_dtype=torch.bfloat16,
+        tokenizer_type="SentencePiece",
+        sp_model_file="/mnt/weka/vocabularies/adept_vocab.model",
+        use_flash_attn=True,
+        micro_batch_size=1,
+        global_batch_size=256,
+        lr=1e-4,
+        rampup_batch_size=None,
+        consumed_train_samples=320256,
+        iteration=ITERATION,
     )
     values.update(overrides)
     return argparse.Namespace(**values)
@@ -109,25 +159,27 @@ def megatron_model(seed: int = 0, dtype=torch.bfloat16) -> dict:
     encoder = {}
     for i in range(LAYERS):
         p = f"layers.{i}."
-        encoder.update({
-            p + "input_layernorm.weight": rand(HIDDEN, norm=True),
-            p + "input_layernorm.bias": rand(HIDDEN),
-            p + "self_attention.query_key_value.weight": rand(3 * HIDDEN, HIDDEN),
-            p + "self_attention.query_key_value.bias": rand(3 * HIDDEN),
-            p + "self_attention.q_layernorm.weight": rand(head_dim, norm=True),
-            p + "self_attention.q_layernorm.bias": rand(head_dim),
-            p + "self_attention.k_layernorm.weight": rand(head_dim, norm=True),
-            p + "self_attention.k_layernorm.bias": rand(head_dim),
-            p + "self_attention.dense.weight": rand(HIDDEN, HIDDEN),
-            p + "self_attention.dense.bias": rand(HIDDEN),
-            p + "self_attention.rotary_emb.inv_freq": inv_freq.to(dtype),  # Float16Module casts buffers
-            p + "post_attention_layernorm.weight": rand(HIDDEN, norm=True),
-            p + "post_attention_layernorm.bias": rand(HIDDEN),
-            p + "mlp.dense_h_to_4h.weight": rand(FFN, HIDDEN),
-            p + "mlp.dense_h_to_4h.bias": rand(FFN),
-            p + "mlp.dense_4h_to_h.weight": rand(HIDDEN, FFN),
-            p + "mlp.dense_4h_to_h.bias": rand(HIDDEN),
-        })
+        encoder.update(
+            {
+                p + "input_layernorm.weight": rand(HIDDEN, norm=True),
+                p + "input_layernorm.bias": rand(HIDDEN),
+                p + "self_attention.query_key_value.weight": rand(3 * HIDDEN, HIDDEN),
+                p + "self_attention.query_key_value.bias": rand(3 * HIDDEN),
+                p + "self_attention.q_layernorm.weight": rand(head_dim, norm=True),
+                p + "self_attention.q_layernorm.bias": rand(head_dim),
+                p + "self_attention.k_layernorm.weight": rand(head_dim, norm=True),
+                p + "self_attention.k_layernorm.bias": rand(head_dim),
+                p + "self_attention.dense.weight": rand(HIDDEN, HIDDEN),
+                p + "self_attention.dense.bias": rand(HIDDEN),
+                p + "self_attention.rotary_emb.inv_freq": inv_freq.to(dtype),  # Float16Module casts buffers
+                p + "post_attention_layernorm.weight": rand(HIDDEN, norm=True),
+                p + "post_attention_layernorm.bias": rand(HIDDEN),
+                p + "mlp.dense_h_to_4h.weight": rand(FFN, HIDDEN),
+                p + "mlp.dense_h_to_4h.bias": rand(FFN),
+                p + "mlp.dense_4h_to_h.weight": rand(HIDDEN, FFN),
+                p + "mlp.dense_4h_to_h.bias": rand(HIDDEN),
+            }
+        )
     encoder["final_layernorm.weight"] = rand(HIDDEN, norm=True)
     encoder["final_layernorm.bias"] = rand(HIDDEN)
     return {
@@ -161,23 +213,32 @@ def release_checkpoint(args=None, model=None, with_model_type=True) -> dict:
     args = args if args is not None else megatron_args()
     if with_model_type:
         args.model_type = _ModelType.encoder_or_decoder
-    rng_state = [{
-        "random_rng_state": random.Random(0).getstate(),
-        "np_rng_state": np.random.RandomState(0).get_state(),
-        "torch_rng_state": torch.get_rng_state(),
-        "cuda_rng_state": torch.zeros(16, dtype=torch.uint8),
-        "rng_tracker_states": {"model-parallel-rng": torch.zeros(16, dtype=torch.uint8)},
-    }]
-    return {"args": args, "checkpoint_version": 3.0, "iteration": ITERATION,
-            "model": model if model is not None else megatron_model(), "rng_state": rng_state}
+    rng_state = [
+        {
+            "random_rng_state": random.Random(0).getstate(),
+            "np_rng_state": np.random.RandomState(0).get_state(),
+            "torch_rng_state": torch.get_rng_state(),
+            "cuda_rng_state": torch.zeros(16, dtype=torch.uint8),
+            "rng_tracker_states": {"model-parallel-rng": torch.zeros(16, dtype=torch.uint8)},
+        }
+    ]
+    return {
+        "args": args,
+        "checkpoint_version": 3.0,
+        "iteration": ITERATION,
+        "model": model if model is not None else megatron_model(),
+        "rng_state": rng_state,
+    }
 
 
 def write_release(root: Path, payload=None) -> Path:
     """<root>/latest_checkpointed_iteration.txt + iter_0001251/mp_rank_00/model_optim_rng.pt"""
     root.mkdir(parents=True, exist_ok=True)
     (root / "latest_checkpointed_iteration.txt").write_text(f"{ITERATION}\n")
-    save_checkpoint(root / f"iter_{ITERATION:07d}" / "mp_rank_00" / "model_optim_rng.pt",
-                    payload if payload is not None else release_checkpoint())
+    save_checkpoint(
+        root / f"iter_{ITERATION:07d}" / "mp_rank_00" / "model_optim_rng.pt",
+        payload if payload is not None else release_checkpoint(),
+    )
     return root
 
 
@@ -266,8 +327,13 @@ def test_config_comes_from_args_and_tokenizer(converted_fp32, adept_vocab):
     assert config["rope_theta"] == ROTARY_BASE and config["rope_parameters"]["rope_theta"] == ROTARY_BASE
     assert config["partial_rotary_factor"] == ROTARY_PCT
     assert config["layer_norm_eps"] == EPS
-    assert (config["hidden_size"], config["num_attention_heads"], config["intermediate_size"],
-            config["num_hidden_layers"], config["max_position_embeddings"]) == (HIDDEN, HEADS, FFN, LAYERS, 64)
+    assert (
+        config["hidden_size"],
+        config["num_attention_heads"],
+        config["intermediate_size"],
+        config["num_hidden_layers"],
+        config["max_position_embeddings"],
+    ) == (HIDDEN, HEADS, FFN, LAYERS, 64)
     assert config["vocab_size"] == PADDED_VOCAB  # the embedding's rows, not the tokenizer's 300
     assert config["qk_layernorm"] is True and config["hidden_act"] == "relu2"
     assert config["bos_token_id"] == config["eos_token_id"] == end_of_text
@@ -289,8 +355,7 @@ def test_tensors_equal_transformers_converter_mapping(release, adept_vocab, tmp_
     # The converter unpickles with full trust (adept-inference on sys.path); the release fixture's
     # model is deterministic, so rebuild it rather than import a fake megatron to unpickle it.
     reference = transformers_rename_state_dict(_flatdict(megatron_model()))
-    hf_model = transformers.PersimmonForCausalLM(
-        transformers.PersimmonConfig.from_pretrained(out)).to(torch.bfloat16)
+    hf_model = transformers.PersimmonForCausalLM(transformers.PersimmonConfig.from_pretrained(out)).to(torch.bfloat16)
     hf_model.load_state_dict(reference, strict=True)  # what the converter does next
     expected = {k: v for k, v in hf_model.state_dict().items()}
 
@@ -315,16 +380,16 @@ def test_fp32_conversion_is_exact_and_our_model_loads_it(converted_fp32):
 @pytest.mark.parametrize("form", ["release", "iteration", "rank", "file"])
 def test_accepts_file_or_any_release_folder(release, form):
     rank = release / f"iter_{ITERATION:07d}" / "mp_rank_00"
-    path = {"release": release, "iteration": rank.parent, "rank": rank,
-            "file": rank / "model_optim_rng.pt"}[form]
+    path = {"release": release, "iteration": rank.parent, "rank": rank, "file": rank / "model_optim_rng.pt"}[form]
     assert Path(find_checkpoint_file(path)) == rank / "model_optim_rng.pt"
 
 
 def test_tied_embeddings_reuse_the_input_embedding(tmp_path, adept_vocab):
     model = megatron_model()
     del model["word_embeddings_for_head"]
-    ckpt = save_checkpoint(tmp_path / "tied.pt",
-                           release_checkpoint(args=megatron_args(untie_embeddings=None), model=model))
+    ckpt = save_checkpoint(
+        tmp_path / "tied.pt", release_checkpoint(args=megatron_args(untie_embeddings=None), model=model)
+    )
     convert_adept_checkpoint(ckpt, adept_vocab, tmp_path / "out", dtype=torch.float32)
     weights = read_folder(tmp_path / "out")
     assert torch.equal(weights["lm_head.weight"], weights["model.embed_tokens.weight"])
@@ -441,8 +506,13 @@ def test_folder_without_checkpoint(tmp_path, adept_vocab):
 
 
 def _recipe(*args):
-    return subprocess.run([sys.executable, str(REPO / "recipes" / "convert_adept.py"), *args],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(REPO / "recipes" / "convert_adept.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
 
 
 def test_recipe_converts_and_reports(release, adept_vocab, tmp_path):

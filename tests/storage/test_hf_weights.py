@@ -169,8 +169,12 @@ def test_transformers_persimmon_folder_round_trip(tmp_path):
     """Weights transformers writes load here, and weights written here load in transformers."""
     transformers = pytest.importorskip("transformers")
     config = transformers.PersimmonConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=64,
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
     )
     torch.manual_seed(0)
     reference = transformers.PersimmonForCausalLM(config).eval()
@@ -237,8 +241,10 @@ def test_dtype_cast(tmp_path, saved):
     assert torch.equal(meta.lm_head.weight, model.lm_head.weight.to(torch.bfloat16))
 
     # dtype=None: a real module keeps its own dtype, a meta one takes the file's.
-    save_safetensors({k: v.to(torch.bfloat16) if v.is_floating_point() else v
-                      for k, v in model.state_dict().items()}, tmp_path / "bf16")
+    save_safetensors(
+        {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in model.state_dict().items()},
+        tmp_path / "bf16",
+    )
     real = make_model(seed=3)
     load_safetensors_into(real, tmp_path / "bf16")
     assert real.lm_head.weight.dtype == torch.float32
@@ -444,7 +450,8 @@ def test_index_names_tensor_absent_from_its_shard(sharded):
 
 
 @pytest.mark.parametrize(
-    "content", ["{not json", "[1, 2]", '{"metadata": {}}', '{"weight_map": {"a": 3}}'],
+    "content",
+    ["{not json", "[1, 2]", '{"metadata": {}}', '{"weight_map": {"a": 3}}'],
     ids=["bad-json", "list", "no-weight-map", "bad-file-name"],
 )
 def test_malformed_index(sharded, content):

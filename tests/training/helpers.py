@@ -15,8 +15,15 @@ VOCAB = 64
 
 
 def tiny_config(**kw) -> PersimmonConfig:
-    args = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=64, pad_token_id=0)
+    args = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
     args.update(kw)
     return PersimmonConfig(**args)
 
@@ -57,8 +64,21 @@ class ListLoader:
         self.position = sd["position"]
 
 
-def make_trainer(model, rows, *, micro: int, accum: int, steps: int, output_dir, lr=1e-2, clip=None,
-                 every=0, max_nonfinite=3, eval_rows=None, sgd=False):
+def make_trainer(
+    model,
+    rows,
+    *,
+    micro: int,
+    accum: int,
+    steps: int,
+    output_dir,
+    lr=1e-2,
+    clip=None,
+    every=0,
+    max_nonfinite=3,
+    eval_rows=None,
+    sgd=False,
+):
     cfg = RunConfig()
     cfg.trainer.max_steps = steps
     cfg.trainer.micro_batch_size = micro
@@ -84,8 +104,17 @@ def make_trainer(model, rows, *, micro: int, accum: int, steps: int, output_dir,
         def log(self, metrics, step):
             self.rows.append({"step": step, **metrics})
 
-    return Trainer(cfg, strategy=strategy, model=model, optimizer=optimizer, scheduler=scheduler,
-                   train_loader=ListLoader(rows, micro),
-                   eval_loader=None if eval_rows is None else ListLoader(eval_rows, micro),
-                   tracker=NullTracker(), metrics_file=Metrics(), output_dir=str(output_dir), id2label=None,
-                   flops_per_token=0.0)
+    return Trainer(
+        cfg,
+        strategy=strategy,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        train_loader=ListLoader(rows, micro),
+        eval_loader=None if eval_rows is None else ListLoader(eval_rows, micro),
+        tracker=NullTracker(),
+        metrics_file=Metrics(),
+        output_dir=str(output_dir),
+        id2label=None,
+        flops_per_token=0.0,
+    )

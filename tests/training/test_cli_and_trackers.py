@@ -38,11 +38,14 @@ def test_every_job_config_composes(job):
     assert cfg.data.train_files == ["x.jsonl"]
 
 
-@pytest.mark.parametrize("experiment, job", [("lora_chat_16k", "finetune"), ("full_chat_16k", "finetune"),
-                                             ("classify", "classify"), ("tag", "tag")])
+@pytest.mark.parametrize(
+    "experiment, job",
+    [("lora_chat_16k", "finetune"), ("full_chat_16k", "finetune"), ("classify", "classify"), ("tag", "tag")],
+)
 def test_experiments_compose(experiment, job):
-    cfg = cli.load_config(job, [f"experiment={experiment}", "model.path=/weights/persimmon-8b",
-                                "data.train_files=[x.jsonl]"])
+    cfg = cli.load_config(
+        job, [f"experiment={experiment}", "model.path=/weights/persimmon-8b", "data.train_files=[x.jsonl]"]
+    )
     assert cfg.model.hidden_size == 4096 and cfg.trainer.activation_checkpointing == 1
 
 
@@ -175,8 +178,9 @@ def test_wandb_unreachable_falls_back_to_offline_with_the_same_run(monkeypatch, 
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_INIT_TIMEOUT", raising=False)
-    tracker = trackers.build_tracker(_wandb_cfg(), config={}, output_dir=str(tmp_path), run_name="x",
-                                     run_id="run42", is_main=True)
+    tracker = trackers.build_tracker(
+        _wandb_cfg(), config={}, output_dir=str(tmp_path), run_name="x", run_id="run42", is_main=True
+    )
     assert [i["mode"] for i in fake.inits] == ["online", "offline"]
     assert all(i["id"] == "run42" and i["resume"] == "allow" for i in fake.inits)  # resumed: same W&B run
     assert fake.settings[0]["init_timeout"] == trackers.INIT_TIMEOUT_S <= 10  # W&B's own default is 90 s
@@ -185,11 +189,19 @@ def test_wandb_unreachable_falls_back_to_offline_with_the_same_run(monkeypatch, 
     assert "did not answer" in pt_log.text and FAKE_KEY not in pt_log.text
 
 
-@pytest.mark.parametrize("env_mode, cfg_mode, key, expected", [
-    (None, None, FAKE_KEY, "online"), (None, None, None, "offline"), ("offline", None, FAKE_KEY, "offline"),
-    ("offline", "online", FAKE_KEY, "online"), ("disabled", None, None, "disabled")])
-def test_wandb_mode_comes_from_config_then_wandb_mode_then_the_api_key(env_mode, cfg_mode, key, expected,
-                                                                          monkeypatch, tmp_path):
+@pytest.mark.parametrize(
+    "env_mode, cfg_mode, key, expected",
+    [
+        (None, None, FAKE_KEY, "online"),
+        (None, None, None, "offline"),
+        ("offline", None, FAKE_KEY, "offline"),
+        ("offline", "online", FAKE_KEY, "online"),
+        ("disabled", None, None, "disabled"),
+    ],
+)
+def test_wandb_mode_comes_from_config_then_wandb_mode_then_the_api_key(
+    env_mode, cfg_mode, key, expected, monkeypatch, tmp_path
+):
     fake = FakeWandb(str(tmp_path))
     monkeypatch.setitem(sys.modules, "wandb", fake)
     for name, value in (("WANDB_MODE", env_mode), ("WANDB_API_KEY", key)):
@@ -197,16 +209,18 @@ def test_wandb_mode_comes_from_config_then_wandb_mode_then_the_api_key(env_mode,
             monkeypatch.delenv(name, raising=False)
         else:
             monkeypatch.setenv(name, value)
-    trackers.build_tracker(_wandb_cfg(mode=cfg_mode), config={}, output_dir=str(tmp_path), run_name="x",
-                           run_id=None, is_main=True)
+    trackers.build_tracker(
+        _wandb_cfg(mode=cfg_mode), config={}, output_dir=str(tmp_path), run_name="x", run_id=None, is_main=True
+    )
     assert [i["mode"] for i in fake.inits] == [expected]
 
 
 def test_wandb_failing_log_summary_finish_warn_once_and_never_raise(monkeypatch, tmp_path, pt_log):
     fake = FakeWandb(str(tmp_path), failing=("log", "summary", "finish"))
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    tracker = trackers.build_tracker(_wandb_cfg(mode="offline"), config={}, output_dir=str(tmp_path),
-                                     run_name="x", run_id=None, is_main=True)
+    tracker = trackers.build_tracker(
+        _wandb_cfg(mode="offline"), config={}, output_dir=str(tmp_path), run_name="x", run_id=None, is_main=True
+    )
     for step in range(1, 6):
         tracker.log({"loss": 1.0 / step, "eval_loss": 2.0 / step}, step=step)
     tracker.finish()
@@ -223,8 +237,9 @@ def test_wandb_init_failure_never_stops_training(monkeypatch, tmp_path, pt_log):
         raise RuntimeError("network down")
 
     monkeypatch.setattr(wandb, "init", broken_init)
-    tracker = trackers.build_tracker(_wandb_cfg(mode="offline"), config={},
-                                     output_dir=str(tmp_path), run_name="x", run_id=None, is_main=True)
+    tracker = trackers.build_tracker(
+        _wandb_cfg(mode="offline"), config={}, output_dir=str(tmp_path), run_name="x", run_id=None, is_main=True
+    )
     tracker.log({"loss": 1.0}, step=1)  # no exception
     tracker.finish()
     assert len(_warnings(pt_log)) == 1 and "network down" in pt_log.text
@@ -240,8 +255,14 @@ def test_real_wandb_unreachable_gives_up_fast_and_logs_offline(monkeypatch, tmp_
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.delenv("WANDB_MODE", raising=False)
     started = time.perf_counter()
-    tracker = trackers.build_tracker(_wandb_cfg(project="p"), config={"a": 1}, output_dir=str(tmp_path / "out"),
-                                     run_name="x", run_id=None, is_main=True)
+    tracker = trackers.build_tracker(
+        _wandb_cfg(project="p"),
+        config={"a": 1},
+        output_dir=str(tmp_path / "out"),
+        run_name="x",
+        run_id=None,
+        is_main=True,
+    )
     assert time.perf_counter() - started < 30
     assert tracker.mode == "offline" and tracker.run is not None
     tracker.log({"loss": 0.5, "eval_loss": 0.75}, step=3)
@@ -256,9 +277,18 @@ def test_real_wandb_unreachable_gives_up_fast_and_logs_offline(monkeypatch, tmp_
 def _tiny_run_config(tmp_path, *extra):
     from tests.recipes.conftest import FAST
 
-    return cli.load_config("finetune", [*FAST, "trainer.eval_max_batches=2", "export.enabled=false",
-                                        "tracker=wandb", "tracker.mode=offline", f"output_dir={tmp_path / 'run'}",
-                                        *extra])
+    return cli.load_config(
+        "finetune",
+        [
+            *FAST,
+            "trainer.eval_max_batches=2",
+            "export.enabled=false",
+            "tracker=wandb",
+            "tracker.mode=offline",
+            f"output_dir={tmp_path / 'run'}",
+            *extra,
+        ],
+    )
 
 
 def test_trainer_with_wandb_whose_log_fails_trains_to_the_end(monkeypatch, tmp_path):
@@ -267,8 +297,10 @@ def test_trainer_with_wandb_whose_log_fails_trains_to_the_end(monkeypatch, tmp_p
     fake = FakeWandb(str(tmp_path / "wandb"), failing=("log",))
     monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.setenv("PERSIMMON_TRAIN_CACHE", str(tmp_path / "cache"))
-    result = train(_tiny_run_config(tmp_path, "trainer.max_steps=3", "trainer.eval_every_n_steps=3",
-                                    "checkpoint.every_n_steps=0"), "finetune")
+    result = train(
+        _tiny_run_config(tmp_path, "trainer.max_steps=3", "trainer.eval_every_n_steps=3", "checkpoint.every_n_steps=0"),
+        "finetune",
+    )
     rows = [json.loads(line) for line in open(os.path.join(result.output_dir, "metrics.jsonl"))]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
     log_text = open(os.path.join(result.output_dir, "train.log")).read()
@@ -291,8 +323,7 @@ def test_resume_continues_the_same_wandb_run(monkeypatch, tmp_path):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     common = ["trainer.eval_every_n_steps=2", "checkpoint.every_n_steps=2"]
     first = train(_tiny_run_config(tmp_path, "trainer.max_steps=2", *common), "finetune")
-    state = torch.load(os.path.join(first.output_dir, "checkpoints", "step_2", "trainer_state.pt"),
-                       weights_only=True)
+    state = torch.load(os.path.join(first.output_dir, "checkpoints", "step_2", "trainer_state.pt"), weights_only=True)
     first_files = glob.glob(str(tmp_path / "wandb_dir" / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(first_files) == 1
     run_id = _settled(wandb_reader.run_id, first_files[0])

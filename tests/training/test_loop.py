@@ -19,8 +19,9 @@ from tests.training.helpers import VOCAB, causal_rows, make_trainer, tiny_config
 
 def _train(tmp_path, micro, accum, steps=3):
     model = tiny_model()
-    trainer = make_trainer(model, causal_rows(8 * steps), micro=micro, accum=accum, steps=steps, output_dir=tmp_path,
-                           sgd=True, lr=0.5)
+    trainer = make_trainer(
+        model, causal_rows(8 * steps), micro=micro, accum=accum, steps=steps, output_dir=tmp_path, sgd=True, lr=0.5
+    )
     trainer.fit()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, trainer
 
@@ -53,19 +54,20 @@ def test_count_items_is_what_each_loss_averages_over():
 
 def _classification_rows(n: int) -> list[dict]:
     g = torch.Generator().manual_seed(3)
-    rows = [{"input_ids": torch.randint(1, VOCAB, (10,), generator=g), "labels": torch.tensor(i % 3)}
-            for i in range(n)]
+    rows = [{"input_ids": torch.randint(1, VOCAB, (10,), generator=g), "labels": torch.tensor(i % 3)} for i in range(n)]
     rows[1]["labels"] = torch.tensor(-100)  # an eval-filler-like row: it must not count
     return rows
 
 
 def test_classification_update_does_not_depend_on_micro_batch_split(tmp_path):
     """The head's per-micro-batch mean is re-weighted to the global row count."""
+
     def train(micro, accum):
         torch.manual_seed(0)
         model = PersimmonForSequenceClassification.from_config(tiny_config(num_labels=3))
-        trainer = make_trainer(model, _classification_rows(8), micro=micro, accum=accum, steps=1,
-                               output_dir=tmp_path, sgd=True, lr=0.5)
+        trainer = make_trainer(
+            model, _classification_rows(8), micro=micro, accum=accum, steps=1, output_dir=tmp_path, sgd=True, lr=0.5
+        )
         trainer.task = "sequence_classification"
         trainer.fit()
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -103,8 +105,7 @@ def test_logged_lr_follows_the_configured_schedule(tmp_path):
 def test_a_good_step_resets_the_nonfinite_count(tmp_path):
     """NaN, good, NaN, NaN with max_nonfinite_steps=2: stops at step 4, not at step 3."""
     model = tiny_model()
-    trainer = make_trainer(model, causal_rows(16), micro=2, accum=1, steps=10, output_dir=tmp_path,
-                           max_nonfinite=2)
+    trainer = make_trainer(model, causal_rows(16), micro=2, accum=1, steps=10, output_dir=tmp_path, max_nonfinite=2)
     original = model.forward
     calls = {"n": 0}
 
@@ -123,8 +124,9 @@ def test_a_good_step_resets_the_nonfinite_count(tmp_path):
 
 def test_nonfinite_loss_skips_step_then_stops(tmp_path):
     model = tiny_model()
-    trainer = make_trainer(model, causal_rows(16), micro=2, accum=1, steps=10, output_dir=tmp_path,
-                           every=1, max_nonfinite=3)
+    trainer = make_trainer(
+        model, causal_rows(16), micro=2, accum=1, steps=10, output_dir=tmp_path, every=1, max_nonfinite=3
+    )
     original = model.forward
     calls = {"n": 0}
 
@@ -152,12 +154,14 @@ def test_gradient_clipping_bounds_the_update_and_reports_the_unclipped_norm(tmp_
     max_norm when clipping is on, the full gradient norm when it is off."""
     model = tiny_model()
     before = [p.detach().clone() for p in model.parameters()]
-    trainer = make_trainer(model, causal_rows(4), micro=4, accum=1, steps=1, output_dir=tmp_path, clip=clip,
-                           sgd=True, lr=1.0)
+    trainer = make_trainer(
+        model, causal_rows(4), micro=4, accum=1, steps=1, output_dir=tmp_path, clip=clip, sgd=True, lr=1.0
+    )
     batch = next(iter(trainer.train_loader))
     result = trainer.train_step([batch])
-    update = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.detach() - b)
-                                                   for p, b in zip(model.parameters(), before)]))
+    update = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(p.detach() - b) for p, b in zip(model.parameters(), before)])
+    )
     assert result["grad_norm"] > 1e-2  # the reported norm is the one before clipping
     expected = clip if clip is not None else result["grad_norm"]
     assert float(update) == pytest.approx(expected, rel=1e-3)
@@ -181,6 +185,7 @@ def test_checkpoint_keep_last_and_atomic_names(tmp_path):
 
 def test_in_process_resume_matches(tmp_path):
     """Resume from step 2 of 4 (dropout on) equals the uninterrupted run exactly."""
+
     def run(out, steps, resume=None):
         model = tiny_model(hidden_dropout=0.2)
         trainer = make_trainer(model, causal_rows(32), micro=2, accum=2, steps=steps, output_dir=out, every=2)

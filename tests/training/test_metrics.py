@@ -52,7 +52,9 @@ def test_regression_mse_and_single_label_metrics():
     assert classification_metrics([1.0, 2.0, -1.0], [0.5, 2.0, 1.0]) == {"eval_mse": pytest.approx(4.25 / 3)}
     # class 0: p=1 r=.5 f=2/3; class 1: p=.5 r=1 f=2/3; class 2: f=1
     assert classification_metrics([0, 1, 1, 2], [0, 1, 0, 2]) == {
-        "eval_accuracy": 0.75, "eval_macro_f1": pytest.approx((2 / 3 + 2 / 3 + 1) / 3)}
+        "eval_accuracy": 0.75,
+        "eval_macro_f1": pytest.approx((2 / 3 + 2 / 3 + 1) / 3),
+    }
 
 
 # ------------------------------------------------------------------ the trainer's eval on 2 ranks
@@ -65,7 +67,7 @@ def _eval_rows(problem: str) -> list[dict]:
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(1, VOCAB, (ROWS, SEQ), generator=g)
     mask = torch.ones_like(ids)
-    mask[::3, SEQ - 4:] = 0  # some right padding: pooling at the last real token
+    mask[::3, SEQ - 4 :] = 0  # some right padding: pooling at the last real token
     ids = ids * mask
     if problem == "regression":
         labels = torch.randn(ROWS, generator=g)
@@ -77,7 +79,7 @@ def _eval_rows(problem: str) -> list[dict]:
 
 
 def _batches(rows: list[dict]) -> list[dict]:
-    return [{k: torch.stack([r[k] for r in rows[i:i + MICRO]]) for k in rows[0]} for i in range(0, len(rows), MICRO)]
+    return [{k: torch.stack([r[k] for r in rows[i : i + MICRO]]) for k in rows[0]} for i in range(0, len(rows), MICRO)]
 
 
 class _Sink:
@@ -87,16 +89,28 @@ class _Sink:
 
 def _evaluate(strategy, problem: str, rows: list[dict]) -> dict:
     torch.manual_seed(0)  # the same random model on every rank and in the reference
-    model = PersimmonForSequenceClassification.from_config(tiny_config(num_labels=PROBLEMS[problem],
-                                                                       problem_type=problem))
+    model = PersimmonForSequenceClassification.from_config(
+        tiny_config(num_labels=PROBLEMS[problem], problem_type=problem)
+    )
     model, _ = strategy.wrap(model, lambda m: torch.optim.SGD(m.parameters(), lr=0.0))
     cfg = RunConfig()
     cfg.task = "sequence_classification"
     cfg.trainer.precision = "fp32"
     cfg.trainer.eval_max_batches = None
-    trainer = Trainer(cfg, strategy=strategy, model=model, optimizer=None, scheduler=None, train_loader=None,
-                      eval_loader=_batches(rows), tracker=NullTracker(), metrics_file=_Sink(), output_dir="",
-                      id2label=None, flops_per_token=0.0)
+    trainer = Trainer(
+        cfg,
+        strategy=strategy,
+        model=model,
+        optimizer=None,
+        scheduler=None,
+        train_loader=None,
+        eval_loader=_batches(rows),
+        tracker=NullTracker(),
+        metrics_file=_Sink(),
+        output_dir="",
+        id2label=None,
+        flops_per_token=0.0,
+    )
     return trainer.evaluate()
 
 
@@ -116,7 +130,7 @@ def _worker(rank: int, store: str, out: str) -> None:
         results = {}
         for problem in PROBLEMS:
             rows = _eval_rows(problem)
-            half = rows[:ROWS // 2] if rank == 0 else rows[ROWS // 2:]
+            half = rows[: ROWS // 2] if rank == 0 else rows[ROWS // 2 :]
             results[problem] = _evaluate(strategy, problem, half)
         with open(f"{out}/rank{rank}.json", "w") as f:
             json.dump(results, f)
@@ -127,14 +141,13 @@ def _worker(rank: int, store: str, out: str) -> None:
 @pytest.mark.distributed
 def test_eval_metrics_are_gathered_over_ranks(tmp_path):
     # fork: the children skip re-importing torch (seconds each); they only run CPU gloo work.
-    mp.start_processes(_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True,
-                       start_method="fork")
+    mp.start_processes(_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True, start_method="fork")
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     single = SingleDeviceStrategy(precision="fp32", device="cpu")
     for problem in PROBLEMS:
         rows = _eval_rows(problem)
         everything = _evaluate(single, problem, rows)
-        first_half = _evaluate(single, problem, rows[:ROWS // 2])
+        first_half = _evaluate(single, problem, rows[: ROWS // 2])
         task_keys = [k for k in everything if k != "eval_loss"]
         # Guard: the halves alone give other numbers, so an ungathered eval cannot pass.
         assert any(not math.isclose(first_half[k], everything[k]) for k in task_keys), (problem, first_half)

@@ -45,7 +45,7 @@ def test_warmup_then_decay_to_min(schedule):
 # max_steps 90, warmup 10: decay progress 0.25 / 0.5 / 0.75 at steps 30 / 50 / 70. By hand, with
 # min_lr_ratio 0.1: cosine = 0.1 + 0.9 * (1 + cos(pi * p)) / 2, linear = 0.1 + 0.9 * (1 - p).
 DECAY_POINTS = {
-    "cosine": {30: 0.1 + 0.9 * (2 + 2 ** 0.5) / 4, 50: 0.55, 70: 0.1 + 0.9 * (2 - 2 ** 0.5) / 4},
+    "cosine": {30: 0.1 + 0.9 * (2 + 2**0.5) / 4, 50: 0.55, 70: 0.1 + 0.9 * (2 - 2**0.5) / 4},
     "linear": {30: 0.775, 50: 0.55, 70: 0.325},
 }
 
@@ -54,8 +54,9 @@ DECAY_POINTS = {
 def test_schedules_where_cosine_and_linear_differ(schedule):
     points = DECAY_POINTS[schedule]
     for step, want in points.items():
-        assert lr_multiplier(step, max_steps=90, warmup_steps=10, schedule=schedule,
-                             min_lr_ratio=0.1) == pytest.approx(want, abs=1e-12), step
+        assert lr_multiplier(step, max_steps=90, warmup_steps=10, schedule=schedule, min_lr_ratio=0.1) == pytest.approx(
+            want, abs=1e-12
+        ), step
     # The scheduler the trainer steps follows the configured schedule (not a default one).
     cfg = OptimConfig(lr=2.0, warmup_steps=10, schedule=schedule, min_lr_ratio=0.1)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
@@ -82,7 +83,11 @@ def test_classification_metrics():
 
 def test_entity_spans_and_f1():
     assert entities(["B-PER", "I-PER", "O", "B-LOC", "B-LOC", "I-ORG"]) == {
-        ("PER", 0, 2), ("LOC", 3, 4), ("LOC", 4, 5), ("ORG", 5, 6)}
+        ("PER", 0, 2),
+        ("LOC", 3, 4),
+        ("LOC", 4, 5),
+        ("ORG", 5, 6),
+    }
     gold = [["B-PER", "I-PER", "O", "B-LOC"]]
     assert entity_f1(gold, gold)["entity_f1"] == 1.0
     # A truncated span is wrong as a whole (entity-level, not token-level).

@@ -16,9 +16,11 @@ from tests.training.helpers import tiny_config
 def _manifest(cfg, config, strategy=("single", 1), architecture="PersimmonForCausalLM"):
     from persimmon_train.adapters import peft_settings
 
-    return {"strategy": {"name": strategy[0], "world_size": strategy[1]},
-            "model": {"architecture": architecture, "config": config.to_dict()},
-            "peft": peft_settings(cfg.peft) if cfg.peft.method == "lora" else None}
+    return {
+        "strategy": {"name": strategy[0], "world_size": strategy[1]},
+        "model": {"architecture": architecture, "config": config.to_dict()},
+        "peft": peft_settings(cfg.peft) if cfg.peft.method == "lora" else None,
+    }
 
 
 def _lora_cfg(r=16):
@@ -29,17 +31,24 @@ def _lora_cfg(r=16):
 
 def test_same_run_resumes():
     cfg, config = _lora_cfg(), tiny_config()
-    check_resumable("ckpt", _manifest(cfg, config), cfg, config, PersimmonForCausalLM,
-                    SimpleNamespace(name="single", world_size=1))
+    check_resumable(
+        "ckpt", _manifest(cfg, config), cfg, config, PersimmonForCausalLM, SimpleNamespace(name="single", world_size=1)
+    )
 
 
-@pytest.mark.parametrize("change, key", [
-    (lambda cfg, config: setattr(cfg.peft, "r", 8), "peft.r"),
-    (lambda cfg, config: setattr(cfg.peft, "alpha", 64.0), "peft.alpha"),
-    (lambda cfg, config: setattr(cfg.peft, "method", "none"), "peft=none"),
-    (lambda cfg, config: setattr(config, "num_hidden_layers", config.num_hidden_layers + 1), "model.num_hidden_layers"),
-    (lambda cfg, config: setattr(config, "hidden_size", config.hidden_size * 2), "model.hidden_size"),
-])
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        (lambda cfg, config: setattr(cfg.peft, "r", 8), "peft.r"),
+        (lambda cfg, config: setattr(cfg.peft, "alpha", 64.0), "peft.alpha"),
+        (lambda cfg, config: setattr(cfg.peft, "method", "none"), "peft=none"),
+        (
+            lambda cfg, config: setattr(config, "num_hidden_layers", config.num_hidden_layers + 1),
+            "model.num_hidden_layers",
+        ),
+        (lambda cfg, config: setattr(config, "hidden_size", config.hidden_size * 2), "model.hidden_size"),
+    ],
+)
 def test_a_different_run_is_refused_naming_the_key(change, key):
     cfg, config = _lora_cfg(), tiny_config()
     manifest = _manifest(cfg, config)
@@ -59,7 +68,8 @@ def test_deepspeed_checkpoints_resume_only_at_their_world_size(now):
     cfg, config = _lora_cfg(), tiny_config()
     manifest = _manifest(cfg, config, strategy=("deepspeed", 2))
     with pytest.raises(CheckpointError, match="strategy=deepspeed on 2 ranks"):
-        check_resumable("ckpt", manifest, cfg, config, PersimmonForCausalLM,
-                        SimpleNamespace(name=now[0], world_size=now[1]))
+        check_resumable(
+            "ckpt", manifest, cfg, config, PersimmonForCausalLM, SimpleNamespace(name=now[0], world_size=now[1])
+        )
     same = SimpleNamespace(name="deepspeed", world_size=2)
     check_resumable("ckpt", manifest, cfg, config, PersimmonForCausalLM, same)
