@@ -144,15 +144,19 @@ def save_checkpoint(
 
     def agree(action: Callable[[], object]):
         """Run `action` on this rank; if it failed on any rank, clean up and raise there too."""
-        result, error = None, None
+        result, error, bug = None, None, None
         try:
             result = action()
         except (OSError, PersimmonTrainError, RuntimeError) as exc:
             error = _one_line(exc, tmp)
+        except Exception as exc:  # a bug: the other ranks must not wait for us in the gather below
+            error, bug = _one_line(exc, tmp), exc
         errors = [e for e in _gather(comm, error) if e]
         if errors:
             if comm.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
+            if bug is not None:
+                raise bug  # keeps its traceback on the rank where it happened
             raise StorageError(f"checkpoint step_{step} not written: {errors[0]}; earlier checkpoints are intact")
         return result
 

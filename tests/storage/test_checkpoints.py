@@ -1,0 +1,99 @@
+"""Training checkpoints on disk (storage/checkpoints.py), without a model: the manifest, validation,
+what to resume, and failed writes."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import zlib
+
+import pytest
+
+from persimmon_train.errors import CheckpointError, StorageError
+from persimmon_train.storage import checkpoints as store
+from persimmon_train.storage.checkpoints import LocalComm
+
+
+def _save(root, step, payload: bytes = b"weights", **kw):
+    def write_files(folder):
+        with open(os.path.join(folder, "model.bin"), "wb") as f:
+            f.write(payload)
+        os.makedirs(os.path.join(folder, "sub"))
+        with open(os.path.join(folder, "sub", "part.bin"), "wb") as f:
+            f.write(payload * 2)
+
+    return store.save_checkpoint(
+        str(root), step, comm=LocalComm(), write_files=write_files, metadata={"strategy": {"name": "single"}}, **kw
+    )
+
+
+def test_manifest_lists_every_file_with_size_and_checksum(tmp_path):
+    path = _save(tmp_path, 3)
+    manifest = json.loads((tmp_path / "checkpoints" / "step_3" / "manifest.json").read_text())
+    assert manifest["step"] == 3 and manifest["strategy"] == {"name": "single"}
+    assert manifest["files"] == {
+        "model.bin": {"size": 7, "crc32": f"{zlib.crc32(b'weights'):08x}"},  # independent: zlib itself
+        "sub/part.bin": {"size": 14, "crc32": f"{zlib.crc32(b'weightsweights'):08x}"},
+    }
+    assert store.validate_checkpoint(path) == manifest
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda p: os.remove(f"{p}/sub/part.bin"), "sub/part.bin is missing"),
+        (lambda p: open(f"{p}/model.bin", "wb").write(b"weight"), "model.bin has 6 bytes, the manifest says 7"),
+        (lambda p: open(f"{p}/model.bin", "wb").write(b"WEIGHTS"), "model.bin does not match its checksum"),
+        (lambda p: os.remove(f"{p}/manifest.json"), "manifest.json is missing"),
+        (lambda p: open(f"{p}/manifest.json", "w").write("{"), "manifest.json is unreadable"),
+    ],
+)
+def test_damage_is_named_and_latest_falls_back(tmp_path, damage, message, caplog):
+    older, newer = _save(tmp_path, 2), _save(tmp_path, 4)
+    damage(newer)
+    with pytest.raises(CheckpointError, match=message):
+        store.validate_checkpoint(newer)
+    with pytest.raises(CheckpointError, match=message):
+        store.choose_resume(newer, str(tmp_path))
+    with caplog.at_level("WARNING", logger="persimmon_train"):
+        assert store.choose_resume("latest", str(tmp_path))[0] == older
+    assert "skipping damaged checkpoint step_4" in caplog.text
+
+
+def test_latest_with_nothing_valid_starts_fresh(tmp_path):
+    assert store.choose_resume("latest", str(tmp_path)) is None
+    os.remove(f"{_save(tmp_path, 1)}/manifest.json")
+    assert store.choose_resume("latest", str(tmp_path)) is None
+    assert store.choose_resume(None, str(tmp_path)) is None
+
+
+def test_keep_last_prunes_older_checkpoints(tmp_path):
+    for step in (1, 2, 3):
+        _save(tmp_path, step, keep_last=2)
+    assert [s for s, _ in store.list_step_dirs(str(tmp_path))] == [2, 3]
+
+
+def test_a_full_disk_is_one_line_and_keeps_earlier_checkpoints(tmp_path):
+    earlier = _save(tmp_path, 1)
+
+    def full_disk(folder):
+        raise OSError(errno.ENOSPC, "No space left on device", os.path.join(folder, "optimizer.pt"))
+
+    with pytest.raises(
+        StorageError,
+        match=r"checkpoint step_2 not written: writing .*step_2\.tmp/optimizer\.pt: "
+        r"the disk is full \[errno 28\]; earlier checkpoints are intact",
+    ):
+        store.save_checkpoint(str(tmp_path), 2, comm=LocalComm(), write_files=full_disk, metadata={})
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_1"]
+    store.validate_checkpoint(earlier)
+
+
+def test_a_bug_keeps_its_own_exception_and_cleans_up(tmp_path):
+    def bug(folder):
+        raise ValueError("a bug, not a user mistake")
+
+    with pytest.raises(ValueError, match="a bug"):
+        store.save_checkpoint(str(tmp_path), 5, comm=LocalComm(), write_files=bug, metadata={})
+    assert os.listdir(tmp_path / "checkpoints") == []
