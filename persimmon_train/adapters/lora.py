@@ -16,6 +16,11 @@ PEFT_PREFIX = "base_model.model."
 ADAPTER_NAME = "default"
 
 
+def strip_peft_prefix(name: str) -> str:
+    """A peft-wrapped model's parameter name without peft's `base_model.model.` prefix."""
+    return name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name
+
+
 def lora_config(cfg, task: str):
     """A peft LoraConfig from our PeftConfig; classification heads are trained in full."""
     from peft import LoraConfig

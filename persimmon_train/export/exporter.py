@@ -58,6 +58,7 @@ def export_checkpoint(
     merge: bool = True,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
+    manifest: dict | None = None,
 ) -> ExportResult:
     """Export a training checkpoint (any strategy; full or LoRA; any head).
 
@@ -65,7 +66,8 @@ def export_checkpoint(
     sharded safetensors + index, and the tokenizer; `dtype` bf16 | fp32 | auto (as trained).
     merge=False: the LoRA adapter alone, PEFT format, in the dtype it was trained in unless `dtype`
     says otherwise. A non-empty `output_dir` is refused unless `overwrite`, which replaces only the
-    files the export writes.
+    files the export writes. `manifest`: the checkpoint's, when the caller validated it already
+    (the end of a run exports the same checkpoint twice: final/ and adapter/).
     """
     from persimmon_train.adapters import peft_saved_name
     from persimmon_train.storage import (
@@ -80,10 +82,10 @@ def export_checkpoint(
 
     torch_dtype = export_dtype(dtype)
     parse_size(max_shard_size)  # a bad size fails before any work
-    path = find_checkpoint(checkpoint)
+    path, found = find_checkpoint(checkpoint)
     _check_not_inside(output_dir, path)
     check_output_folder(output_dir, "output_dir", overwrite)
-    manifest = validate_checkpoint(path)
+    manifest = manifest or found or validate_checkpoint(path)
     source = load_model_source(path, manifest)
     strategy = manifest["strategy"]["name"]
     peft = manifest.get("peft")

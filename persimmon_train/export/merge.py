@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from persimmon_train.adapters.lora import ADAPTER_NAME, PEFT_PREFIX, merge_lora_weight
+from persimmon_train.adapters.lora import ADAPTER_NAME, merge_lora_weight, strip_peft_prefix
 from persimmon_train.errors import WeightsError
 
 log = logging.getLogger("persimmon_train")
@@ -22,10 +22,6 @@ log = logging.getLogger("persimmon_train")
 _LORA_A = f".lora_A.{ADAPTER_NAME}."
 _LORA_B = f".lora_B.{ADAPTER_NAME}."
 _SAVED = f".modules_to_save.{ADAPTER_NAME}."
-
-
-def strip_peft_prefix(name: str) -> str:
-    return name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name
 
 
 @dataclass

@@ -22,17 +22,19 @@ def export_run_outputs(result, cfg):
     """final/ (merged, cfg.export.dtype) and, for LoRA, adapter/ (PEFT, as trained); on rank 0 only."""
     if not (result.is_main and cfg.export.enabled and result.last_checkpoint):
         return result
+    from persimmon_train.storage import validate_checkpoint
     from persimmon_train.storage.safetensors_io import release_free_memory
 
     gc.collect()  # the trainer's model and optimizer are gone: hand their memory back before streaming
     release_free_memory()
+    manifest = validate_checkpoint(result.last_checkpoint)  # once, for both exports below
     final = os.path.join(result.output_dir, "final")
-    export_checkpoint(result.last_checkpoint, final, dtype=cfg.export.dtype, overwrite=True)
+    export_checkpoint(result.last_checkpoint, final, dtype=cfg.export.dtype, overwrite=True, manifest=manifest)
     result.final_dir = final
     log.info("final model (%s%s): %s", cfg.export.dtype, ", LoRA merged" if cfg.peft.method == "lora" else "", final)
     if cfg.peft.method == "lora":
         adapter = os.path.join(result.output_dir, "adapter")
-        export_checkpoint(result.last_checkpoint, adapter, dtype="auto", merge=False, overwrite=True)
+        export_checkpoint(result.last_checkpoint, adapter, dtype="auto", merge=False, overwrite=True, manifest=manifest)
         result.adapter_dir = adapter
         log.info("LoRA adapter (PEFT format, as trained): %s", adapter)
     return result

@@ -20,15 +20,14 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from persimmon_train.adapters.lora import PEFT_PREFIX
+from persimmon_train.adapters.lora import ADAPTER_NAME as ADAPTER
+from persimmon_train.adapters.lora import strip_peft_prefix
 from persimmon_train.errors import WeightsError
-
-ADAPTER = "default"
 
 
 def file_name(param_name: str) -> str:
     """The HF checkpoint name a (possibly peft-wrapped) model parameter is loaded from."""
-    name = param_name[len(PEFT_PREFIX) :] if param_name.startswith(PEFT_PREFIX) else param_name
+    name = strip_peft_prefix(param_name)
     for wrapper in (".base_layer.", ".original_module.", f".modules_to_save.{ADAPTER}."):
         name = name.replace(wrapper, ".")
     return name

@@ -317,17 +317,21 @@ def load_trainer_state(folder: str, rank: int) -> dict:
         raise CheckpointError(f"{path}: cannot read the trainer state ({str(exc).splitlines()[0][:200]})") from None
 
 
-def find_checkpoint(path: str) -> str:
-    """`checkpoints/step_N`, or a run's output_dir (its newest checkpoint that validates)."""
+def find_checkpoint(path: str) -> tuple[str, dict | None]:
+    """`checkpoints/step_N`, or a run's output_dir (its newest checkpoint that validates).
+
+    Returns (path, manifest): the manifest when choosing among a run's checkpoints validated it
+    already, else None (the caller validates, after its own cheaper checks).
+    """
     path = os.path.abspath(path)
     if not os.path.exists(path):
         raise ConfigError(f"checkpoint: {path} does not exist")
     if os.path.isfile(os.path.join(path, MANIFEST)) or STEP_DIR.match(os.path.basename(path)):
-        return path
+        return path, None
     chosen = choose_resume("latest", path)
     if chosen is None:
         raise ConfigError(
             f"checkpoint: {path} is neither a training checkpoint (checkpoints/step_N with "
             f"{MANIFEST}) nor a run folder with a complete checkpoint"
         )
-    return chosen[0]
+    return chosen

@@ -196,7 +196,7 @@ def evaluate(cfg, job: str = "evaluate") -> dict:
             from persimmon_train.errors import ConfigError
 
             raise ConfigError(f"resume: no complete checkpoint in {output_dir} to evaluate")
-        checkpointing.check_resumable(chosen[0], chosen[1], cfg, base_model.config, type(base_model))
+        checkpointing.check_resumable(chosen[0], chosen[1], cfg, base_model.config, type(base_model), strategy)
         strategy.load_state(chosen[0])
         log.info("evaluating checkpoint %s", chosen[0])
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.trainer.max_steps)
