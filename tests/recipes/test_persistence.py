@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import resource
 import shutil
 import subprocess
@@ -258,17 +257,38 @@ def test_one_rank_fsdp_lora_writes_an_adapter_peft_loads(tmp_path, env):
         )
 
 
+READ_ONLY_DRIVER = r"""
+import os, runpy, sys
+read_only, recipe = os.path.abspath(sys.argv[1]), sys.argv[2]
+real_access = os.access
+# The folder refuses writes. (chmod 555 would too, but not for root, which CI machines may run as.)
+os.access = lambda p, mode, *a, **k: (not mode & os.W_OK and real_access(p, mode, *a, **k)) \
+    if os.path.abspath(p) == read_only else real_access(p, mode, *a, **k)
+sys.argv = [recipe, *sys.argv[3:]]
+runpy.run_path(recipe, run_name="__main__")
+"""
+
+
 def test_readonly_output_dir_is_one_line(tmp_path, env):
-    if os.geteuid() == 0:
-        pytest.skip("root writes through read-only permissions")
     parent = tmp_path / "ro"
     parent.mkdir()
-    parent.chmod(0o555)
-    try:
-        proc = run_recipe("finetune", *JOB, f"output_dir={parent / 'run'}", env=env, check=False)
-        assert_one_line_error(proc, "output_dir", "read-only")
-    finally:
-        parent.chmod(0o755)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            READ_ONLY_DRIVER,
+            str(parent),
+            str(REPO / "recipes" / "finetune.py"),
+            *JOB,
+            f"output_dir={parent / 'run'}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert_one_line_error(proc, "output_dir", "read-only", str(parent))
+    assert list(parent.iterdir()) == []
 
 
 def test_train_log_keeps_the_start_up_lines(run):
