@@ -20,8 +20,9 @@ How it meets the trainer's contract:
   `clip_and_step` reports whether the engine applied it.
 
 Checkpoints: `engine.save_checkpoint(step_N, tag="deepspeed")`, every rank writing its own
-partition (frozen LoRA bases excluded); `persimmon_train.storage.iter_checkpoint_weights` rebuilds
-full tensors in one process with DeepSpeed's zero_to_fp32 helpers.
+partition (frozen LoRA bases excluded). A resume with the same world size and stage is DeepSpeed's
+own `engine.load_checkpoint`; at another world size or stage each rank takes its new partition from
+the old ones (parallel/zero_reshard.py). `storage.ZeroCheckpoint` reads them in one process.
 
 Weights from model.path: ZeRO-3 builds the model on the meta device and fills it module by module,
 each rank keeping only its partitions (parallel/zero3_load.py); ZeRO-1/2 hold full parameters on
@@ -42,6 +43,7 @@ from persimmon_train.parallel.distributed import DistributedStrategy
 from persimmon_train.parallel.ds_config import build_ds_config, check_user_config, fill_model_autos, read_user_config
 from persimmon_train.parallel.single import resolve_precision
 from persimmon_train.storage.checkpoints import DEEPSPEED_TAG as TAG
+from persimmon_train.storage.checkpoints import read_manifest
 
 log = logging.getLogger("persimmon_train")
 
@@ -224,6 +226,13 @@ class DeepSpeedStrategy(DistributedStrategy):
             raise CheckpointError(
                 f"{directory}: no {TAG}/ folder; not a strategy=deepspeed checkpoint (see its manifest.json)"
             )
+        written = read_manifest(directory).get("strategy") or {}
+        if (written.get("world_size"), written.get("stage")) != (self.world_size, self.stage):
+            # DeepSpeed loads its partitions only into the layout that wrote them: reshard ourselves.
+            from persimmon_train.parallel.zero_reshard import load_resharded
+
+            load_resharded(self.engine, os.path.join(directory, TAG))
+            return
         frozen = any(not p.requires_grad for p in self.engine.module.parameters())
         path, _ = self.engine.load_checkpoint(
             directory,

@@ -5,6 +5,7 @@
 - `hf_folder`: the HF model folder writer and the PEFT adapter folder writer;
 - `checkpoints`: training checkpoint layout, manifest, validation, what to resume;
 - `checkpoint_weights`: full weights out of any strategy's checkpoint;
+- `zero_checkpoint`: a DeepSpeed ZeRO folder per parameter (weights and AdamW moments), any layout;
 - `files`: atomic writes, staged output folders, disk errors as one line.
 
 The lowest layer above `errors`: it knows no model, strategy or peft (callers hand in duck-typed

@@ -6,7 +6,8 @@ model for full fine-tuning; the LoRA adapter + trained heads, with peft's `base_
 prefixes, for LoRA). No torch.distributed process group is needed:
 - single: `model.safetensors`, streamed;
 - fsdp: DCP metadata, then one key at a time into a freshly allocated full tensor;
-- deepspeed (ZeRO 1-3): DeepSpeed's zero_to_fp32 in lazy mode (each tensor assembled when asked).
+- deepspeed (ZeRO 1-3): storage.zero_checkpoint, each tensor assembled from the memory-mapped
+  partitions when asked (tests check it against DeepSpeed's zero_to_fp32).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from persimmon_train.storage.checkpoints import (
     read_manifest,
 )
 from persimmon_train.storage.safetensors_io import iter_safetensors_file
+from persimmon_train.storage.zero_checkpoint import ZeroCheckpoint
 
 Weights = Iterator[tuple[str, torch.Tensor]]
 
@@ -57,16 +59,7 @@ def _fsdp(path: str) -> Weights:
 def _deepspeed(path: str) -> Weights:
     if not os.path.isdir(os.path.join(path, DEEPSPEED_TAG)):
         raise CheckpointError(f"{path}: no {DEEPSPEED_TAG}/ folder; not a strategy=deepspeed checkpoint")
-    try:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    except ImportError:
-        raise CheckpointError(f"{path} is a DeepSpeed checkpoint; reading it needs the deepspeed package") from None
-    state = get_fp32_state_dict_from_zero_checkpoint(
-        path, tag=DEEPSPEED_TAG, exclude_frozen_parameters=True, lazy_mode=True
-    )
-    for name in list(state):
-        value = state.pop(name)
-        yield name, value.contiguous() if hasattr(value, "contiguous") else value
+    yield from ZeroCheckpoint(os.path.join(path, DEEPSPEED_TAG))
 
 
 READERS: dict[str, Callable[[str], Weights]] = {"single": _single, "fsdp": _fsdp, "deepspeed": _deepspeed}

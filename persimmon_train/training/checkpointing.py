@@ -122,7 +122,7 @@ _ARCHITECTURE_KEYS = (
 
 def check_resumable(path: str, manifest: dict, cfg, model_config, model_class: type, strategy=None) -> None:
     """A checkpoint resumes only into the run that wrote it: same head, shapes and LoRA settings
-    (and, for DeepSpeed's own format, the same world size).
+    (and a DeepSpeed checkpoint into strategy=deepspeed, at any world size and ZeRO stage).
 
     Checked from the manifest before any tensor is read; the message names the key that differs.
     """
@@ -130,15 +130,10 @@ def check_resumable(path: str, manifest: dict, cfg, model_config, model_class: t
 
     where = os.path.join(path, store.MANIFEST)
     written = manifest.get("strategy") or {}
-    if (
-        strategy is not None
-        and written.get("name") == "deepspeed"
-        and (strategy.name != "deepspeed" or written.get("world_size") != strategy.world_size)
-    ):
+    if strategy is not None and written.get("name") == "deepspeed" and strategy.name != "deepspeed":
         raise CheckpointError(
-            f"resume: {where} was written by strategy=deepspeed on {written.get('world_size')} "
-            f"ranks; DeepSpeed checkpoints resume only with strategy=deepspeed on the same number "
-            f"of ranks (this run: strategy={strategy.name}, {strategy.world_size} ranks); "
+            f"resume: {where} was written by strategy=deepspeed; its ZeRO partitions resume only "
+            f"with strategy=deepspeed (any number of ranks, any stage; this run: strategy={strategy.name}); "
             f"export it (recipes/export.py) and start from the export with model.path instead"
         )
     model = manifest.get("model") or {}
