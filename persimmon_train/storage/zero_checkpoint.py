@@ -11,8 +11,9 @@ The optimizer files are memory-mapped, so only the pages of the parameter being 
 read: one parameter at a time is in memory, never a rank's whole partition.
 
 Layout facts (DeepSpeed 0.14 - 0.19; checked, with an error naming the file, not assumed):
-- every rank writes `*_optim_states.pt` holding `optimizer_state_dict` with `zero_stage`,
-  `partition_count` and its flat fp32 partitions, one per parameter group; the base optimizer's
+- every rank writes `[bf16_]zero_pp_rank_<r>_mp_rank_00_optim_states.pt` holding
+  `optimizer_state_dict` with `zero_stage`, `partition_count` and its flat fp32 partitions, one
+  per parameter group; the base optimizer's
   state holds `exp_avg`/`exp_avg_sq` flats of the same layout, and `step`;
 - ZeRO-1/2 (`single_partition_of_fp32_groups`): the group's parameters are concatenated and the
   flat cut into equal partitions, one per rank; `param_slice_mappings[g]` names, per rank, each
@@ -63,7 +64,8 @@ class ZeroCheckpoint:
         if not os.path.isdir(folder):
             raise CheckpointError(f"{folder}: no such folder; not a strategy=deepspeed checkpoint")
         self.folder = folder
-        optim_files = _rank_files(folder, "zero_pp_rank_*_mp_rank_00_optim_states.pt")
+        # bf16 runs name theirs bf16_zero_pp_rank_<r>_mp_rank_00_optim_states.pt
+        optim_files = _rank_files(folder, "*zero_pp_rank_*_mp_rank_00_optim_states.pt")
         if not optim_files:
             raise CheckpointError(f"{folder}: no zero_pp_rank_*_optim_states.pt; not a ZeRO checkpoint")
         self._optim = []
@@ -81,7 +83,7 @@ class ZeroCheckpoint:
                 f"{folder}: written by {self.world_size} ranks but {len(optim_files)} optimizer partitions are there"
             )
         model_files = (
-            _rank_files(folder, "zero_pp_rank_*_mp_rank_00_model_states.pt")
+            _rank_files(folder, "*zero_pp_rank_*_mp_rank_00_model_states.pt")
             if self.stage == 3
             else [os.path.join(folder, "mp_rank_00_model_states.pt")]
         )
@@ -140,7 +142,7 @@ class ZeroCheckpoint:
             raise CheckpointError(
                 f"{self.folder}: parameter {name} has {joined.numel()} of its {shape.numel()} elements here"
             )
-        return joined.view(shape).clone()
+        return joined.view(shape)  # torch.cat copied: nothing here aliases the mapped files
 
     def __iter__(self):
         """(name, full fp32 weight), one at a time."""

@@ -46,6 +46,14 @@ JOBS = {
     "fsdp": ["strategy=fsdp", "peft=none", "trainer.micro_batch_size=4"],
     "fsdp_lora": ["strategy=fsdp", *LORA, "trainer.micro_batch_size=4"],
     "zero2": ["strategy=deepspeed", "strategy.stage=2", "peft=none", "trainer.micro_batch_size=4"],
+    # bf16: DeepSpeed names its optimizer partitions bf16_zero_pp_rank_*; the run ends in an export.
+    "zero2_bf16": [
+        "strategy=deepspeed",
+        "strategy.stage=2",
+        "peft=none",
+        "trainer.micro_batch_size=4",
+        "trainer.precision=bf16",
+    ],
     "zero2_lora": ["strategy=deepspeed", "strategy.stage=2", *LORA, "trainer.micro_batch_size=4"],
     "zero3": [*ZERO3, "peft=none", "trainer.micro_batch_size=4"],
     "zero3_lora": [*ZERO3, *LORA, "trainer.micro_batch_size=4"],
