@@ -7,14 +7,15 @@ assembles, on demand, the FULL fp32 master weight and the full AdamW moments (`e
 the weights (storage.checkpoint_weights); a resume at another world size or ZeRO stage reads all
 three (parallel/zero_reshard.py) and hands each rank its new partition.
 
-The optimizer files are memory-mapped, so only the pages of the parameter being assembled are
-read: one parameter at a time is in memory, never a rank's whole partition.
+The optimizer files are memory-mapped (torch.load(mmap=True)): a file's pages are read when a
+parameter's fragment is copied out, as clean page cache the kernel may drop, and the tensors this
+reader allocates are one parameter's at a time, never a rank's whole partition.
 
-Layout facts (DeepSpeed 0.14 - 0.19; checked, with an error naming the file, not assumed):
+Layout facts (DeepSpeed 0.19, the version the tests run; checked, with an error naming the file):
 - every rank writes `[bf16_]zero_pp_rank_<r>_mp_rank_00_optim_states.pt` holding
   `optimizer_state_dict` with `zero_stage`, `partition_count` and its flat fp32 partitions, one
-  per parameter group; the base optimizer's
-  state holds `exp_avg`/`exp_avg_sq` flats of the same layout, and `step`;
+  per parameter group; the base optimizer's state holds `exp_avg`/`exp_avg_sq` flats of the same
+  layout, and `step`;
 - ZeRO-1/2 (`single_partition_of_fp32_groups`): the group's parameters are concatenated and the
   flat cut into equal partitions, one per rank; `param_slice_mappings[g]` names, per rank, each
   parameter fragment in its partition (numel, start). A parameter is its fragments in rank order.
