@@ -60,6 +60,7 @@ def _assert_continues(uninterrupted, resumed):
     ref, got = train_losses(uninterrupted), train_losses(resumed)
     assert sorted(got) == list(range(RESUME_AT + 1, STEPS + 1))
     worst = max(abs(ref[s] - got[s]) for s in got)
+    print(f"RESUME {resumed.name}: max |loss diff| {worst:.2e}")
     assert worst <= 1e-4, f"resumed losses differ by {worst:.2e}: {got} vs {ref}"
 
 
@@ -122,6 +123,7 @@ def test_zero2_bf16_checkpoint_from_2_ranks_resumes_on_1_rank(runs):
     assert sorted(got) == list(range(RESUME_AT + 1, STEPS + 1))
     first = abs(got[RESUME_AT + 1] - ref[RESUME_AT + 1]) / ref[RESUME_AT + 1]
     worst = max(abs(ref[s] - got[s]) / ref[s] for s in got)
+    print(f"RESUME {resumed.name}: step 6 {first:.2e}, max relative |loss diff| {worst:.2e}")
     assert first <= 1e-6 and worst <= 1e-3, f"resumed bf16 losses differ (step 6: {first:.1e}, worst {worst:.1e})"
 
 
