@@ -11,32 +11,23 @@ import pytest
 from persimmon_train import cli
 from persimmon_train.errors import PersimmonTrainError
 from tests.cli.conftest import persimmon_train, recipe_env
+from tests.tiny_base import demo_tokenizer, save_tiny_base, tiny_base_config
 
 
 @pytest.fixture(scope="module")
 def small_base(tmp_path_factory):
     """A tiny HF folder whose config.json allows 512 positions, with the demo tokenizer beside it."""
-    import torch
-
-    from persimmon_train.data import Tokenizer, demo_assets
-    from persimmon_train.model import PersimmonConfig, PersimmonForCausalLM
-
     folder = tmp_path_factory.mktemp("base512")
-    tokenizer = Tokenizer(demo_assets().tokenizer_path)
-    config = PersimmonConfig(
-        vocab_size=tokenizer.vocab_size,
+    tokenizer = demo_tokenizer()
+    config = tiny_base_config(
+        tokenizer,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=1,
         num_attention_heads=2,
         max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_id,
-        eos_token_id=tokenizer.eos_id,
-        pad_token_id=tokenizer.pad_id,
     )
-    torch.manual_seed(0)
-    PersimmonForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_tiny_base(folder, tokenizer, config, seed=0)
     return folder
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.recipes.conftest import FAST, REPO, classification_files, recipe_env, run_recipe  # noqa: F401
+from tests.tiny_base import demo_tokenizer, save_tiny_base, tiny_base_config
 
 STEPS = 3
 QUICK = [
@@ -34,26 +35,9 @@ def export_env(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def base_dir(tmp_path_factory, export_env) -> Path:
     """A random tiny causal LM saved as an HF folder: the `model.path` of the LoRA runs."""
-    from persimmon_train.data import Tokenizer, demo_assets
-    from persimmon_train.model import PersimmonConfig, PersimmonForCausalLM
-
-    tokenizer = Tokenizer(demo_assets(Path(export_env["PERSIMMON_TRAIN_CACHE"]) / "demo").tokenizer_path)
-    config = PersimmonConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_id,
-        eos_token_id=tokenizer.eos_id,
-        pad_token_id=tokenizer.pad_id,
-    )
-    torch.manual_seed(1234)
-    model = PersimmonForCausalLM.from_config(config)
+    tokenizer = demo_tokenizer(Path(export_env["PERSIMMON_TRAIN_CACHE"]) / "demo")
     path = tmp_path_factory.mktemp("base") / "tiny-base"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    save_tiny_base(path, tokenizer, tiny_base_config(tokenizer), seed=1234)
     return path
 
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tests.export.conftest import REPO
+from tests.tiny_base import save_tiny_base, tiny_base_config
 
 SHARD_MB = 20
 DRIVER = r"""
@@ -44,24 +45,12 @@ print("MEMORY " + json.dumps({"before": before, "peak": status("VmHWM")}))
 
 def _big_base(folder, tokenizer_dir) -> tuple[dict, int]:
     from persimmon_train.data import Tokenizer
-    from persimmon_train.model import PersimmonConfig, PersimmonForCausalLM
 
     tokenizer = Tokenizer(tokenizer_dir)
-    config = PersimmonConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=512,
-        intermediate_size=2048,
-        num_hidden_layers=12,
-        num_attention_heads=8,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_id,
-        eos_token_id=tokenizer.eos_id,
-        pad_token_id=tokenizer.pad_id,
+    config = tiny_base_config(
+        tokenizer, hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8
     )
-    torch.manual_seed(0)
-    model = PersimmonForCausalLM.from_config(config)
-    model.save_pretrained(folder, max_shard_size=f"{SHARD_MB}MB")
-    tokenizer.save_pretrained(folder)
+    model = save_tiny_base(folder, tokenizer, config, seed=0, max_shard_size=f"{SHARD_MB}MB")
     return model.state_dict(), sum(p.numel() * 4 for p in model.parameters())
 
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from persimmon_train.storage import validate_checkpoint
 from tests.recipes.conftest import FAST, REPO, read_metrics, recipe_env, run_recipe
+from tests.tiny_base import demo_tokenizer, tiny_base_config
 
 JOB = [
     *FAST,
@@ -190,22 +191,8 @@ def test_bad_output_dir_and_model_path_are_one_line(tmp_path, env):
 
 def _tiny_base_config(env):
     """The demo tokenizer and a tiny model config over it (for a model.path base)."""
-    from persimmon_train.data import Tokenizer, demo_assets
-    from persimmon_train.model import PersimmonConfig
-
-    tokenizer = Tokenizer(demo_assets(Path(env["PERSIMMON_TRAIN_CACHE"]) / "demo").tokenizer_path)
-    config = PersimmonConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_id,
-        eos_token_id=tokenizer.eos_id,
-        pad_token_id=tokenizer.pad_id,
-    )
-    return tokenizer, config
+    tokenizer = demo_tokenizer(Path(env["PERSIMMON_TRAIN_CACHE"]) / "demo")
+    return tokenizer, tiny_base_config(tokenizer)
 
 
 def test_nan_in_model_path_weights_names_the_tensor(tmp_path, env):
