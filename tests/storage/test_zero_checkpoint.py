@@ -1,0 +1,44 @@
+"""storage.ZeroCheckpoint's refusals, without a DeepSpeed run (its readings are checked against
+DeepSpeed's zero_to_fp32 and single-process AdamW in tests/distributed/test_checkpoints.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from persimmon_train.errors import CheckpointError
+from persimmon_train.storage.zero_checkpoint import ZeroCheckpoint
+
+
+def test_a_missing_folder_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match=f"{tmp_path / 'deepspeed'}: no such folder"):
+        ZeroCheckpoint(str(tmp_path / "deepspeed"))
+
+
+def test_a_folder_without_partitions_is_not_a_zero_checkpoint(tmp_path):
+    (tmp_path / "mp_rank_00_model_states.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="no zero_pp_rank_\\*_optim_states.pt; not a ZeRO checkpoint"):
+        ZeroCheckpoint(str(tmp_path))
+
+
+def test_a_damaged_partition_is_one_line_naming_the_file(tmp_path):
+    bad = tmp_path / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    bad.write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match=f"{bad}: cannot read"):
+        ZeroCheckpoint(str(tmp_path))
+
+
+def test_a_partition_without_zero_state_is_refused(tmp_path):
+    file = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"optimizer_state_dict": {"state": {}}}, file)
+    with pytest.raises(CheckpointError, match=f"{file}: no optimizer_state_dict.zero_stage"):
+        ZeroCheckpoint(str(tmp_path))
+
+
+def test_a_missing_partition_is_counted(tmp_path):
+    # 11 files, ranks 0..10 (two-digit ranks parse); the partitions say 12 ranks wrote them.
+    for rank in range(11):
+        state = {"zero_stage": 2, "partition_count": [12], "single_partition_of_fp32_groups": [torch.zeros(1)]}
+        torch.save({"optimizer_state_dict": state}, tmp_path / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+    with pytest.raises(CheckpointError, match="written by 12 ranks but 11 optimizer partitions"):
+        ZeroCheckpoint(str(tmp_path))
