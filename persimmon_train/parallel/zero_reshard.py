@@ -67,7 +67,7 @@ def load_resharded(engine, folder: str) -> dict:
             setattr(engine, key, value)
     del checkpoint, master
     # The per-parameter temporaries left free heap behind that glibc would keep for the whole run
-    # (bench/zero_reshard_load.py: ZeRO-3, 193 MB model, 272 -> 95 MB held after the load).
+    # (bench/zero_reshard_load.py: ZeRO-3, 193 MB model, 2 ranks: 272 -> 73-96 MB held after the load).
     release_free_memory()
     log.info(
         "deepspeed: resharded %s (ZeRO-%d, %d ranks) into ZeRO-%d on %d ranks: %d parameters, optimizer step %d",
