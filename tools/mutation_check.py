@@ -51,6 +51,8 @@ class Mutant:
 
 
 LOSS = "persimmon_train/model/loss.py"
+RESHARD = "persimmon_train/parallel/zero_reshard.py"
+RESHARD_TESTS = "tests/distributed/test_checkpoints.py::"  # 2-rank DeepSpeed runs: ~1 minute a mutant
 PACKING = "persimmon_train/data/packing.py"
 TRAINER = "persimmon_train/training/trainer.py"
 TASKS = "persimmon_train/training/tasks.py"  # the trainer's per-task counting and eval collection
@@ -397,6 +399,63 @@ MUTANTS = [
         'globals().setdefault("_FULL", []).append(handle.get_tensor(source)); '
         'local.copy_(globals()["_FULL"][-1][index])',
         ["tests/distributed/test_meta_sharding.py::test_sharded_load_keeps_each_rank_near_its_share"],
+    ),
+    # DeepSpeed resume at another world size / stage (issue 10): the resharding and its reader.
+    Mutant(
+        "features.reshard_lr_not_restored",
+        RESHARD,
+        "        group.update(hyper)\n",
+        "        pass\n",
+        [RESHARD_TESTS + "test_zero2_checkpoint_from_2_ranks_resumes_on_1_rank_under_zero3"],
+    ),
+    Mutant(
+        "features.reshard_step_count_reset",
+        RESHARD,
+        'state["step"] = step.clone()',
+        'state["step"] = 0 * step.clone()',
+        [RESHARD_TESTS + "test_zero2_checkpoint_from_2_ranks_resumes_on_1_rank_under_zero3"],
+    ),
+    Mutant(
+        "features.reshard_moments_not_set",
+        RESHARD,
+        "            safe_set_full_optimizer_state(param, checkpoint.full(name, key), key)",
+        "            pass",
+        [RESHARD_TESTS + "test_zero2_checkpoint_from_2_ranks_resumes_on_1_rank_under_zero3"],
+    ),
+    Mutant(
+        "features.reshard_zero3_model_copy_stale",
+        RESHARD,
+        "                    param.data.copy_(master.to(param.dtype))",
+        "                    pass",
+        [RESHARD_TESTS + "test_zero2_checkpoint_from_2_ranks_resumes_on_1_rank_under_zero3"],
+    ),
+    Mutant(
+        "features.reshard_zero12_model_copy_stale",
+        RESHARD,
+        "            with torch.no_grad():\n                param.data.copy_(master.to(param.dtype))",
+        "            pass",
+        [RESHARD_TESTS + "test_zero2_bf16_checkpoint_from_2_ranks_resumes_on_1_rank"],
+    ),
+    Mutant(
+        "features.zero_fragments_out_of_rank_order",
+        "persimmon_train/storage/zero_checkpoint.py",
+        "pieces.append(rank_flats[g].narrow(0, fragment.start, fragment.numel))",
+        "pieces.insert(0, rank_flats[g].narrow(0, fragment.start, fragment.numel))",
+        [RESHARD_TESTS + "test_zero_checkpoint_reader_equals_deepspeeds_zero_to_fp32"],
+    ),
+    Mutant(
+        "features.zero_moments_read_from_exp_avg",
+        "persimmon_train/storage/zero_checkpoint.py",
+        "flats = [base[g].get(key) for g in sorted(base)]",
+        'flats = [base[g].get("exp_avg") for g in sorted(base)]',
+        [RESHARD_TESTS + "test_zero_checkpoint_moments_equal_single_process_adamw"],
+    ),
+    Mutant(
+        "features.zero_bf16_partitions_not_found",
+        "persimmon_train/storage/zero_checkpoint.py",
+        '"*zero_pp_rank_*_mp_rank_00_optim_states.pt"',
+        '"zero_pp_rank_*_mp_rank_00_optim_states.pt"',
+        [RESHARD_TESTS + "test_zero2_bf16_checkpoint_from_2_ranks_resumes_on_1_rank"],
     ),
     Mutant(
         "features.recipe_env_not_pinned",
