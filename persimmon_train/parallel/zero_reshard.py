@@ -3,7 +3,7 @@
 DeepSpeed's engine.load_checkpoint reads a ZeRO checkpoint only into the same number of ranks
 ("Automatic adjustment of ZeRO's optimizer state partitioning with a new world size is not
 currently supported"); its universal-checkpoint route needs an offline conversion that writes a
-second copy of the state (12 bytes a parameter: ~96 GB for 8B) before the job may start. Instead,
+second copy of the state (12 bytes a parameter: ~113 GB for 8B) before the job may start. Instead,
 every rank of the new engine reads the old partitions itself (storage.ZeroCheckpoint, memory-mapped,
 one parameter at a time) and keeps what its new partition needs:
 

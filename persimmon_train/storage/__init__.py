@@ -38,12 +38,14 @@ from persimmon_train.storage.safetensors_io import (
     read_weight_map,
     save_safetensors,
 )
+from persimmon_train.storage.zero_checkpoint import ZeroCheckpoint
 
 __all__ = [
     "DTYPES",
     "SAFE_WEIGHTS_INDEX_NAME",
     "SAFE_WEIGHTS_NAME",
     "ShardWriter",
+    "ZeroCheckpoint",
     "atomic_write_text",
     "check_output_folder",
     "check_writable_folder",
