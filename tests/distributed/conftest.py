@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -89,7 +90,21 @@ def launch_command(output_dir: Path, overrides: list[str], env: dict, nproc: int
 def launch(output_dir: Path, overrides: list[str], env: dict, timeout: float = 600, nproc: int = 2, common=None):
     """Run recipes/finetune.py to completion (COMMON settings unless `common` is given); fail with its output."""
     cmd, env = launch_command(output_dir, overrides, env, nproc=nproc, common=common)
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    # Its own session, so a timeout kills the launcher's ranks too: subprocess.run would kill only
+    # the bash launcher and leave the ranks holding ports and cores for the tests after it.
+    with subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as child:
+        try:
+            stdout, stderr = child.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            stdout, stderr = child.communicate()
+            raise AssertionError(
+                f"{' '.join(cmd[:4])} ... still running after {timeout:.0f} s; killed\nstdout:\n{stdout[-3000:]}\n"
+                f"stderr:\n{stderr[-6000:]}"
+            ) from None
+    proc = subprocess.CompletedProcess(cmd, child.returncode, stdout, stderr)
     if proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd[:4])} ... exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
