@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,21 +33,17 @@ DRIVER = r"""
 import importlib, json, os, runpy, sys
 checkout, kind, module_name, function = sys.argv[1:5]
 sys.path.insert(0, checkout)
+from host_memory import reset_peak, status_kib  # copied beside this driver: old checkouts lack it
 module = importlib.import_module(module_name)
 real = getattr(module, function)
 
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-
 def measured(*args, **kwargs):
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := current RSS
-    before = status("VmRSS")
+    reset_peak()  # VmHWM := current RSS
+    before = status_kib("VmRSS") * 1024
     result = real(*args, **kwargs)
     if int(os.environ.get("RANK", "0")) == 0:
-        print("END_OF_RUN " + json.dumps({"before": before, "peak": status("VmHWM")}), flush=True)
+        peak = status_kib("VmHWM") * 1024
+        print("END_OF_RUN " + json.dumps({"before": before, "peak": peak}), flush=True)
     return result
 
 setattr(module, function, measured)
@@ -81,6 +78,7 @@ def measure(checkout: Path, kind: str, out: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(checkout)}
     driver = out.parent / f"driver_{kind}.py"
     driver.write_text(DRIVER)
+    shutil.copy(Path(__file__).with_name("host_memory.py"), driver.parent)
     cmd = [
         sys.executable,
         "-m",

@@ -28,7 +28,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,8 @@ from dataclasses import dataclass
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from host_memory import status_kib  # noqa: E402  (this folder is first on sys.path)
 
 from persimmon_train.model import PersimmonConfig, PersimmonForCausalLM  # noqa: E402
 from persimmon_train.parallel.activation_checkpointing import apply_activation_checkpointing  # noqa: E402
@@ -257,13 +258,11 @@ def _memory_child(variant: str, shape_json: str) -> None:
     device = torch.device("cpu")
     ids, pos, _ = document_mix(shape)
     model, opt = build(impl, mode, backend, shape, device, bf16_base=False)
-    with open("/proc/self/statm") as f:
-        before = int(f.read().split()[1]) * resource.getpagesize()
+    before = status_kib("VmRSS") * 1024
     train_step(model, opt, ids, pos, device, False)
     # VmHWM, not ru_maxrss: getrusage's maximum survives execve, so a child would report its
     # parent's peak (the parent holds every variant's model).
-    with open("/proc/self/status") as f:
-        peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    peak = status_kib("VmHWM") * 1024
     print(json.dumps({"peak_gib": (peak - before) / 2**30}))
 
 

@@ -27,15 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from host_memory import reset_peak, status_kib
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 def worker(args) -> None:
@@ -79,10 +73,9 @@ def worker(args) -> None:
         engine.save_checkpoint(args.dir, tag="deepspeed", save_latest=False)
         strategy.close()
         return
-    rss, anon, file = _kib("VmRSS"), _kib("RssAnon"), _kib("RssFile") + _kib("RssShmem")
+    rss, anon, file = status_kib("VmRSS"), status_kib("RssAnon"), status_kib("RssFile") + status_kib("RssShmem")
     sampled = {"anon": 0, "file": 0}
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    reset_peak()
     start = time.perf_counter()
     if args.role == "native":
         engine.load_checkpoint(args.dir, tag="deepspeed", load_lr_scheduler_states=False)
@@ -92,18 +85,18 @@ def worker(args) -> None:
         class Sampled(ZeroCheckpoint):  # resident memory by kind, after each parameter is assembled
             def full(self, name, key="fp32"):
                 tensor = super().full(name, key)
-                sampled["anon"] = max(sampled["anon"], _kib("RssAnon") - anon)
-                sampled["file"] = max(sampled["file"], _kib("RssFile") + _kib("RssShmem") - file)
+                sampled["anon"] = max(sampled["anon"], status_kib("RssAnon") - anon)
+                sampled["file"] = max(sampled["file"], status_kib("RssFile") + status_kib("RssShmem") - file)
                 return tensor
 
         zero_reshard.ZeroCheckpoint = Sampled
         zero_reshard.load_resharded(engine, folder)
     seconds = time.perf_counter() - start
-    peak = (_kib("VmHWM") - rss) * 1024
+    peak = (status_kib("VmHWM") - rss) * 1024
     # What is still resident at the end of the load, by kind: file-backed pages are the memory-mapped
     # checkpoint (clean page cache, shared by the ranks of a node, reclaimable); anonymous is ours.
-    anon_growth = (_kib("RssAnon") - anon) * 1024
-    file_growth = (_kib("RssFile") + _kib("RssShmem") - file) * 1024
+    anon_growth = (status_kib("RssAnon") - anon) * 1024
+    file_growth = (status_kib("RssFile") + status_kib("RssShmem") - file) * 1024
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     written = ZeroCheckpoint(folder)

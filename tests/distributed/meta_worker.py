@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from bench.host_memory import RssSampler, reset_peak, status_kib
 from persimmon_train.model import PersimmonConfig, PersimmonForCausalLM
 from persimmon_train.parallel.fsdp import FSDPStrategy
 
@@ -27,34 +28,6 @@ PERSIMMON_8B = dict(
     max_position_embeddings=16384,
     rope_theta=25000.0,
 )
-
-
-def _kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-class _RssSampler:
-    """Peak VmRSS (KiB) seen by a background thread polling every millisecond until stop()."""
-
-    def __init__(self):
-        import threading
-
-        self.peak, self.done = _kib("VmRSS"), threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.done.wait(0.001):
-            self.peak = max(self.peak, _kib("VmRSS"))
-
-    def stop(self) -> int:
-        self.done.set()
-        self.thread.join()
-        return max(self.peak, _kib("VmRSS"))
 
 
 def _local_bytes(model) -> int:
@@ -78,21 +51,16 @@ def main(out_dir: str, small_model: str) -> None:
         model = PersimmonForCausalLM(config)
     report["small_full_bytes"] = sum(p.numel() * 4 for p in model.parameters())
     strategy.model_path = small_model
-    rss_before = _kib("VmRSS")
-    try:  # reset the peak-RSS counter so VmHWM measures the load alone
-        if strategy.rank == 1:
-            raise OSError("rank 1 always samples, so the fallback is exercised everywhere")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        report["peak_method"] = "VmHWM"
-    except OSError:
-        # Where clear_refs is not writable (some containers), VmHWM still holds the peak of the
-        # imports and the 8B step above; sample VmRSS during the load instead. A whole extra copy
-        # of the model lives for the whole copy loop, far longer than one sampling interval.
-        report["peak_method"] = "sampled VmRSS"
-    sampler = _RssSampler() if report["peak_method"] != "VmHWM" else None
+    rss_before = status_kib("VmRSS")
+    # Rank 1 always samples, so the fallback is exercised everywhere. Where clear_refs is not
+    # writable (some containers), VmHWM still holds the peak of the imports and the 8B step above;
+    # VmRSS is sampled during the load instead. A whole extra copy of the model lives for the
+    # whole copy loop, far longer than one sampling interval.
+    reset = strategy.rank != 1 and reset_peak()  # VmHWM measures the load alone
+    report["peak_method"] = "VmHWM" if reset else "sampled VmRSS"
+    sampler = RssSampler() if report["peak_method"] != "VmHWM" else None
     strategy.wrap(model, lambda m: torch.optim.SGD(m.parameters(), lr=0.0))
-    peak = sampler.stop() if sampler is not None else _kib("VmHWM")
+    peak = sampler.stop() if sampler is not None else status_kib("VmHWM")
     report["load_peak_delta_bytes"] = (peak - rss_before) * 1024
     report["small_rank_bytes"] = _local_bytes(model)
     report["loaded_tensors"] = strategy.load_report["loaded"]

@@ -17,20 +17,14 @@ import sys
 
 import torch
 
+from bench.host_memory import reset_peak, status_kib
+
 # HF's "auto" bucket sizes for the worker's hidden size 512 (DeepSpeed's defaults are sized for big models).
 ZERO = {
     "stage3_param_persistence_threshold": 0,
     "reduce_bucket_size": 512 * 512,
     "stage3_prefetch_bucket_size": int(0.9 * 512 * 512),
 }
-
-
-def _kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 def main(out_dir: str, folder: str, mode: str) -> None:
@@ -63,13 +57,8 @@ def main(out_dir: str, folder: str, mode: str) -> None:
                 vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
             )
         )
-    rss_before = _kib("VmRSS")
-    try:  # reset the peak-RSS counter so VmHWM measures the build + wrap alone
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        report["hwm_reset"] = True
-    except OSError:
-        report["hwm_reset"] = False
+    rss_before = status_kib("VmRSS")
+    report["hwm_reset"] = reset_peak()  # VmHWM measures the build + wrap alone
     if mode == "meta":
         from persimmon_train.parallel.zero3_load import materialize_zero3
 
@@ -80,9 +69,9 @@ def main(out_dir: str, folder: str, mode: str) -> None:
         materialize_zero3(model, folder, strategy.ds_config, seed=0, is_main=strategy.is_main, device=strategy.device)
     else:
         model = PersimmonForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    report["load_peak_delta_bytes"] = (_kib("VmHWM") - rss_before) * 1024
+    report["load_peak_delta_bytes"] = (status_kib("VmHWM") - rss_before) * 1024
     strategy.wrap(model, lambda m: torch.optim.SGD(m.parameters(), lr=0.0))
-    report["peak_delta_bytes"] = (_kib("VmHWM") - rss_before) * 1024
+    report["peak_delta_bytes"] = (status_kib("VmHWM") - rss_before) * 1024
     module = strategy.unwrapped_model()
     report["full_bytes"] = sum(p.ds_numel * 4 for p in module.parameters())
     report["partition_bytes"] = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in module.parameters())

@@ -29,17 +29,14 @@ with torch.device("meta"):  # building the model class the first time imports ~7
     PersimmonForCausalLM(PersimmonConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
                                          num_attention_heads=1))
 
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
+sys.path.insert(0, sys.argv[1])
+from bench.host_memory import reset_peak, status_kib
 
 recipe = runpy.run_path(os.path.join(sys.argv[1], "recipes", "export.py"), run_name="export_recipe")
-with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
-    f.write("5")
-before = status("VmRSS")
+assert reset_peak(), "/proc/self/clear_refs refused: VmHWM would hold the imports' peak"
+before = status_kib("VmRSS") * 1024
 recipe["main"](sys.argv[3:])
-print("MEMORY " + json.dumps({"before": before, "peak": status("VmHWM")}))
+print("MEMORY " + json.dumps({"before": before, "peak": status_kib("VmHWM") * 1024}))
 """
 
 

@@ -23,6 +23,7 @@ from persimmon_train.storage import (
     safetensors_io,
     save_safetensors,
 )
+from tests.recipes.conftest import REPO
 
 HIDDEN, VOCAB, LAYERS = 16, 64, 3
 
@@ -538,12 +539,12 @@ MEMORY_SCRIPT = textwrap.dedent(
     """
     import sys, torch
     from torch import nn
+    sys.path.insert(0, sys.argv[3])
+    from bench.host_memory import status_kib
     from persimmon_train.storage import load_safetensors_into, save_safetensors
 
     def status(key):
-        for line in open("/proc/self/status"):
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
+        return status_kib(key) * 1024
     def make():
         return nn.Sequential(*[nn.Linear(2048, 2048, bias=False) for _ in range(24)])  # 24 x 16 MiB
     folder, step = sys.argv[1], sys.argv[2]
@@ -567,8 +568,8 @@ def test_meta_load_holds_about_one_copy(tmp_path):
     script = tmp_path / "measure.py"
     script.write_text(MEMORY_SCRIPT)
     run = [sys.executable, str(script), str(tmp_path / "w")]
-    subprocess.run(run + ["save"], check=True)
-    result = subprocess.run(run + ["load"], capture_output=True, text=True, check=True)
+    subprocess.run([*run, "save", str(REPO)], check=True)
+    result = subprocess.run([*run, "load", str(REPO)], capture_output=True, text=True, check=True)
     anon_growth, peak_growth = map(float, result.stdout.split())
     # The save runs in its own process so that VmHWM (peak RSS) measures the load alone.
     assert peak_growth < 1.3, result.stdout
