@@ -458,6 +458,13 @@ MUTANTS = [
         [RESHARD_TESTS + "test_zero2_bf16_checkpoint_from_2_ranks_resumes_on_1_rank"],
     ),
     Mutant(
+        "features.deepspeed_shm_workspace_kept",
+        "persimmon_train/parallel/deepspeed.py",
+        "        self._unlink_shm_workspace()\n",
+        "        pass\n",
+        ["tests/distributed/test_deepspeed_shm.py"],
+    ),
+    Mutant(
         "features.recipe_env_not_pinned",
         "tests/recipes/conftest.py",
         'env["PYTHONPATH"] = os.pathsep.join(',
