@@ -49,6 +49,36 @@ def test_experiments_compose(experiment, job):
     assert cfg.model.hidden_size == 4096 and cfg.trainer.activation_checkpointing == 1
 
 
+@pytest.mark.parametrize("model", ["persimmon_8b", "persimmon_8b_chat"])
+def test_released_model_configs_describe_persimmon_8b(model):
+    """conf/model/persimmon_8b*.yaml carry the released architecture (the chat file takes it from
+    persimmon_8b.yaml through its defaults list). Oracle: transformers' PersimmonConfig defaults,
+    documented as adept/persimmon-8b-base, except RoPE's base: the released config.json says 25000
+    where transformers defaults to 10000 (../shared/DESIGN.md, released-file facts)."""
+    from transformers import PersimmonConfig
+
+    released = PersimmonConfig()
+    cfg = cli.compose_config("finetune", [f"model={model}"]).model
+    assert cfg.name == model
+    for key in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "max_position_embeddings",
+        "qk_layernorm",
+        "hidden_act",
+        "layer_norm_eps",
+    ):
+        assert cfg[key] == getattr(released, key), key
+    rope = getattr(released, "rope_parameters", None) or {"partial_rotary_factor": released.partial_rotary_factor}
+    assert cfg.partial_rotary_factor == rope["partial_rotary_factor"]
+    assert cfg.rope_theta == 25000.0
+    # Fine-tuning never inherits the released config.json's pre-training dropout (0.6).
+    assert cfg.hidden_dropout == 0.0 and cfg.attention_dropout == 0.0
+
+
 def test_run_recipe_prints_one_line_and_exits_2(capsys):
     def main(cfg):
         raise ConfigError("data.format: nope")
