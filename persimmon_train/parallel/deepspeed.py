@@ -94,14 +94,14 @@ class DeepSpeedStrategy(DistributedStrategy):
         mapped every other rank's workspace, so after a barrier the names can go; the mappings
         live until the processes exit, killed or not.
         """
-        name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
-            os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), self.rank
-        )
         # DeepSpeed's own condition (shm_interface.cpp), the same on every rank, so all or none
         # reach the barrier: CPU ranks that are all on this node (the launcher sets LOCAL_SIZE).
         if self._device.type != "cpu" or os.environ.get("LOCAL_SIZE") != str(self.world_size):
             return
         self.barrier()
+        name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
+            os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), self.rank
+        )
         try:
             os.unlink(os.path.join("/dev/shm", name))
         except FileNotFoundError:  # no shm op (not built or not supported): nothing was created

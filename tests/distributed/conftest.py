@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,18 @@ def launch(output_dir: Path, overrides: list[str], env: dict, timeout: float = 6
             f"stderr:\n{proc.stderr[-6000:]}"
         )
     return proc
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
+    """Poll until `path` exists, while the launch `proc` runs (to SIGKILL it mid-run after that)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            output = proc.stdout.read()[-3000:] if proc.stdout else ""
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before {path} appeared\n{output}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} did not appear within {timeout}s")
+        time.sleep(0.05)
 
 
 class Runs:

@@ -25,12 +25,11 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.distributed.conftest import launch, launch_command, read_metrics
+from tests.distributed.conftest import launch, launch_command, read_metrics, wait_for
 from tests.recipes.conftest import FAST, REPO, recipe_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -209,16 +208,6 @@ def test_runs_really_are_what_they_claim(matrix):
     assert "optimizer" not in used  # checked against optim.*, then left to the trainer's AdamW
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended (exit {proc.returncode}) before {path} appeared")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{path} did not appear within {timeout}s")
-        time.sleep(0.05)
-
-
 def test_sigkill_mid_run_then_resume_latest_matches_uninterrupted(matrix):
     """2-rank FSDP fp32 from model.path: SIGKILL every process after the step-2 checkpoint, resume=latest."""
     reference = matrix.get("fsdp_fp32")  # the same run, uninterrupted
@@ -228,7 +217,7 @@ def test_sigkill_mid_run_then_resume_latest_matches_uninterrupted(matrix):
         cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     try:
-        _wait_for(out / "checkpoints" / "step_2", proc, timeout=300)
+        wait_for(out / "checkpoints" / "step_2", proc, timeout=300)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-run
         proc.wait()
