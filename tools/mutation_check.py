@@ -409,6 +409,13 @@ MUTANTS = [
         [RESHARD_TESTS + "test_zero2_checkpoint_from_2_ranks_resumes_on_1_rank_under_zero3"],
     ),
     Mutant(
+        "features.fsdp_lora_resume_strict",
+        "persimmon_train/parallel/fsdp.py",
+        "options=self._options(strict=False),",
+        "options=self._options(),",
+        [RESHARD_TESTS + "test_fsdp_lora_checkpoint_resumes_on_2_ranks"],
+    ),
+    Mutant(
         "features.reshard_step_count_reset",
         RESHARD,
         'state["step"] = step.clone()',

@@ -226,6 +226,9 @@ class FSDPStrategy(DistributedStrategy):
                 f"{path}: cannot load into the model being trained ({_first_line(exc)}); "
                 f"was it written with another model/peft config?"
             ) from None
+        # Not strict: the checkpoint holds trainable weights only (a LoRA run's frozen base comes
+        # from model.path or the seed), so the frozen keys are absent by design; every trainable key
+        # was in the template that dcp.load filled above, which fails on any key the files lack.
         set_state_dict(
             self.model,
             self.optimizer,

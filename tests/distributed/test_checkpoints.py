@@ -3,6 +3,8 @@ across world sizes (DCP for FSDP; parallel/zero_reshard.py for DeepSpeed, also a
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -75,6 +77,33 @@ def test_fsdp_checkpoint_from_2_ranks_resumes_on_1_rank(runs):
 def test_fsdp_checkpoint_resumes_on_2_ranks(runs):
     resumed = _resume(runs, "fsdp", "fsdp_resumed_2", JOBS["fsdp"], nproc=2)
     _assert_continues(runs.get("fsdp"), resumed)
+
+
+def test_fsdp_lora_checkpoint_resumes_on_2_ranks(runs):
+    # The checkpoint holds the adapters only; the frozen base comes back from the seed (or model.path).
+    resumed = _resume(runs, "fsdp_lora", "fsdp_lora_resumed_2", JOBS["fsdp_lora"], nproc=2)
+    _assert_continues(runs.get("fsdp_lora"), resumed)
+
+
+def test_fsdp_lora_checkpoint_from_2_ranks_resumes_on_1_rank(runs):
+    overrides = ["strategy=fsdp", *LORA, "trainer.micro_batch_size=8"]
+    resumed = _resume(runs, "fsdp_lora", "fsdp_lora_resumed_1", overrides, nproc=1)
+    _assert_continues(runs.get("fsdp_lora"), resumed)
+
+
+def test_fsdp_lora_resume_latest_skips_a_damaged_newest_checkpoint(runs):
+    """resume=latest in a run folder whose step_10 is damaged: step_5 is taken, steps 6-10 run again."""
+    source = runs.get("fsdp_lora")
+    out = runs.root / "fsdp_lora_damaged_newest"
+    shutil.copytree(source, out)
+    shard = next((out / "checkpoints" / f"step_{STEPS}" / "dcp").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-16])  # truncated: the manifest's size no longer matches
+    launch(out, [*JOBS["fsdp_lora"], "resume=latest"], runs.env)
+    assert f"skipping damaged checkpoint step_{STEPS}" in (out / "train.log").read_text()
+    ref, got = train_losses(source), train_losses(out)
+    assert sorted(got) == list(range(1, STEPS + 1))  # steps 6-10 logged again, once each
+    worst = max(abs(ref[s] - got[s]) for s in range(RESUME_AT + 1, STEPS + 1))
+    assert worst <= 1e-4, f"resumed losses differ by {worst:.2e}: {got} vs {ref}"
 
 
 def test_zero3_lora_checkpoint_resumes(runs):
