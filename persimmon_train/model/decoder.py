@@ -127,6 +127,10 @@ class PersimmonModel(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + seq, device=input_ids.device).expand(batch, seq)
         hidden = self.embed_tokens(input_ids)
+        if hidden.dtype != torch.float32 and torch.is_autocast_enabled(hidden.device.type):
+            # Mixed precision keeps the residual stream in float32, also over an embedding held in
+            # bf16 (a LoRA run's frozen base): its rows are exact in float32.
+            hidden = hidden.float()
         # One layout per forward, shared by every layer (a flex BlockMask, cu_seqlens or segment
         # groups are built here once, not per layer).
         layout = build_layout(

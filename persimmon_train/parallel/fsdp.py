@@ -34,6 +34,7 @@ from torch import nn
 
 from persimmon_train.errors import CheckpointError, WeightsError
 from persimmon_train.parallel.distributed import DistributedStrategy, launched_world, pick_device
+from persimmon_train.parallel.frozen_weights import hold_frozen_for
 from persimmon_train.parallel.single import resolve_precision
 from persimmon_train.storage.checkpoints import DCP_DIR
 from persimmon_train.storage.checkpoints import DCP_MODEL_KEY as MODEL_KEY
@@ -141,6 +142,7 @@ class FSDPStrategy(DistributedStrategy):
         on_meta = any(p.is_meta for p in model.parameters())
         if on_meta and not self.model_path:
             raise WeightsError("strategy=fsdp: the model is on the meta device but model.path is not set")
+        hold_frozen_for(model, self.precision)  # before sharding: FSDP shards what the model holds
         if not on_meta and self._device.type != "cpu":
             model = model.to(self._device)
         self.model = self.parallelize(model)
@@ -150,18 +152,10 @@ class FSDPStrategy(DistributedStrategy):
         return self.model, self.optimizer
 
     def _load_sharded(self, model: nn.Module) -> None:
-        from persimmon_train.parallel.sharded_load import load_sharded_safetensors
+        from persimmon_train.parallel.sharded_load import load_into_meta_model
 
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        model.to_empty(device="cpu" if self.cpu_offload else self._device)
-        self.load_report = load_sharded_safetensors(
-            model,
-            self.model_path,
-            fresh_prefixes=type(base).head_prefixes,
-            ignore=type(base).foreign_head_keys,
-            seed=self.seed,
-            init_std=base.config.initializer_range,
-        )
+        device = "cpu" if self.cpu_offload else self._device
+        self.load_report = load_into_meta_model(model, self.model_path, device=device, seed=self.seed)
 
     def unwrapped_model(self) -> nn.Module:
         return self.model

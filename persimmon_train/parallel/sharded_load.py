@@ -23,6 +23,7 @@ from torch import nn
 from persimmon_train.adapters.lora import ADAPTER_NAME as ADAPTER
 from persimmon_train.adapters.lora import strip_peft_prefix
 from persimmon_train.errors import WeightsError
+from persimmon_train.storage.safetensors_io import has_nonfinite
 
 
 def file_name(param_name: str) -> str:
@@ -59,6 +60,22 @@ def _fresh_full(name: str, shape, generator: torch.Generator, std: float) -> tor
     else:
         nn.init.normal_(full, std=std, generator=generator)
     return full
+
+
+def load_into_meta_model(model: nn.Module, folder: str, *, device, seed: int) -> dict:
+    """Allocate a meta-built model (plain or peft-wrapped, sharded or not) on `device` and fill it from
+    `folder`; new heads and LoRA adapters get the seeded fresh init. Each tensor is read in the dtype
+    its parameter has (frozen matrices of a bf16 run: bf16)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model.to_empty(device=device)
+    return load_sharded_safetensors(
+        model,
+        folder,
+        fresh_prefixes=type(base).head_prefixes,
+        ignore=type(base).foreign_head_keys,
+        seed=seed,
+        init_std=base.config.initializer_range,
+    )
 
 
 def load_sharded_safetensors(
@@ -143,6 +160,8 @@ class LoadPlan:
                             _read_rows(raw, entry.begin, dtype, shape, index[0] if index else slice(0, 1), local)
                         else:  # column shards etc.: safetensors' (memory-mapped) slicing
                             local.copy_(handle.get_slice(source)[index] if param.ndim else handle.get_tensor(source))
+                        if has_nonfinite(local):  # a damaged download, named before training starts
+                            raise WeightsError(f"tensor {source} in {path} holds NaN/Inf values; refusing to load it")
             for name in self.fresh:  # module order: identical on every rank
                 if name in params:
                     param = params[name]

@@ -8,8 +8,10 @@ import os
 import torch
 from torch import nn
 
-from persimmon_train.errors import CheckpointError
+from persimmon_train.errors import CheckpointError, WeightsError
 from persimmon_train.parallel.base import OptimizerFactory, Strategy
+from persimmon_train.parallel.frozen_weights import hold_frozen_for
+from persimmon_train.parallel.sharded_load import load_into_meta_model
 from persimmon_train.storage.checkpoints import SINGLE_MODEL_FILE, SINGLE_OPTIMIZER_FILE
 
 
@@ -55,8 +57,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 class SingleDeviceStrategy(Strategy):
     name = "single"
+    # With model.path the model arrives built on the meta device and is filled here, each tensor
+    # read in its final dtype (parallel/sharded_load.py, the loader FSDP and ZeRO-3 use too).
+    loads_sharded_weights = True
 
-    def __init__(self, precision: str = "bf16", device: str = "auto"):
+    def __init__(self, precision: str = "bf16", device: str = "auto", model_path: str | None = None, seed: int = 0):
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1:
             from persimmon_train.errors import ConfigError
@@ -70,16 +75,36 @@ class SingleDeviceStrategy(Strategy):
         if self._device.type == "cuda":
             torch.cuda.set_device(self._device)
         self.precision = resolve_precision(precision, self._device)
+        self.model_path = model_path
+        self.seed = seed
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self.load_report: dict = {}
+
+    @classmethod
+    def from_run_config(cls, cfg):
+        return cls(
+            precision=cfg.trainer.precision,
+            device=cfg.strategy.device,
+            model_path=cfg.model.path,
+            seed=cfg.trainer.seed,
+        )
 
     @property
     def device(self) -> torch.device:
         return self._device
 
     def wrap(self, model, make_optimizer: OptimizerFactory):
-        # Master weights stay float32; bf16 happens only inside autocast.
-        self.model = model.to(self._device)
+        # Trainable weights stay float32 masters; frozen matrices are held in bf16 for a bf16 run
+        # (parallel/frozen_weights.py); bf16 compute happens inside autocast.
+        hold_frozen_for(model, self.precision)
+        if any(p.is_meta for p in model.parameters()):
+            if not self.model_path:
+                raise WeightsError("strategy=single: the model is on the meta device but model.path is not set")
+            self.load_report = load_into_meta_model(model, self.model_path, device=self._device, seed=self.seed)
+            self.model = model
+        else:
+            self.model = model.to(self._device)
         self.optimizer = make_optimizer(self.model)
         return self.model, self.optimizer
 
