@@ -9,14 +9,14 @@ import torch
 from torch import nn
 
 from persimmon_train.errors import CheckpointError
-from persimmon_train.parallel.base import OptimizerFactory, Strategy
+from persimmon_train.parallel.base import OptimizerFactory, Strategy, available_device
 from persimmon_train.storage.checkpoints import SINGLE_MODEL_FILE, SINGLE_OPTIMIZER_FILE
 
 
 def pick_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
+    return available_device(requested)
 
 
 def cpu_flags() -> set[str] | None:

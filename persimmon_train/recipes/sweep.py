@@ -23,14 +23,11 @@ import time
 from pathlib import Path
 
 from persimmon_train.cli import load_config
+from persimmon_train.cli import override_key as _key
 from persimmon_train.errors import ConfigError
 
 SUMMARY = "sweep_summary.csv"
 TRAINING_JOBS = ("finetune", "classify", "tag")
-
-
-def _key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
 
 
 def expand(overrides: list[str]) -> tuple[list[list[str]], list[str]]:
