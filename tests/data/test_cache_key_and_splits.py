@@ -40,7 +40,7 @@ def test_every_setting_that_changes_the_arrays_changes_the_key(tok, name):
 def _docs(loader, tok) -> set[str]:
     arr = loader.arrays
     out = set()
-    for ids, pos, lab in zip(arr["input_ids"], arr["position_ids"], arr["labels"]):
+    for ids, pos in zip(arr["input_ids"], arr["position_ids"]):
         starts = np.nonzero(pos == 0)[0].tolist() + [len(pos)]
         for a, b in zip(starts[:-1], starts[1:]):
             if ids[a] != tok.pad_id:
