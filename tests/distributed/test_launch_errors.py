@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
+
 from tests.distributed.conftest import REPO, launch_command
 from tests.recipes.conftest import recipe_env
+
+pytestmark = pytest.mark.distributed  # one 2-rank torchrun launch, ~6 s
 
 
 def test_config_error_under_torchrun_is_one_line_and_the_launcher_names_it(tmp_path):
