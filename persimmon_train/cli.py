@@ -132,9 +132,52 @@ def load_config(job: str, overrides: list[str], config_path: str | None = None, 
 
     from persimmon_train.training.config import validate_run_config
 
+    _reject_hydra_keys(overrides)
     cfg = compose_config(job, overrides, config_path, config_name)
     _reject_unknown_keys(cfg)
-    return validate_run_config(OmegaConf.to_object(cfg))
+    run_config = validate_run_config(OmegaConf.to_object(cfg))
+    _reject_unused_peft_keys(run_config, overrides)
+    return run_config
+
+
+def override_key(override: str) -> str:
+    """The key of one command-line override: `+trainer.foo=1` -> `trainer.foo`, `peft=lora` -> `peft`."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+# Hydra's own settings that `hydra.main` would act on; the compose API stores them and acts on none.
+_HYDRA_DIR_KEYS = ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir")
+
+
+def _reject_hydra_keys(overrides: list[str]) -> None:
+    """`hydra.run.dir=...`, `hydra.job.chdir=...`: accepted by compose, then silently ignored."""
+    from persimmon_train.errors import ConfigError
+
+    for key in map(override_key, overrides):
+        if key in _HYDRA_DIR_KEYS:
+            raise ConfigError(f"config key '{key}': not used; a run writes to output_dir=DIR (set that instead)")
+        if key == "hydra" or key.startswith("hydra."):
+            raise ConfigError(
+                f"config key '{key}': Hydra's job settings are not used (the working directory and "
+                f"logging stay as they are; a run writes to output_dir=DIR)"
+            )
+
+
+def _reject_unused_peft_keys(cfg, overrides: list[str]) -> None:
+    """`peft=none peft.r=8`: a LoRA setting given on the command line while LoRA is off.
+
+    Only the command line counts: group defaults and configs (conf/peft/none.yaml, an experiment)
+    may carry LoRA settings that a later `peft=lora` uses.
+    """
+    from persimmon_train.errors import ConfigError
+
+    if cfg.peft.method != "none":
+        return
+    for key in map(override_key, overrides):
+        if key.startswith("peft.") and key != "peft.method":
+            raise ConfigError(
+                f"config key '{key}': set, but peft.method is none (LoRA is off); add peft=lora or drop {key}"
+            )
 
 
 def _unknown_keys(node, schema, prefix: str = ""):
@@ -246,6 +289,7 @@ def run_recipe(job: str, main: Callable, argv: list[str] | None = None, multirun
     persimmon_train.recipes.sweep.run_sweep; this layer does not import the one above it).
     """
     args = strip_local_rank(list(sys.argv[1:] if argv is None else argv))
+    started = False  # until main(cfg) runs, an error comes from the command line / config alone
     try:
         inv = parse_invocation(args)
         if inv.help:
@@ -259,6 +303,7 @@ def run_recipe(job: str, main: Callable, argv: list[str] | None = None, multirun
                 from persimmon_train.errors import ConfigError
 
                 raise ConfigError(f"-m (multirun): not supported by {prog(job)}")
+            started = True  # the sweep checks its jobs' configs itself (and refuses a launcher)
             multirun(job, main, inv)
             return
         cfg = load_config(job, inv.overrides, inv.config_path, inv.config_name)
@@ -267,12 +312,38 @@ def run_recipe(job: str, main: Callable, argv: list[str] | None = None, multirun
 
             print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
             return
+        started = True
         main(cfg)
     except PersimmonTrainError as exc:
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        exit_user_error(_one_line(exc), every_rank_sees_it=started is False)
     except Exception as exc:
         if _is_config_error(exc):
-            print(f"error: {format_config_error(exc)}", file=sys.stderr)
-            sys.exit(EXIT_USER_ERROR)
+            exit_user_error(format_config_error(exc), every_rank_sees_it=started is False)
         raise
+
+
+def exit_user_error(message: str, every_rank_sees_it: bool) -> None:
+    """Print `error: message` once per launch, tell torchrun why, exit 2.
+
+    Under a launcher every rank runs the same command line and usually fails the same way. Rank 0
+    prints; another rank stays silent when its error is one every rank hits identically (the
+    command line and config, checked before the recipe starts) or when torchrun will report it
+    (torchrun gives each rank TORCHELASTIC_ERROR_FILE; the line written there is what its
+    "Root Cause" report shows instead of a Python traceback).
+    """
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        import json
+        import time
+
+        line = f"error: {message}"
+        record = {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}
+        try:
+            with open(error_file, "w", encoding="utf-8") as f:
+                json.dump({"message": record}, f)
+        except OSError:
+            pass  # the report loses its cause; the exit code still says it
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if rank == 0 or not (every_rank_sees_it or error_file):
+        print(f"error: {message}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)

@@ -1,7 +1,7 @@
 """Mutation check: does a test fail when the code it guards is broken on purpose?
 
     python tools/mutation_check.py                  # every mutant (a few minutes on 2 cores)
-    python tools/mutation_check.py --group loss     # loss | packing | trainer | features
+    python tools/mutation_check.py --group loss     # loss | packing | trainer | features | inputs
     python tools/mutation_check.py --only loss.no_shift packing.no_first_label_mask
     python tools/mutation_check.py --list
     python tools/mutation_check.py --only features.top_p_ignored --tests tests/export/test_generate.py
@@ -63,6 +63,8 @@ LOSS_TESTS = [
 ]
 PACKING_TESTS = ["tests/data/test_packing.py"]
 TRAINER_TESTS = ["tests/training/test_loop.py", "tests/training/test_metrics.py"]
+INPUT_TESTS = "tests/cli/test_input_errors.py"
+DATA_KEY_TESTS = "tests/data/test_cache_key_and_splits.py"
 
 MUTANTS = [
     # ------------------------------------------------------------------ model/loss.py
@@ -471,6 +473,133 @@ MUTANTS = [
         "        pass\n",
         ["tests/distributed/test_deepspeed_shm.py"],
     ),
+    # ------------------------------------------------------------------ issue 21: inputs and unpinned behaviours
+    Mutant(
+        "inputs.num_threads_unchecked",
+        "persimmon_train/training/config.py",
+        "if t.num_threads is not None and t.num_threads < 1:",
+        "if False:",
+        [INPUT_TESTS],
+    ),
+    Mutant(
+        "inputs.negative_grad_clip_accepted",
+        "persimmon_train/training/config.py",
+        "if o.grad_clip is not None and not o.grad_clip >= 0:",
+        "if False:",
+        [INPUT_TESTS],
+    ),
+    Mutant(
+        "inputs.cuda_without_gpu_accepted",
+        "persimmon_train/parallel/base.py",
+        "    if count == 0:\n",
+        "    if False:\n",
+        [INPUT_TESTS],
+    ),
+    Mutant(
+        "inputs.unused_peft_key_accepted",
+        "persimmon_train/cli.py",
+        '    if cfg.peft.method != "none":\n        return\n',
+        "    return\n",
+        [INPUT_TESTS],
+    ),
+    Mutant(
+        "inputs.hydra_keys_accepted",
+        "persimmon_train/cli.py",
+        "    _reject_hydra_keys(overrides)\n    cfg = compose_config(",
+        "    cfg = compose_config(",
+        [INPUT_TESTS],
+    ),
+    Mutant(
+        "inputs.every_rank_prints",
+        "persimmon_train/cli.py",
+        "if rank == 0 or not (every_rank_sees_it or error_file):",
+        "if True:",
+        [INPUT_TESTS + "::test_other_ranks_stay_silent_on_config_errors_and_tell_torchrun"],
+    ),
+    Mutant(
+        "inputs.stream_resume_replays_epoch_0",
+        "persimmon_train/data/streaming.py",
+        'self.epoch, self.batch = int(sd["epoch"]), int(sd["batch"])',
+        'self.epoch, self.batch = 0, int(sd["batch"])',
+        ["tests/data/test_streaming_loader.py"],
+    ),
+    Mutant(
+        "inputs.stream_ranks_overlap",
+        "persimmon_train/data/streaming.py",
+        "mine = rows[self.rank * self.micro : (self.rank + 1) * self.micro]",
+        "mine = rows[: self.micro]",
+        ["tests/data/test_streaming_loader.py"],
+    ),
+    Mutant(
+        "inputs.stream_resume_unchecked",
+        "persimmon_train/data/streaming.py",
+        "        check_same_order(sd, seed=self.seed, world_size=self.world, micro_batch_size=self.micro)\n",
+        "",
+        ["tests/data/test_streaming_loader.py"],
+    ),
+    Mutant(
+        "inputs.sharded_load_shape_unchecked",
+        "persimmon_train/parallel/sharded_load.py",
+        "if tuple(entry.shape) != tuple(param.shape):",
+        "if False:",
+        ["tests/distributed/test_sharded_load_checks.py"],
+    ),
+    Mutant(
+        "inputs.split_seed_not_in_cache_key",
+        "persimmon_train/data/config.py",
+        '_NOT_IN_CACHE_KEY = {"num_proc",',
+        '_NOT_IN_CACHE_KEY = {"split_seed", "num_proc",',
+        [DATA_KEY_TESTS],
+    ),
+    Mutant(
+        "inputs.eval_split_hashes_the_folder",
+        "persimmon_train/data/formats.py",
+        'self.split_name = source_name.rsplit("/", 1)[-1]',
+        "self.split_name = source_name",
+        [DATA_KEY_TESTS],
+    ),
+    Mutant(
+        "inputs.labels_in_set_order",
+        "persimmon_train/data/build.py",
+        "self.names = sorted(seen_names) if",
+        "self.names = list(seen_names) if",
+        [DATA_KEY_TESTS],
+    ),
+    Mutant(
+        "inputs.tags_in_set_order",
+        "persimmon_train/data/build.py",
+        "if ids else sorted(names)",
+        "if ids else list(names)",
+        [DATA_KEY_TESTS],
+    ),
+    Mutant(
+        "inputs.lora_merged_in_bf16",
+        "persimmon_train/export/merge.py",
+        "return merge_lora_weight(base.float(), lora.a[name]",
+        "return merge_lora_weight(base, lora.a[name]",
+        ["tests/export/test_bf16_base_merge.py"],
+    ),
+    Mutant(
+        "inputs.fsdp_reduces_in_bf16",
+        "persimmon_train/parallel/fsdp.py",
+        "MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)",
+        "MixedPrecisionPolicy(param_dtype=torch.bfloat16)",
+        ["tests/distributed/test_fsdp_precision_policy.py"],
+    ),
+    Mutant(
+        "inputs.sweep_summary_first_eval",
+        "persimmon_train/recipes/sweep.py",
+        "                if evals:\n                    metrics = evals",
+        "                if evals and not metrics:\n                    metrics = evals",
+        ["tests/cli/test_multirun.py::test_summary_reports_each_jobs_final_eval_not_its_first"],
+    ),
+    Mutant(
+        "inputs.tokenizer_equal_to_vocab_refused",
+        "persimmon_train/training/preflight.py",
+        "if tokenizer.vocab_size > model_vocab:",
+        "if tokenizer.vocab_size >= model_vocab:",
+        ["tests/cli/test_preflight.py::test_tokenizer_as_large_as_the_vocabulary_is_accepted_one_piece_more_is_not"],
+    ),
     Mutant(
         "features.recipe_env_not_pinned",
         "tests/recipes/conftest.py",
@@ -558,7 +687,7 @@ def failing_tests(report: Path) -> dict[str, str]:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--group", choices=[*GROUPS, "features"], action="append")
+    parser.add_argument("--group", choices=[*GROUPS, "features", "inputs"], action="append")
     parser.add_argument("--only", nargs="+", metavar="NAME")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--tests", nargs="+", metavar="NODE", help="run these tests instead of each mutant's own")

@@ -28,7 +28,7 @@ from persimmon_train.data.packing import pack
 from persimmon_train.data.sources import Source, load_source, resolve
 from persimmon_train.data.streaming import StreamingPackedLoader
 from persimmon_train.data.tokenizer import Tokenizer
-from persimmon_train.errors import DataError
+from persimmon_train.errors import ConfigError, DataError
 from persimmon_train.model.loss import IGNORE_INDEX as IGNORE
 
 log = logging.getLogger(__name__)
@@ -430,7 +430,11 @@ def build_data(cfg, tokenizer, *, micro_batch_size: int, seed: int, rank: int = 
     cfg = DataConfig.from_any(cfg).validate()
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
     cache_root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-    cache_root.mkdir(parents=True, exist_ok=True)
+    try:
+        cache_root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        key = "data.cache_dir" if cfg.cache_dir else "data.cache_dir (default: $PERSIMMON_TRAIN_CACHE/data)"
+        raise ConfigError(f"{key}: cannot create {str(cache_root)!r} ({e.strerror or type(e).__name__})") from None
     train_sources = _load_sources(cfg.train_files, cfg, cache_root / "hf")
     eval_sources = _load_sources(cfg.eval_files, cfg, cache_root / "hf")
     if cfg.streaming:

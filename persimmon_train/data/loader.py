@@ -89,19 +89,19 @@ class _ShardedLoader:
         }
 
     def load_state_dict(self, sd: dict) -> None:
-        for key, mine in (
-            ("seed", self.seed),
-            ("world_size", self.world),
-            ("micro_batch_size", self.micro),
-            ("num_rows", self.num_rows),
-        ):
-            if key in sd and sd[key] != mine:
-                raise DataError(
-                    f"cannot resume the data loader: checkpoint has {key}={sd[key]} but "
-                    f"this run has {key}={mine}; the batches would differ"
-                )
+        check_same_order(sd, seed=self.seed, world_size=self.world, micro_batch_size=self.micro, num_rows=self.num_rows)
         self.epoch = int(sd["epoch"])
         self.batch = int(sd["batch"])
+
+
+def check_same_order(sd: dict, **mine) -> None:
+    """A loader's saved state (`sd`) vs this run's settings the batch order depends on: refuse a change."""
+    for key, value in mine.items():
+        if key in sd and sd[key] != value:
+            raise DataError(
+                f"cannot resume the data loader: checkpoint has {key}={sd[key]} but "
+                f"this run has {key}={value}; the batches would differ"
+            )
 
 
 def _eval_order(num_rows: int, global_batch: int, world: int, micro: int) -> np.ndarray:

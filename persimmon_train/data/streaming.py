@@ -16,6 +16,7 @@ import logging
 import numpy as np
 import torch
 
+from persimmon_train.data.loader import check_same_order
 from persimmon_train.data.packing import IGNORE, PackStats, pack
 
 log = logging.getLogger(__name__)
@@ -125,4 +126,5 @@ class StreamingPackedLoader:
         }
 
     def load_state_dict(self, sd: dict) -> None:
+        check_same_order(sd, seed=self.seed, world_size=self.world, micro_batch_size=self.micro)
         self.epoch, self.batch = int(sd["epoch"]), int(sd["batch"])

@@ -24,6 +24,32 @@ from torch import nn
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 
 
+def available_device(requested: str, index: int | None = None) -> torch.device:
+    """`strategy.device` as a torch.device this machine has: cpu, or a CUDA device that exists.
+
+    `index`: the device for plain `cuda` (a rank's LOCAL_RANK); None leaves it to torch. Anything
+    else (`tpu`, `cuda:3` on a 2-GPU node, `cuda` without a GPU) is a ConfigError naming the key.
+    """
+    from persimmon_train.errors import ConfigError
+
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ConfigError(f"strategy.device: {requested!r} is not one of auto, cpu, cuda, cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ConfigError(f"strategy.device: {requested!r} is not one of auto, cpu, cuda, cuda:N")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.index is None and index is not None:
+        device = torch.device("cuda", index)
+    if count == 0:
+        raise ConfigError(f"strategy.device: {requested!r} but this machine has no CUDA GPU (use cpu or auto)")
+    if device.index is not None and device.index >= count:
+        raise ConfigError(f"strategy.device: {device} but this machine has {count} CUDA GPU(s) (cuda:0..{count - 1})")
+    return device
+
+
 class Strategy(ABC):
     """One way of running the model: placement, precision, backward, optimizer step, state."""
 

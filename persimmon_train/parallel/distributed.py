@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from persimmon_train.errors import ConfigError
-from persimmon_train.parallel.base import Strategy
+from persimmon_train.parallel.base import Strategy, available_device
 
 
 def launched_world() -> tuple[int, int, int]:
@@ -27,9 +27,7 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     """auto: this rank's GPU (cuda:LOCAL_RANK) when there is one, else CPU."""
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda":
-        return torch.device("cuda", local_rank)
-    return torch.device(requested)
+    return available_device(requested, local_rank)
 
 
 def pick_backend(requested: str, device: torch.device) -> str:

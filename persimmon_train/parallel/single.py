@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from persimmon_train.errors import CheckpointError, WeightsError
-from persimmon_train.parallel.base import OptimizerFactory, Strategy
+from persimmon_train.parallel.base import OptimizerFactory, Strategy, available_device
 from persimmon_train.parallel.frozen_weights import hold_frozen_for
 from persimmon_train.parallel.sharded_load import load_into_meta_model
 from persimmon_train.storage.checkpoints import SINGLE_MODEL_FILE, SINGLE_OPTIMIZER_FILE
@@ -18,7 +18,7 @@ from persimmon_train.storage.checkpoints import SINGLE_MODEL_FILE, SINGLE_OPTIMI
 def pick_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
+    return available_device(requested)
 
 
 def cpu_flags() -> set[str] | None:

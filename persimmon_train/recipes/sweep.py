@@ -22,15 +22,11 @@ import os
 import time
 from pathlib import Path
 
-from persimmon_train.cli import load_config
+from persimmon_train.cli import load_config, override_key
 from persimmon_train.errors import ConfigError
 
 SUMMARY = "sweep_summary.csv"
 TRAINING_JOBS = ("finetune", "classify", "tag")
-
-
-def _key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
 
 
 def expand(overrides: list[str]) -> tuple[list[list[str]], list[str]]:
@@ -87,7 +83,7 @@ def run_sweep(job: str, main, inv) -> list[dict]:
         raise ConfigError("-m (multirun): no sweep in the overrides (e.g. optim.lr=1e-4,3e-4)")
     if "output_dir" in swept:
         raise ConfigError("output_dir: cannot be swept; each job gets <output_dir>/<n>/")
-    given = [o for o in jobs[0] if _key(o) == "output_dir"]
+    given = [o for o in jobs[0] if override_key(o) == "output_dir"]
     default = os.path.join("outputs", job, time.strftime("multirun-%Y%m%d-%H%M%S"))
     base = given[-1].split("=", 1)[1] if given else default
     base_dir = Path(base).expanduser().resolve()
@@ -95,13 +91,13 @@ def run_sweep(job: str, main, inv) -> list[dict]:
     # Compose and check every job before the first trains.
     planned = []
     for n, overrides in enumerate(jobs):
-        own = [o for o in overrides if _key(o) != "output_dir"] + [f"output_dir={base_dir / str(n)}"]
+        own = [o for o in overrides if override_key(o) != "output_dir"] + [f"output_dir={base_dir / str(n)}"]
         cfg = load_config(job, own, inv.config_path, inv.config_name)
         if job in TRAINING_JOBS:
             from persimmon_train.training.preflight import preflight
 
             preflight(cfg, job)
-        planned.append(([o for o in overrides if _key(o) in swept], cfg))
+        planned.append(([o for o in overrides if override_key(o) in swept], cfg))
 
     base_dir.mkdir(parents=True, exist_ok=True)
     summary = base_dir / SUMMARY

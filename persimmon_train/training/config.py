@@ -8,6 +8,7 @@ that need more than a type (lora r > 0, seq_len within the model's positions, ..
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -199,12 +200,16 @@ def validate_run_config(cfg: RunConfig) -> RunConfig:
         _at_least(f"trainer.{key}", getattr(t, key), 0)
     if t.eval_max_batches is not None:
         _at_least("trainer.eval_max_batches", t.eval_max_batches, 1)
+    if t.num_threads is not None and t.num_threads < 1:
+        raise ConfigError(f"trainer.num_threads: must be >= 1 (or null: torch's default), got {t.num_threads!r}")
     o = cfg.optim
     _one_of("optim.schedule", o.schedule, SCHEDULES)
     if not o.lr > 0:
         raise ConfigError(f"optim.lr: must be > 0, got {o.lr!r}")
     _at_least("optim.weight_decay", o.weight_decay, 0)
     _at_least("optim.warmup_steps", o.warmup_steps, 0)
+    if o.grad_clip is not None and not o.grad_clip >= 0:  # 0 and null: no clipping
+        raise ConfigError(f"optim.grad_clip: must be >= 0 (0 or null: no clipping), got {o.grad_clip!r}")
     if not 0.0 <= o.min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {o.min_lr_ratio!r}")
     for key in ("beta1", "beta2"):
@@ -262,12 +267,15 @@ def validate_run_config(cfg: RunConfig) -> RunConfig:
 
 
 STRATEGIES = ("single", "fsdp", "deepspeed")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 OFFLOAD = ("none", "cpu", "nvme")
 
 
 def validate_strategy(cfg: RunConfig) -> None:
     s = cfg.strategy
     _one_of("strategy.name", s.name, STRATEGIES)
+    if not DEVICE_PATTERN.fullmatch(str(s.device)):
+        raise ConfigError(f"strategy.device: {s.device!r} is not one of auto, cpu, cuda, cuda:N")
     _one_of("strategy.backend", s.backend, ("auto", "nccl", "gloo", "ccl", "mpi"))
     if not s.timeout_minutes > 0:
         raise ConfigError(f"strategy.timeout_minutes: must be > 0, got {s.timeout_minutes!r}")

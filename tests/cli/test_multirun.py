@@ -73,3 +73,34 @@ def test_multirun_checks_every_job_before_the_first_trains(sweep_arg, message, t
 def test_multirun_needs_a_sweep(tmp_path):
     proc = persimmon_train("finetune", "-m", "trainer.max_steps=2", env=recipe_env(tmp_path), check=False, cwd=tmp_path)
     assert proc.returncode == 2 and "no sweep" in proc.stderr
+
+
+def test_summary_reports_each_jobs_final_eval_not_its_first(tmp_path, capsys):
+    """In-process, with a stand-in for training that logs an eval at the start, mid-run and at the
+    end (then a train line): the summary row is the last eval, with its task metrics."""
+    import json
+    import os
+
+    from persimmon_train.cli import parse_invocation
+    from persimmon_train.recipes.sweep import run_sweep
+
+    def fake_train(cfg):
+        lr = cfg.optim.lr
+        rows = [
+            {"step": 0, "eval_loss": 9.0, "eval_accuracy": 0.1},
+            {"step": 1, "loss": 5.0, "lr": lr},
+            {"step": 2, "eval_loss": 4.0, "eval_accuracy": 0.5},
+            {"step": 4, "eval_loss": 1000 * lr, "eval_accuracy": 0.9},
+            {"step": 5, "loss": 0.5, "lr": lr},
+        ]
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        with open(os.path.join(cfg.output_dir, "metrics.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+    sweep = tmp_path / "sweep"
+    inv = parse_invocation(["optim.lr=1e-3,4e-3", *SHORT, f"output_dir={sweep}"])
+    run_sweep("finetune", fake_train, inv)
+    rows = list(csv.DictReader(open(sweep / "sweep_summary.csv", encoding="utf-8")))
+    assert [float(r["final_eval_loss"]) for r in rows] == pytest.approx([1.0, 4.0])
+    assert [float(r["eval_accuracy"]) for r in rows] == [0.9, 0.9]
+    assert [r["steps"] for r in rows] == ["5", "5"]

@@ -119,3 +119,24 @@ def test_issue_command_exits_2_before_tokenizing(small_base, corpus, tmp_path):
     assert lines[-1].startswith("error: data.seq_len: 16384 is above") and "max_position_embeddings=512" in lines[-1]
     assert "Traceback" not in proc.stderr and "tokenizing" not in proc.stderr
     assert not out.exists() and not list((tmp_path / "cache").glob("data/*/meta.json"))
+
+
+def test_tokenizer_as_large_as_the_vocabulary_is_accepted_one_piece_more_is_not(small_base, corpus, tmp_path):
+    """The released 8B has exactly as many embeddings as its tokenizer has pieces: accepted. A
+    tokenizer with a single piece the embeddings cannot hold is refused."""
+    from persimmon_train.errors import ConfigError
+    from persimmon_train.training.preflight import check_model_and_tokenizer
+
+    pieces = demo_tokenizer().vocab_size
+    assert json.loads((small_base / "config.json").read_text())["vocab_size"] == pieces
+    overrides = [f"model.path={small_base}", f"data.train_files=[{corpus}]", "data.seq_len=256"]
+    check_model_and_tokenizer(cli.load_config("finetune", overrides))  # equal sizes: no error
+
+    smaller = tmp_path / "one_short"
+    smaller.mkdir()
+    for f in small_base.iterdir():
+        (smaller / f.name).write_bytes(f.read_bytes())
+    _write_config(smaller, vocab_size=pieces - 1)
+    overrides[0] = f"model.path={smaller}"
+    with pytest.raises(ConfigError, match=rf"model\.vocab_size: the model has {pieces - 1} token embeddings"):
+        check_model_and_tokenizer(cli.load_config("finetune", overrides))
