@@ -118,3 +118,38 @@ def make_trainer(
         id2label=None,
         flops_per_token=0.0,
     )
+
+
+def lora_steps_from_folder(strategy, folder, *, steps: int = 4, batch: int = 2, seq: int = 16, data_seed: int = 0):
+    """LoRA on `folder` (an HF model folder) the way a run builds it: meta model, peft, strategy.wrap
+    (which loads model.path), then `steps` AdamW steps under the strategy's autocast.
+
+    Returns (losses, {trainable name: float32 tensor after training}, {parameter name: dtype}).
+    """
+    from persimmon_train.adapters import apply_lora
+    from persimmon_train.training.config import PeftConfig
+
+    config = PersimmonConfig.from_json_file(folder)
+    with torch.device("meta"):
+        model = PersimmonForCausalLM(config)
+    model = apply_lora(model, PeftConfig(method="lora", r=4, alpha=8.0, dropout=0.0), "causal_lm")
+    model, optimizer = strategy.wrap(
+        model, lambda m: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    )
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    generator = torch.Generator().manual_seed(data_seed)
+    ids = torch.randint(1, config.vocab_size, (batch, seq), generator=generator)  # one batch, learnt
+    losses = []
+    for _ in range(steps):
+        with strategy.autocast():
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    trained = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            value = p.full_tensor() if hasattr(p, "full_tensor") else p
+            trained[name] = value.detach().float().clone()
+    return losses, trained, dtypes
