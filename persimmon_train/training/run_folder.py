@@ -163,6 +163,8 @@ def lock_holder(output_dir: str) -> str | None:
             fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             return _describe_holder(handle.read())
+        except OSError:
+            return None  # no flock on this file system: acquire() says so
         fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
     return None
 
@@ -200,6 +202,15 @@ def acquire(output_dir: str) -> RunLock:
             holder = _describe_holder(handle.read())
             handle.close()
             raise ConfigError(in_use(output_dir, holder)) from None
+        except OSError as exc:  # a file system without flock (e.g. Lustre mounted without -o flock)
+            handle.close()
+            log.warning(
+                "output_dir: cannot lock %s (%s); this run goes on unlocked: start no other run into %s",
+                path,
+                exc.strerror or exc,
+                output_dir,
+            )
+            return RunLock()
         try:
             current = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
         except FileNotFoundError:

@@ -73,3 +73,21 @@ def test_multirun_checks_every_job_before_the_first_trains(sweep_arg, message, t
 def test_multirun_needs_a_sweep(tmp_path):
     proc = persimmon_train("finetune", "-m", "trainer.max_steps=2", env=recipe_env(tmp_path), check=False, cwd=tmp_path)
     assert proc.returncode == 2 and "no sweep" in proc.stderr
+
+
+def test_a_sweep_over_folders_holding_runs_is_refused_before_job_0(tmp_path):
+    """A rerun of a sweep: job 1's folder holds a run, so nothing trains (not even job 0)."""
+    from persimmon_train.cli import Invocation
+    from persimmon_train.errors import ConfigError
+    from persimmon_train.recipes.sweep import run_sweep
+
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"prompt": "a", "response": "b"}\n')
+    sweep = tmp_path / "sweep"
+    (sweep / "1").mkdir(parents=True)
+    (sweep / "1" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    overrides = ["optim.lr=1e-3,4e-3", f"data.train_files=[{train}]", "data.eval_files=[]", f"output_dir={sweep}"]
+    ran = []
+    with pytest.raises(ConfigError, match=f"output_dir: {sweep / '1'} already holds a run"):
+        run_sweep("finetune", ran.append, Invocation(overrides=overrides))
+    assert ran == [] and sorted(p.name for p in sweep.iterdir()) == ["1"]

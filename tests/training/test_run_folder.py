@@ -189,3 +189,15 @@ def test_lock_run_locks_on_rank_0_only_and_starts_over(tmp_path):
         run_folder.lock_run(str(tmp_path), Rank(0), overwrite=False)
     lock.release()
     assert files(tmp_path) == set(THEIRS)
+
+
+def test_a_file_system_without_flock_warns_and_runs_unlocked(tmp_path, monkeypatch, caplog):
+    def no_flock(fd, op):
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(run_folder.fcntl, "flock", no_flock)
+    assert run_folder.lock_holder(str(tmp_path)) is None
+    with caplog.at_level("WARNING", logger="persimmon_train"):
+        lock = run_folder.acquire(str(tmp_path))
+    assert not lock.held and "goes on unlocked" in caplog.text
+    lock.release()
