@@ -201,3 +201,26 @@ def test_a_file_system_without_flock_warns_and_runs_unlocked(tmp_path, monkeypat
         lock = run_folder.acquire(str(tmp_path))
     assert not lock.held and "goes on unlocked" in caplog.text
     lock.release()
+
+
+def test_train_holds_the_lock_while_it_trains_and_releases_it(monkeypatch, tmp_path):
+    from persimmon_train.training.run import train
+    from persimmon_train.training.trainer import Trainer
+    from tests.recipes.conftest import FAST
+
+    seen, real_fit = [], Trainer.fit
+
+    def fit(self):
+        seen.append(run_folder.lock_holder(self.output_dir))
+        return real_fit(self)
+
+    monkeypatch.setattr(Trainer, "fit", fit)
+    monkeypatch.setenv("PERSIMMON_TRAIN_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    overrides = ["trainer.max_steps=1", "trainer.eval_at_start=false", "trainer.eval_max_batches=1"]
+    cfg = cli.load_config("finetune", [*FAST, *overrides, "export.enabled=false", f"output_dir={out}"])
+    train(cfg, "finetune")
+    assert len(seen) == 1 and f"pid {os.getpid()} on host {socket.gethostname()}" in seen[0]
+    assert not (out / run_folder.LOCK_FILE).exists()
+    with pytest.raises(ConfigError, match="already holds a run"):  # the same command again
+        train(cli.load_config("finetune", [*FAST, *overrides, "export.enabled=false", f"output_dir={out}"]), "finetune")
