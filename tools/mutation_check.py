@@ -1,7 +1,7 @@
 """Mutation check: does a test fail when the code it guards is broken on purpose?
 
     python tools/mutation_check.py                  # every mutant (a few minutes on 2 cores)
-    python tools/mutation_check.py --group loss     # loss | packing | trainer | features | inputs
+    python tools/mutation_check.py --group loss     # loss | packing | trainer | features | inputs | persist
     python tools/mutation_check.py --only loss.no_shift packing.no_first_label_mask
     python tools/mutation_check.py --list
     python tools/mutation_check.py --only features.top_p_ignored --tests tests/export/test_generate.py
@@ -62,6 +62,11 @@ LOSS_TESTS = [
     "tests/training/test_loop.py::test_update_does_not_depend_on_micro_batch_split",
 ]
 PACKING_TESTS = ["tests/data/test_packing.py"]
+RUN = "persimmon_train/training/run.py"
+RUN_FOLDER = "persimmon_train/training/run_folder.py"
+CHECKPOINTS = "persimmon_train/storage/checkpoints.py"
+RUN_FOLDER_TESTS = "tests/training/test_run_folder.py"
+PERSISTENCE_TESTS = "tests/recipes/test_persistence.py::"  # real recipe runs: ~15-30 s a mutant
 TRAINER_TESTS = ["tests/training/test_loop.py", "tests/training/test_metrics.py"]
 INPUT_TESTS = "tests/cli/test_input_errors.py"
 DATA_KEY_TESTS = "tests/data/test_cache_key_and_splits.py"
@@ -418,6 +423,27 @@ MUTANTS = [
         [RESHARD_TESTS + "test_fsdp_lora_checkpoint_resumes_on_2_ranks"],
     ),
     Mutant(
+        "features.frozen_base_kept_float32",
+        "persimmon_train/parallel/single.py",
+        "        hold_frozen_for(model, self.precision)\n",
+        "",
+        ["tests/training/test_frozen_weights.py"],
+    ),
+    Mutant(
+        "features.bf16_embedding_not_upcast",
+        "persimmon_train/model/decoder.py",
+        "            hidden = hidden.float()\n",
+        "            pass\n",
+        ["tests/training/test_frozen_weights.py"],
+    ),
+    Mutant(
+        "features.fsdp_frozen_shards_float32",
+        "persimmon_train/parallel/fsdp.py",
+        "        hold_frozen_for(model, self.precision)  # before sharding",
+        "        0  # before sharding",
+        ["tests/distributed/test_frozen_weights_fsdp.py"],
+    ),
+    Mutant(
         "features.reshard_step_count_reset",
         RESHARD,
         'state["step"] = step.clone()',
@@ -607,6 +633,112 @@ MUTANTS = [
         'env["_UNPINNED"] = os.pathsep.join(',
         ["tests/recipes/test_import_path.py"],
     ),
+    # ------------------------------------------------------------------ a user's run survives (issue 21)
+    Mutant(
+        "persist.rerun_not_refused",
+        RUN_FOLDER,
+        "    if checkpoints or files:\n        found",
+        "    if False:\n        found",
+        [RUN_FOLDER_TESTS, PERSISTENCE_TESTS + "test_rerun_into_a_finished_run_is_refused_and_changes_nothing"],
+    ),
+    Mutant(
+        "persist.run_skips_the_folder_check",
+        RUN,
+        "    run_folder.agree(strategy, lambda: run_folder.check_start(cfg, output_dir))",
+        "    pass",
+        [RUN_FOLDER_TESTS + "::test_train_holds_the_lock_while_it_trains_and_releases_it"],
+    ),
+    Mutant(
+        "persist.overwrite_with_resume_allowed",
+        "persimmon_train/training/config.py",
+        "    if cfg.overwrite and cfg.resume is not None:",
+        "    if False:",
+        [RUN_FOLDER_TESTS],
+    ),
+    Mutant(
+        "persist.overwrite_keeps_old_checkpoints",
+        RUN_FOLDER,
+        "            shutil.rmtree(path)\n",
+        "",
+        [RUN_FOLDER_TESTS],
+    ),
+    Mutant(
+        "persist.overwrite_removes_users_files",
+        RUN_FOLDER,
+        "if is_own_file(f) and os.path.isfile",
+        "if os.path.isfile",
+        [RUN_FOLDER_TESTS],
+    ),
+    Mutant(
+        "persist.overwrite_not_applied_by_the_run",
+        RUN,
+        "overwrite=cfg.overwrite)",
+        "overwrite=False)",
+        [PERSISTENCE_TESTS + "test_overwrite_starts_over_and_keeps_files_that_are_not_the_runs"],
+    ),
+    Mutant(
+        "persist.lock_not_taken",
+        RUN_FOLDER,
+        "            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)",
+        "            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)",
+        [RUN_FOLDER_TESTS],
+    ),
+    Mutant(
+        "persist.run_takes_no_lock",
+        RUN,
+        "    lock = run_folder.lock_run(output_dir, strategy, overwrite=cfg.overwrite)",
+        "    lock = run_folder.RunLock()",
+        [RUN_FOLDER_TESTS + "::test_train_holds_the_lock_while_it_trains_and_releases_it"],
+    ),
+    Mutant(
+        "persist.lock_kept_after_the_export",
+        "persimmon_train/export/run_outputs.py",
+        "        result.release_lock()",
+        "        pass",
+        [PERSISTENCE_TESTS + "test_overwrite_starts_over_and_keeps_files_that_are_not_the_runs"],
+    ),
+    Mutant(
+        "persist.ranks_decide_alone",
+        RUN_FOLDER,
+        "    kind, value = strategy.broadcast_object(outcome)",
+        '    kind, value = outcome or ("ok", check())',
+        [RUN_FOLDER_TESTS],
+    ),
+    Mutant(
+        "persist.all_damaged_starts_fresh",
+        CHECKPOINTS,
+        "        if chosen is None and damaged:",
+        "        if False:",
+        [
+            "tests/storage/test_checkpoints.py",
+            PERSISTENCE_TESTS + "test_resume_latest_with_every_checkpoint_damaged_is_refused_and_changes_nothing",
+        ],
+    ),
+    Mutant(
+        "persist.torch_short_write_unnamed",
+        "persimmon_train/storage/files.py",
+        "    except RuntimeError as exc:\n        described",
+        "    except ZeroDivisionError as exc:\n        described",
+        ["tests/storage/test_checkpoints.py"],
+    ),
+    Mutant(
+        "persist.full_disk_not_said",
+        "persimmon_train/storage/files.py",
+        "    if free is not None and free < FULL_DISK_BYTES:",
+        "    if False:",
+        ["tests/storage/test_checkpoints.py"],
+    ),
+    Mutant(
+        "persist.steps_sorted_as_text",
+        CHECKPOINTS,
+        "    return sorted(found)",
+        "    return sorted(found, key=lambda f: os.path.basename(f[1]))",
+        [
+            "tests/storage/test_checkpoints.py::test_step_order_is_numeric_for_resume_and_pruning",
+            "tests/storage/test_checkpoints.py::test_keep_last_across_a_digit_boundary_keeps_the_newest",
+            "tests/training/test_cli_and_trackers.py::test_wandb_summary_last_checkpoint_is_the_highest_step",
+        ],
+    ),
 ]
 
 GROUPS = {"loss": LOSS, "packing": PACKING, "trainer": TRAINER}  # "trainer" includes training/tasks.py
@@ -687,7 +819,7 @@ def failing_tests(report: Path) -> dict[str, str]:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--group", choices=[*GROUPS, "features", "inputs"], action="append")
+    parser.add_argument("--group", choices=[*GROUPS, "features", "inputs", "persist"], action="append")
     parser.add_argument("--only", nargs="+", metavar="NAME")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--tests", nargs="+", metavar="NODE", help="run these tests instead of each mutant's own")

@@ -41,7 +41,12 @@ def export_run_outputs(result, cfg):
 
 
 def train_and_export(cfg, job: str):
-    """What finetune / classify / tag run: train, then export the last checkpoint."""
+    """What finetune / classify / tag run: train, then export the last checkpoint (still holding
+    output_dir's lock, so no other run writes there until final/ and adapter/ are complete)."""
     from persimmon_train.training.run import train
 
-    return export_run_outputs(train(cfg, job), cfg)
+    result = train(cfg, job, keep_lock=True)
+    try:
+        return export_run_outputs(result, cfg)
+    finally:
+        result.release_lock()

@@ -8,7 +8,8 @@ one row per job (its swept overrides, final eval loss and metrics, steps, status
 rewritten after every job so an interrupted sweep still has its finished rows.
 
 Every job's config is composed and checked before the first one trains: a bad value in the last
-combination stops the sweep before any compute. We run jobs ourselves rather than through
+combination, or a job folder that holds an earlier run (a rerun of the sweep: pass overwrite=true
+to start every job over), stops the sweep before any compute. We run jobs ourselves rather than through
 `@hydra.main` because the recipes compose with Hydra's compose API (cli.py), which has no
 launcher; the expansion is Hydra's.
 """
@@ -95,8 +96,10 @@ def run_sweep(job: str, main, inv) -> list[dict]:
         cfg = load_config(job, own, inv.config_path, inv.config_name)
         if job in TRAINING_JOBS:
             from persimmon_train.training.preflight import preflight
+            from persimmon_train.training.run_folder import check_start
 
             preflight(cfg, job)
+            check_start(cfg, os.path.abspath(cfg.output_dir))  # a rerun of the sweep: refused before job 0
         planned.append(([o for o in overrides if override_key(o) in swept], cfg))
 
     base_dir.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,12 @@ from collections.abc import Callable
 import torch
 
 from persimmon_train.errors import CheckpointError, ConfigError, PersimmonTrainError, StorageError
-from persimmon_train.storage.files import atomic_write_text, disk_errors
+from persimmon_train.storage.files import (
+    atomic_write_text,
+    describe_os_error,
+    describe_torch_write_error,
+    disk_errors,
+)
 
 log = logging.getLogger("persimmon_train")
 
@@ -197,9 +202,9 @@ def save_checkpoint(
 
 def _one_line(exc: BaseException, where: str) -> str:
     if isinstance(exc, OSError):
-        from persimmon_train.storage.files import describe_os_error
-
         return f"writing {exc.filename or where}: {describe_os_error(exc)} [errno {exc.errno}]"
+    if (short_write := describe_torch_write_error(exc, where)) is not None:
+        return f"writing {short_write}"  # a torch.save outside disk_errors (strategies' own writers)
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
@@ -284,21 +289,37 @@ def validate_checkpoint(path: str, comm=None, checksums: bool = True) -> dict:
     return manifest
 
 
+def _newest_valid(output_dir: str, comm, why: str) -> tuple[tuple[str, dict] | None, list[str]]:
+    """(the newest `step_N` that validates, or None; "step_N: why" for each damaged one skipped)."""
+    damaged = []
+    for step, path in reversed(list_step_dirs(output_dir)):
+        try:
+            return (path, validate_checkpoint(path, comm)), damaged
+        except CheckpointError as exc:
+            log.warning("%s: skipping damaged checkpoint step_%d (%s)", why, step, exc)
+            damaged.append(f"step_{step}: {exc}")
+    return None, damaged
+
+
 def choose_resume(resume: str | None, output_dir: str, comm=None) -> tuple[str, dict] | None:
     """(checkpoint path, manifest) to resume from, or None to start fresh.
 
     `latest`: the newest `step_N` of output_dir that validates; damaged ones are skipped with a
-    warning saying why. A path: that checkpoint, which must validate (else CheckpointError).
+    warning saying why; no `step_N` at all: None (start fresh). Every one damaged: CheckpointError
+    naming each and why, and nothing on disk is touched (starting fresh would write over them).
+    A path: that checkpoint, which must validate (else CheckpointError).
     """
     if resume is None:
         return None
     if resume == "latest":
-        for step, path in reversed(list_step_dirs(output_dir)):
-            try:
-                return path, validate_checkpoint(path, comm)
-            except CheckpointError as exc:
-                log.warning("resume=latest: skipping damaged checkpoint step_%d (%s)", step, exc)
-        return None
+        chosen, damaged = _newest_valid(output_dir, comm, "resume=latest")
+        if chosen is None and damaged:
+            raise CheckpointError(
+                f"resume=latest: no checkpoint in {checkpoints_root(output_dir)} is complete and undamaged "
+                f"({'; '.join(damaged)}); they are left as they are. Resume one that validates with "
+                f"resume=PATH, or start over on purpose with overwrite=true (and no resume)"
+            )
+        return chosen
     path = os.path.abspath(resume)
     if not os.path.exists(path):
         raise ConfigError(f"resume: {path} does not exist")
@@ -328,7 +349,9 @@ def find_checkpoint(path: str) -> tuple[str, dict | None]:
         raise ConfigError(f"checkpoint: {path} does not exist")
     if os.path.isfile(os.path.join(path, MANIFEST)) or STEP_DIR.match(os.path.basename(path)):
         return path, None
-    chosen = choose_resume("latest", path)
+    chosen, damaged = _newest_valid(path, None, "checkpoint")
+    if damaged and chosen is None:
+        raise CheckpointError(f"checkpoint: every checkpoint of {path} is damaged ({'; '.join(damaged)})")
     if chosen is None:
         raise ConfigError(
             f"checkpoint: {path} is neither a training checkpoint (checkpoints/step_N with "

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -39,9 +40,40 @@ def describe_os_error(exc: OSError) -> str:
     return _DISK_ERRNOS.get(exc.errno, exc.strerror or str(exc))
 
 
+# torch.save reports a short write (a full disk, an exhausted quota) as its own RuntimeError, not an
+# OSError: "[enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 3988", or
+# "PytorchStreamWriter failed writing file data/0: file write failed".
+_TORCH_SHORT_WRITE = re.compile(r"inline_container\.cc|PytorchStreamWriter|unexpected pos \d+ vs \d+")
+FULL_DISK_BYTES = 64 << 20  # less than this free after a failed write: the write filled the disk
+
+
+def describe_torch_write_error(exc: BaseException, path: str) -> str | None:
+    """One line for torch's short-write RuntimeError naming `path` (None: not such an error).
+
+    The disk's free space decides the wording: (nearly) none left means the disk is full; with room
+    left the cause is a quota or a file size limit, which statvfs cannot see.
+    """
+    if not isinstance(exc, RuntimeError) or not _TORCH_SHORT_WRITE.search(str(exc)):
+        return None
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if free is not None and free < FULL_DISK_BYTES:
+        return f"{path}: the disk is full ({free >> 20} MiB free on its file system)"
+    torch_said = str(exc).strip().splitlines()[0][:200]
+    room = f"{free / 2**30:.1f} GiB free there, " if free is not None else ""
+    return (
+        f"{path}: the write stopped short ({room}so a disk quota or file size limit is likely "
+        f"exhausted; torch: {torch_said})"
+    )
+
+
 @contextlib.contextmanager
 def disk_errors(path: str, what: str = "writing") -> Iterator[None]:
-    """Turn an OSError from the file system into a one-line StorageError naming `path`."""
+    """Turn an OSError from the file system (or torch.save's short-write RuntimeError) into a
+    one-line StorageError naming `path`."""
     try:
         yield
     except StorageError:
@@ -49,6 +81,11 @@ def disk_errors(path: str, what: str = "writing") -> Iterator[None]:
     except OSError as exc:
         where = exc.filename or path
         raise StorageError(f"{what} {where}: {describe_os_error(exc)} [errno {exc.errno}]") from None
+    except RuntimeError as exc:
+        described = describe_torch_write_error(exc, path)
+        if described is None:
+            raise
+        raise StorageError(f"{what} {described}") from None
 
 
 def fsync_file(handle) -> None:

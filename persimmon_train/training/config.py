@@ -154,6 +154,9 @@ class RunConfig:
     task: str = "causal_lm"
     output_dir: Optional[str] = None  # null: outputs/<job>/<timestamp>
     resume: Optional[str] = None  # latest | PATH to checkpoints/step_N
+    # An output_dir that holds a run is refused unless resumed or started over: overwrite=true
+    # replaces that run's own files (checkpoints/step_N, metrics.jsonl, ...), never anything else.
+    overwrite: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -261,6 +264,10 @@ def validate_run_config(cfg: RunConfig) -> RunConfig:
         "token_classification": ("token_classification",),
     }[cfg.task]
     _one_of(f"data.format (task {cfg.task})", cfg.data.format, expected_format)
+    if cfg.overwrite and cfg.resume is not None:
+        raise ConfigError(
+            f"overwrite: overwrite=true starts the run over, resume={cfg.resume} continues it; pass one of them"
+        )
     if cfg.resume is not None and cfg.output_dir is None and cfg.resume == "latest":
         raise ConfigError("resume: 'latest' needs output_dir=DIR (the run folder to continue)")
     return cfg

@@ -7,12 +7,13 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 
 from persimmon_train.storage import checkpoints as store
-from persimmon_train.training import builders, checkpointing
+from persimmon_train.training import builders, checkpointing, run_folder
 from persimmon_train.training.optim import build_optimizer, build_scheduler
 from persimmon_train.training.preflight import preflight
 from persimmon_train.training.trackers import JsonlMetrics, build_tracker, plot_loss_curve, redact_secrets
@@ -32,6 +33,11 @@ class RunResult:
     final_eval: dict = field(default_factory=dict)
     last_checkpoint: str | None = None
     is_main: bool = True  # rank 0 of a distributed run (the only one that prints the summary)
+    lock: Any = field(default=None, repr=False)  # output_dir's run_folder.RunLock, with train(keep_lock=True)
+
+    def release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
 
 def config_dict(cfg) -> dict:
@@ -45,12 +51,15 @@ def write_resolved_config(cfg, output_dir: str) -> str:
     return path
 
 
-def train(cfg, job: str) -> RunResult:
+def train(cfg, job: str, keep_lock: bool = False) -> RunResult:
     """Build everything from `cfg`, train, evaluate, checkpoint. Returns where things went.
 
-    Order matters: the config, the resume checkpoint (manifest, sizes, checksums, then the state
-    itself), the tokenizer, the data and the model are all validated before anything in output_dir
-    is created, truncated or rewritten -- a command that fails leaves the folder byte-identical.
+    Order matters: the config, output_dir (not in use by another run; holding no earlier run
+    unless resumed or overwrite=true), the resume checkpoint (manifest, sizes, checksums, then the
+    state itself), the tokenizer, the data and the model are all validated before anything in
+    output_dir is created, truncated or rewritten -- a command that fails leaves the folder
+    byte-identical. From then on rank 0 holds output_dir's lock (run_folder); `keep_lock`: the
+    result still holds it (the caller exports final/ under it, then calls result.release_lock()).
     The run ends with a checkpoint of its last step, which `persimmon_train.export.run_outputs`
     turns into final/ (and adapter/), reading it from disk: no full gather onto rank 0.
     """
@@ -61,6 +70,7 @@ def train(cfg, job: str) -> RunResult:
         torch.set_num_threads(cfg.trainer.num_threads)
     builders.setup_logging(None, strategy.is_main)  # console only until the output folder may be touched
     output_dir = builders.resolve_output_dir(cfg, job, strategy)
+    run_folder.agree(strategy, lambda: run_folder.check_start(cfg, output_dir))  # in use? an earlier run?
     chosen = store.choose_resume(cfg.resume, output_dir, comm=strategy)  # validates manifest + checksums
     resume_path, manifest = chosen if chosen else (None, None)
     cfg.output_dir = output_dir  # the saved config names the folder, so a resume command can be copied from it
@@ -105,39 +115,49 @@ def train(cfg, job: str) -> RunResult:
 
     # Everything validated: from here on output_dir is ours to write.
     builders.create_output_dir(output_dir, strategy)
-    builders.add_file_logging(output_dir, strategy.is_main)
-    if strategy.is_main:
-        write_resolved_config(cfg, output_dir)
-        store.remove_stale_temporaries(output_dir)
-    trainer.tracker = build_tracker(
-        cfg.tracker,
-        config=config_dict(cfg),
-        output_dir=output_dir,
-        run_name=os.path.basename(output_dir),
-        run_id=saved_state.get("tracker_run_id"),
-        is_main=strategy.is_main,
-    )
-    resume_step = trainer.state.step if resume_path else None
-    if strategy.is_main:
-        trainer.metrics_file = JsonlMetrics(os.path.join(output_dir, "metrics.jsonl"), resume_step)
-    result = RunResult(output_dir=output_dir, steps=0, seconds=0.0, is_main=strategy.is_main)
-    exit_code = 1
+    lock = run_folder.lock_run(output_dir, strategy, overwrite=cfg.overwrite)
     try:
-        if not resume_path and cfg.trainer.eval_at_start and data.eval_loader is not None:
-            result.first_eval = trainer.evaluate()
-            trainer._log(result.first_eval)
-            log.info("step 0 eval: %s", _fmt(result.first_eval))
-        state = trainer.fit()
-        if state.last_checkpoint is None or os.path.basename(state.last_checkpoint) != f"step_{state.step}":
-            trainer.save()  # the run's result is a checkpoint; final/ is exported from it
-        result.steps, result.final_eval, result.last_checkpoint = state.step, state.final_eval, state.last_checkpoint
-        exit_code = 0
-    finally:
-        trainer.tracker.finish(exit_code=exit_code)
-    if strategy.is_main:
-        plot_loss_curve(os.path.join(output_dir, "metrics.jsonl"), os.path.join(output_dir, "loss_curve.png"))
-    result.seconds = time.perf_counter() - started
-    strategy.close()
+        builders.add_file_logging(output_dir, strategy.is_main)
+        if strategy.is_main:
+            write_resolved_config(cfg, output_dir)
+            store.remove_stale_temporaries(output_dir)
+        trainer.tracker = build_tracker(
+            cfg.tracker,
+            config=config_dict(cfg),
+            output_dir=output_dir,
+            run_name=os.path.basename(output_dir),
+            run_id=saved_state.get("tracker_run_id"),
+            is_main=strategy.is_main,
+        )
+        resume_step = trainer.state.step if resume_path else None
+        if strategy.is_main:
+            trainer.metrics_file = JsonlMetrics(os.path.join(output_dir, "metrics.jsonl"), resume_step)
+        result = RunResult(output_dir=output_dir, steps=0, seconds=0.0, is_main=strategy.is_main)
+        exit_code = 1
+        try:
+            if not resume_path and cfg.trainer.eval_at_start and data.eval_loader is not None:
+                result.first_eval = trainer.evaluate()
+                trainer._log(result.first_eval)
+                log.info("step 0 eval: %s", _fmt(result.first_eval))
+            state = trainer.fit()
+            if state.last_checkpoint is None or os.path.basename(state.last_checkpoint) != f"step_{state.step}":
+                trainer.save()  # the run's result is a checkpoint; final/ is exported from it
+            result.steps, result.final_eval = state.step, state.final_eval
+            result.last_checkpoint = state.last_checkpoint
+            exit_code = 0
+        finally:
+            trainer.tracker.finish(exit_code=exit_code)
+        if strategy.is_main:
+            plot_loss_curve(os.path.join(output_dir, "metrics.jsonl"), os.path.join(output_dir, "loss_curve.png"))
+        result.seconds = time.perf_counter() - started
+        strategy.close()
+    except BaseException:
+        lock.release()
+        raise
+    if keep_lock:
+        result.lock = lock
+    else:
+        lock.release()
     return result
 
 

@@ -179,11 +179,11 @@ class WandbTracker:
         ):
             if os.path.exists(os.path.join(self.output_dir, name)):
                 out[key] = os.path.join(self.output_dir, name)
-        checkpoints = os.path.join(self.output_dir, "checkpoints")
-        steps = [d for d in os.listdir(checkpoints) if d.startswith("step_")] if os.path.isdir(checkpoints) else []
+        from persimmon_train.storage import list_step_dirs
+
+        steps = list_step_dirs(self.output_dir)  # in step order (step_10 after step_9), as resume sees them
         if steps:
-            newest = max(steps, key=lambda d: int(d.split("_")[-1]) if d.split("_")[-1].isdigit() else -1)
-            out["last_checkpoint"] = os.path.join(checkpoints, newest)
+            out["last_checkpoint"] = steps[-1][1]
         return out
 
     def finish(self, exit_code: int = 0) -> None:

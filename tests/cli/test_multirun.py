@@ -104,3 +104,21 @@ def test_summary_reports_each_jobs_final_eval_not_its_first(tmp_path, capsys):
     assert [float(r["final_eval_loss"]) for r in rows] == pytest.approx([1.0, 4.0])
     assert [float(r["eval_accuracy"]) for r in rows] == [0.9, 0.9]
     assert [r["steps"] for r in rows] == ["5", "5"]
+
+
+def test_a_sweep_over_folders_holding_runs_is_refused_before_job_0(tmp_path):
+    """A rerun of a sweep: job 1's folder holds a run, so nothing trains (not even job 0)."""
+    from persimmon_train.cli import Invocation
+    from persimmon_train.errors import ConfigError
+    from persimmon_train.recipes.sweep import run_sweep
+
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"prompt": "a", "response": "b"}\n')
+    sweep = tmp_path / "sweep"
+    (sweep / "1").mkdir(parents=True)
+    (sweep / "1" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    overrides = ["optim.lr=1e-3,4e-3", f"data.train_files=[{train}]", "data.eval_files=[]", f"output_dir={sweep}"]
+    ran = []
+    with pytest.raises(ConfigError, match=f"output_dir: {sweep / '1'} already holds a run"):
+        run_sweep("finetune", ran.append, Invocation(overrides=overrides))
+    assert ran == [] and sorted(p.name for p in sweep.iterdir()) == ["1"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from persimmon_train.storage import validate_checkpoint
+from persimmon_train.training import run_folder
 from tests.recipes.conftest import FAST, REPO, read_metrics, recipe_env, run_recipe
 from tests.tiny_base import demo_tokenizer, tiny_base_config
 
@@ -109,6 +111,53 @@ def test_failed_commands_leave_output_dir_byte_identical(run, tmp_path, env):
     assert exported.keys() == final.keys()
     for name, tensor in exported.items():
         assert torch.equal(tensor, final[name]), name
+
+
+def test_rerun_into_a_finished_run_is_refused_and_changes_nothing(run, tmp_path, env):
+    """The same command again (no resume=) would replace the run's checkpoints and metrics: refused."""
+    copy = _copy(run, tmp_path)
+    before = snapshot(copy)
+    rerun = run_recipe("finetune", *JOB, f"output_dir={copy}", env=env, check=False)
+    assert_one_line_error(
+        rerun, "already holds a run (checkpoints step_2, step_4, step_6;", "resume=latest", "overwrite=true"
+    )
+    assert "tokenizing" not in rerun.stderr and "step 1" not in rerun.stderr  # before any compute
+    # Another run holds the folder (here: this test process): refused naming its pid and host.
+    lock = run_folder.acquire(str(copy))
+    try:
+        before_locked = snapshot(copy)
+        busy = run_recipe("finetune", *JOB, f"output_dir={copy}", "resume=latest", env=env, check=False)
+        assert_one_line_error(busy, "is in use by another run", f"pid {os.getpid()} on host")
+        assert snapshot(copy) == before_locked
+    finally:
+        lock.release()
+    assert snapshot(copy) == before
+
+
+def test_resume_latest_with_every_checkpoint_damaged_is_refused_and_changes_nothing(run, tmp_path, env):
+    copy = _copy(run, tmp_path)
+    for step in (2, 4, 6):
+        (copy / "checkpoints" / f"step_{step}" / "optimizer.pt").write_bytes(b"")
+    before = snapshot(copy)
+    proc = run_recipe("finetune", *JOB, f"output_dir={copy}", "resume=latest", env=env, check=False)
+    line = assert_one_line_error(proc, "resume=latest: no checkpoint in", "overwrite=true")
+    for step in (2, 4, 6):
+        assert f"step_{step}: {copy / 'checkpoints' / f'step_{step}' / 'optimizer.pt'} has 0 bytes" in line
+    assert snapshot(copy) == before  # metrics.jsonl and the damaged checkpoints included
+
+
+def test_overwrite_starts_over_and_keeps_files_that_are_not_the_runs(run, tmp_path, env):
+    copy = _copy(run, tmp_path)
+    (copy / "notes.txt").write_text("mine")
+    (copy / "final" / "README.md").write_text("my model card")
+    run_recipe("finetune", *JOB, "trainer.max_steps=2", f"output_dir={copy}", "overwrite=true", env=env)
+    assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["step_2"]  # no step_4/6 left to resume
+    assert [r["step"] for r in read_metrics(copy) if "loss" in r] == [1, 2]
+    assert (copy / "notes.txt").read_text() == "mine"
+    assert (copy / "final" / "README.md").read_text() == "my model card"
+    assert (copy / "train.log").read_text().count("finetune: output_dir=") == 1  # a new log, not appended
+    assert (copy / "final" / "model.safetensors").is_file()
+    assert not (copy / run_folder.LOCK_FILE).exists()  # released at the end
 
 
 @pytest.mark.parametrize("damaged", ["optimizer.pt", "trainer_state.pt", "model.safetensors"])

@@ -260,6 +260,20 @@ def test_wandb_failing_log_summary_finish_warn_once_and_never_raise(monkeypatch,
     assert tracker.final_eval == {"eval_loss": 2.0 / 5}  # still tracked for the summary
 
 
+def test_wandb_summary_last_checkpoint_is_the_highest_step(monkeypatch, tmp_path):
+    """step_10 after step_9 (as text "step_10" < "step_9"); unfinished step_11.tmp is not a checkpoint."""
+    fake = FakeWandb(str(tmp_path / "wandb"))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    out = tmp_path / "run"
+    for name in ("step_9", "step_10", "step_11.tmp"):
+        (out / "checkpoints" / name).mkdir(parents=True)
+    tracker = trackers.build_tracker(
+        _wandb_cfg(mode="offline"), config={}, output_dir=str(out), run_name="x", run_id=None, is_main=True
+    )
+    tracker.finish()
+    assert fake.runs[0].summary["last_checkpoint"] == str(out / "checkpoints" / "step_10")
+
+
 def test_wandb_init_failure_never_stops_training(monkeypatch, tmp_path, pt_log):
     import wandb
 
