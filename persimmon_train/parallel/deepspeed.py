@@ -41,6 +41,7 @@ from torch import nn
 from persimmon_train.errors import CheckpointError, WeightsError
 from persimmon_train.parallel.distributed import DistributedStrategy
 from persimmon_train.parallel.ds_config import build_ds_config, check_user_config, fill_model_autos, read_user_config
+from persimmon_train.parallel.frozen_weights import hold_frozen_for
 from persimmon_train.parallel.single import resolve_precision
 from persimmon_train.storage.checkpoints import DEEPSPEED_TAG as TAG
 from persimmon_train.storage.checkpoints import read_manifest
@@ -109,11 +110,10 @@ class DeepSpeedStrategy(DistributedStrategy):
         except OSError as err:  # never fatal: the cost is memory, not correctness
             log.warning("could not remove DeepSpeed's shared-memory workspace /dev/shm/%s: %s", name, err)
 
-    @property
-    def loads_sharded_weights(self) -> bool:
-        # ZeRO-3: build on meta, each rank keeps only its partitions (parallel/zero3_load.py).
-        # ZeRO-1/2 keep full parameters on every rank anyway: from_pretrained as before.
-        return self.stage == 3
+    # With model.path the model arrives built on the meta device. ZeRO-3: each rank keeps only its
+    # partitions (parallel/zero3_load.py). ZeRO-1/2 keep full parameters on every rank: the loader
+    # single and FSDP use fills them (the same seeded init for LoRA adapters and new heads).
+    loads_sharded_weights = True
 
     @classmethod
     def from_run_config(cls, cfg):
@@ -178,16 +178,22 @@ class DeepSpeedStrategy(DistributedStrategy):
             self.config_source,
             json.dumps(self.ds_config, sort_keys=True),
         )
+        # Frozen matrices never exist in float32 (bf16 runs); DeepSpeed then casts the rest of the
+        # module to bf16 itself and keeps the trainable float32 masters in its optimizer.
+        hold_frozen_for(model, self.precision)
         if any(p.is_meta for p in model.parameters()):
-            if self.stage != 3 or not self.model_path:
-                raise WeightsError(
-                    "strategy=deepspeed: the model is on the meta device but this is not ZeRO-3 from model.path"
-                )
-            from persimmon_train.parallel.zero3_load import materialize_zero3
+            if not self.model_path:
+                raise WeightsError("strategy=deepspeed: the model is on the meta device but model.path is not set")
+            if self.stage == 3:
+                from persimmon_train.parallel.zero3_load import materialize_zero3
 
-            self.load_report = materialize_zero3(
-                model, self.model_path, self.ds_config, seed=self.seed, is_main=self.is_main, device=self._device
-            )
+                self.load_report = materialize_zero3(
+                    model, self.model_path, self.ds_config, seed=self.seed, is_main=self.is_main, device=self._device
+                )
+            else:
+                from persimmon_train.parallel.sharded_load import load_into_meta_model
+
+                self.load_report = load_into_meta_model(model, self.model_path, device=self._device, seed=self.seed)
         optimizer = make_optimizer(model)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False
