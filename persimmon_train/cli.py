@@ -18,9 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from persimmon_train.errors import PersimmonTrainError
+from persimmon_train.errors import PersimmonTrainError, StoppedEarly
 
 EXIT_USER_ERROR = 2
+EXIT_STOPPED_EARLY = StoppedEarly.exit_code  # 3: stopped on request after a checkpoint; resumable
 CONFIG_DIR_ENV = "PERSIMMON_TRAIN_CONFIG_DIR"
 
 
@@ -314,6 +315,11 @@ def run_recipe(job: str, main: Callable, argv: list[str] | None = None, multirun
             return
         started = True
         main(cfg)
+    except StoppedEarly as exc:
+        if int(os.environ.get("RANK", "0") or 0) == 0:
+            line = f"{_one_line(exc)} (exit {EXIT_STOPPED_EARLY}: resume=auto continues)"
+            print(line, file=sys.stderr)
+        sys.exit(EXIT_STOPPED_EARLY)
     except PersimmonTrainError as exc:
         exit_user_error(_one_line(exc), every_rank_sees_it=started is False)
     except Exception as exc:

@@ -287,17 +287,18 @@ def validate_checkpoint(path: str, comm=None, checksums: bool = True) -> dict:
 def choose_resume(resume: str | None, output_dir: str, comm=None) -> tuple[str, dict] | None:
     """(checkpoint path, manifest) to resume from, or None to start fresh.
 
-    `latest`: the newest `step_N` of output_dir that validates; damaged ones are skipped with a
-    warning saying why. A path: that checkpoint, which must validate (else CheckpointError).
+    `latest` (and `auto`, what the launch scripts pass so a restarted job continues): the newest
+    `step_N` of output_dir that validates; damaged ones are skipped with a warning saying why.
+    A path: that checkpoint, which must validate (else CheckpointError).
     """
     if resume is None:
         return None
-    if resume == "latest":
+    if resume in ("latest", "auto"):
         for step, path in reversed(list_step_dirs(output_dir)):
             try:
                 return path, validate_checkpoint(path, comm)
             except CheckpointError as exc:
-                log.warning("resume=latest: skipping damaged checkpoint step_%d (%s)", step, exc)
+                log.warning("resume=%s: skipping damaged checkpoint step_%d (%s)", resume, step, exc)
         return None
     path = os.path.abspath(resume)
     if not os.path.exists(path):

@@ -10,6 +10,7 @@ is split into micro-batches or ranks.
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import time
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ class TrainState:
     skipped_steps: int = 0
     last_checkpoint: str | None = None
     final_eval: dict = field(default_factory=dict)
+    stopped_early: str | None = None  # the agreed reason (a signal's name, trainer.max_minutes)
 
 
 def count_tokens(batch: dict) -> int:
@@ -119,6 +121,7 @@ class Trainer:
         self.on_checkpoint = on_checkpoint
         self.tokenizer = tokenizer  # saved into each checkpoint, so export needs no other file
         self.checkpoint_metadata = checkpoint_metadata or {}
+        self.stop_flag = None  # preemption.StopFlag: polled (collectively) at every step boundary
 
     # ------------------------------------------------------------------ checkpoints
     def trainer_state_dict(self) -> dict:
@@ -329,11 +332,35 @@ class Trainer:
             # While losses are non-finite, keep the last good checkpoint rather than rotate it out.
             if every and state.step % every == 0 and state.consecutive_nonfinite == 0:
                 self.save()
+            if self.stop_flag is not None and state.step < t.max_steps and self._stop_requested():
+                break
+        if state.stopped_early:
+            if bar is not None:
+                bar.close()
+            return state
         final_metrics = self._eval_and_log(bar) if self.eval_loader is not None else {}
         if bar is not None:
             bar.close()
         state.final_eval = final_metrics
         return state
+
+    def _stop_requested(self) -> bool:
+        """Every rank agrees (one small all-reduce) whether to stop after this step; if so, save it."""
+        reason = self.stop_flag.poll(self.strategy)
+        if reason is None:
+            return False
+        state = self.state
+        if state.last_checkpoint is None or os.path.basename(state.last_checkpoint) != f"step_{state.step}":
+            self.save()
+        state.stopped_early = reason
+        log.warning(
+            "%s: stopping after step %d of %d; checkpoint %s (resume=auto continues from it)",
+            reason,
+            state.step,
+            self.cfg.trainer.max_steps,
+            state.last_checkpoint,
+        )
+        return True
 
     def _eval_and_log(self, bar) -> dict:
         metrics = self.evaluate()
