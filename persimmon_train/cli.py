@@ -350,6 +350,9 @@ def exit_user_error(message: str, every_rank_sees_it: bool) -> None:
         except OSError:
             pass  # the report loses its cause; the exit code still says it
     rank = int(os.environ.get("RANK", "0") or 0)
-    if rank == 0 or not (every_rank_sees_it or error_file):
+    # torchrun restarts a failed group whatever the cause (launch/torchrun.sh: MAX_RESTARTS): the
+    # first attempt's line is the one shown; the restarts fail the same way and stay silent.
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+    if (rank == 0 or not (every_rank_sees_it or error_file)) and not restarted:
         print(f"error: {message}", file=sys.stderr)
     sys.exit(EXIT_USER_ERROR)
