@@ -316,6 +316,12 @@ def run_recipe(job: str, main: Callable, argv: list[str] | None = None, multirun
         started = True
         main(cfg)
     except StoppedEarly as exc:
+        import signal
+
+        # The process only exits now: a launcher passing on SIGTERM/SIGUSR1 to the ranks still
+        # running when the first one exits (torchrun does) must not turn exit 3 into a kill.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         if int(os.environ.get("RANK", "0") or 0) == 0:
             line = f"{_one_line(exc)} (exit {EXIT_STOPPED_EARLY}: resume=auto continues)"
             print(line, file=sys.stderr)

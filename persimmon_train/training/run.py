@@ -148,13 +148,17 @@ def train(cfg, job: str) -> RunResult:
             result.last_checkpoint = state.last_checkpoint
             exit_code = 0
     finally:
-        stop_flag.restore()
+        if exit_code != preemption.EXIT_STOPPED_EARLY:
+            stop_flag.restore()
         trainer.tracker.finish(exit_code=exit_code)
     if strategy.is_main:
         plot_loss_curve(os.path.join(output_dir, "metrics.jsonl"), os.path.join(output_dir, "loss_curve.png"))
     result.seconds = time.perf_counter() - started
     strategy.close()
     if state.stopped_early:  # not finished: no export; the exit code says "resumable"
+        # The handlers stayed until here: a launcher that signals the ranks still running when the
+        # first one exits (torchrun does) must not kill them mid-way through the teardown.
+        stop_flag.restore()
         raise StoppedEarly(f"stopped early ({state.stopped_early}) at step {state.step}: {state.last_checkpoint}")
     return result
 

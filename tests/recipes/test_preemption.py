@@ -41,6 +41,10 @@ def env(tmp_path, monkeypatch):
     monkeypatch.setenv("PERSIMMON_TRAIN_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    yield
+    for number, handler in handlers.items():  # exit 3 leaves SIGTERM/SIGUSR1 ignored until the exit
+        signal.signal(number, handler)
 
 
 def _run(*argv) -> int:
@@ -84,9 +88,9 @@ def test_sigusr1_during_a_checkpoint_write_stops_at_that_step_then_resume_auto_i
 
     monkeypatch.setattr(checkpointing, "save_checkpoint", save_and_get_signalled)
     monkeypatch.setattr(preemption.StopFlag, "install", install)
-    before = signal.getsignal(signal.SIGUSR1)
     assert _run(*COMMON, f"output_dir={stopped}") == cli.EXIT_STOPPED_EARLY == 3
-    assert signal.getsignal(signal.SIGUSR1) is before  # the run put the previous handler back
+    # The process only exits now: a launcher passing signals on must not turn exit 3 into a kill.
+    assert signal.getsignal(signal.SIGTERM) is signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN
     assert during_write["flag"] == "SIGUSR1"  # the signal really arrived inside the write
     checkpoints = stopped / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_2"]
