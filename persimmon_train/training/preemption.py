@@ -10,9 +10,10 @@ checkpoint and the run ends with `EXIT_STOPPED_EARLY`; a checkpoint write in pro
 signal arrives is never interrupted (the flag is read between steps only). A second SIGINT raises
 KeyboardInterrupt at once.
 
-`restarts.json` in output_dir counts the starts in a row that resumed from the same step: a job
-that crashes before its next checkpoint and is restarted by torchrun or Slurm again and again
-stops with one line once `trainer.max_restarts_without_progress` is exceeded.
+`restarts.json` in output_dir counts the starts in a row that resumed from the same step after an
+attempt that did not end by itself (it crashed or was killed): a job that fails before its next
+checkpoint and is restarted by torchrun or Slurm again and again stops with one line once
+`trainer.max_restarts_without_progress` is exceeded.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 TIME_BUDGET = "trainer.max_minutes"
 REASONS = (*SIGNALS, TIME_BUDGET)  # the order of the vote vector (the first agreed reason is named)
 RESTARTS_FILE = "restarts.json"
+FINISHED = "finished"
 
 
 class StopFlag:
@@ -110,17 +112,19 @@ def check_restart(output_dir: str, start_step: int, limit: int) -> int:
     """How many starts in a row (this one included) began at `start_step` before this one; refuses
     past `limit`. Read-only: `record_start` writes the count once output_dir may be touched."""
     record = _read(output_dir)
-    stopped = record.get("stopped") or {}
+    ended = record.get("ended") or {}
     run_id = os.environ.get("TORCHELASTIC_RUN_ID")
     if run_id and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
         # torchrun restarts a group whose ranks exited non-zero, 3 included: a stop it was asked
         # for (a signal, the time budget) stays a stop instead of training on.
-        if stopped.get("torchelastic_run_id") == run_id:
+        if ended.get("reason") != FINISHED and ended.get("torchelastic_run_id") == run_id:
             raise StoppedEarly(
-                f"torchrun restarted this job after it stopped early at step {stopped.get('step')} "
-                f"({stopped.get('reason')}); not training on (resume=auto continues in a new job)"
+                f"torchrun restarted this job after it stopped early at step {ended.get('step')} "
+                f"({ended.get('reason')}); not training on (resume=auto continues in a new job)"
             )
-    count = int(record.get("count", 0)) + 1 if record.get("start_step") == start_step else 0
+    # A start that ended by itself (finished, or stopped on request) was no failed attempt.
+    failed_before = record.get("start_step") == start_step and not ended
+    count = int(record.get("count", 0)) + 1 if failed_before else 0
     if count > limit:
         raise ConfigError(
             f"trainer.max_restarts_without_progress: {count} restarts in a row began at step {start_step} "
@@ -138,8 +142,9 @@ def record_start(output_dir: str, start_step: int, count: int) -> None:
     )
 
 
-def record_stop(output_dir: str, reason: str, step: int) -> None:
-    """Rank 0: why and where this run stopped early (read by a torchrun restart of the same job)."""
+def record_end(output_dir: str, reason: str, step: int) -> None:
+    """Rank 0: how this run ended by itself (`FINISHED`, or why it stopped early) and at which step;
+    a torchrun restart of the same job reads it, and the next start does not count as a retry."""
     record = _read(output_dir)
-    record["stopped"] = {"reason": reason, "step": step, "torchelastic_run_id": os.environ.get("TORCHELASTIC_RUN_ID")}
+    record["ended"] = {"reason": reason, "step": step, "torchelastic_run_id": os.environ.get("TORCHELASTIC_RUN_ID")}
     atomic_write_text(os.path.join(output_dir, RESTARTS_FILE), json.dumps(record) + "\n")

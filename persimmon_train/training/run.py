@@ -139,13 +139,15 @@ def train(cfg, job: str) -> RunResult:
         if state.stopped_early:
             result.steps, result.last_checkpoint = state.step, state.last_checkpoint
             if strategy.is_main:
-                preemption.record_stop(output_dir, state.stopped_early, state.step)
+                preemption.record_end(output_dir, state.stopped_early, state.step)
             exit_code = preemption.EXIT_STOPPED_EARLY
         else:
             if state.last_checkpoint is None or os.path.basename(state.last_checkpoint) != f"step_{state.step}":
                 trainer.save()  # the run's result is a checkpoint; final/ is exported from it
             result.steps, result.final_eval = state.step, state.final_eval
             result.last_checkpoint = state.last_checkpoint
+            if strategy.is_main:
+                preemption.record_end(output_dir, preemption.FINISHED, state.step)
             exit_code = 0
     finally:
         if exit_code != preemption.EXIT_STOPPED_EARLY:

@@ -100,7 +100,7 @@ def test_sigusr1_during_a_checkpoint_write_stops_at_that_step_then_resume_auto_i
     log = (stopped / "train.log").read_text()
     line = next(x for x in log.splitlines() if "stopping after step" in x)
     assert "SIGUSR1" in line and "step 2 of 6" in line and str(checkpoints / "step_2") in line
-    assert json.loads((stopped / preemption.RESTARTS_FILE).read_text())["stopped"]["reason"] == "SIGUSR1"
+    assert json.loads((stopped / preemption.RESTARTS_FILE).read_text())["ended"]["reason"] == "SIGUSR1"
 
     monkeypatch.setattr(checkpointing, "save_checkpoint", real_save)
     torch.manual_seed(4321)  # a restarted process starts from another RNG state
@@ -118,5 +118,5 @@ def test_time_budget_stops_like_a_signal(tmp_path, env):
     # A budget shorter than the setup: the run stops after its first step.
     assert _run(*COMMON, f"output_dir={out}", "trainer.max_minutes=0.0001") == 3
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_1"]
-    assert json.loads((out / preemption.RESTARTS_FILE).read_text())["stopped"]["reason"] == "trainer.max_minutes"
+    assert json.loads((out / preemption.RESTARTS_FILE).read_text())["ended"]["reason"] == "trainer.max_minutes"
     assert not (out / "final").exists()

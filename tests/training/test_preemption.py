@@ -64,7 +64,8 @@ def test_one_signalled_rank_stops_every_rank():
 def test_time_budget_is_rank_0s_clock():
     now = [0.0]
     main = StopFlag(max_minutes=1, is_main=True, clock=lambda: now[0])
-    other = StopFlag(max_minutes=1, is_main=False, clock=lambda: now[0] + 1000)  # a clock far ahead
+    other = StopFlag(max_minutes=1, is_main=False, clock=lambda: now[0])
+    other.started -= 1000  # this rank's clock says the budget is long spent: it does not vote
     comm = Ranks(main, other)
     now[0] = 59.0
     assert main.poll(comm) is None and other.poll(comm) is None
@@ -95,6 +96,8 @@ def test_restarts_without_progress_are_counted_then_refused(tmp_path, monkeypatc
     with pytest.raises(ConfigError, match="3 restarts in a row began at step 4"):
         preemption.check_restart(out, 4, limit=2)
     assert preemption.check_restart(out, 6, limit=2) == 0  # a newer checkpoint: progress resets the count
+    preemption.record_end(out, preemption.FINISHED, 4)  # an attempt that ended by itself is no failure
+    assert preemption.check_restart(out, 4, limit=2) == 0
 
 
 def test_torchrun_restart_after_a_requested_stop_stays_stopped(tmp_path, monkeypatch):
@@ -102,8 +105,8 @@ def test_torchrun_restart_after_a_requested_stop_stays_stopped(tmp_path, monkeyp
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
     preemption.record_start(out, 0, preemption.check_restart(out, 0, limit=3))
-    preemption.record_stop(out, "SIGTERM", 5)
-    assert json.loads((tmp_path / preemption.RESTARTS_FILE).read_text())["stopped"]["step"] == 5
+    preemption.record_end(out, "SIGTERM", 5)
+    assert json.loads((tmp_path / preemption.RESTARTS_FILE).read_text())["ended"]["step"] == 5
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     with pytest.raises(StoppedEarly, match="stopped early at step 5"):
         preemption.check_restart(out, 5, limit=3)
