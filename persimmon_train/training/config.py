@@ -146,6 +146,9 @@ class TrainerConfig:
 class CheckpointConfig:
     every_n_steps: int = 0  # 0: no training checkpoints
     keep_last: int = 3  # 0: keep all
+    # strategy=fsdp: copy the state to host memory and write it in a background thread while
+    # training goes on (at most one save in flight). Not `async`: a Python keyword cannot be a field.
+    async_save: bool = False
 
 
 @dataclass
@@ -281,6 +284,11 @@ OFFLOAD = ("none", "cpu", "nvme")
 def validate_strategy(cfg: RunConfig) -> None:
     s = cfg.strategy
     _one_of("strategy.name", s.name, STRATEGIES)
+    if cfg.checkpoint.async_save and s.name != "fsdp":
+        raise ConfigError(
+            f"checkpoint.async_save: only strategy=fsdp writes checkpoints in the background (DCP); "
+            f"strategy={s.name} writes them synchronously: set checkpoint.async_save=false"
+        )
     if not DEVICE_PATTERN.fullmatch(str(s.device)):
         raise ConfigError(f"strategy.device: {s.device!r} is not one of auto, cpu, cuda, cuda:N")
     _one_of("strategy.backend", s.backend, ("auto", "nccl", "gloo", "ccl", "mpi"))

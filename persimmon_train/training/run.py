@@ -143,7 +143,7 @@ def train(cfg, job: str) -> RunResult:
             exit_code = preemption.EXIT_STOPPED_EARLY
         else:
             if state.last_checkpoint is None or os.path.basename(state.last_checkpoint) != f"step_{state.step}":
-                trainer.save()  # the run's result is a checkpoint; final/ is exported from it
+                trainer.save(wait=True)  # the run's result is a checkpoint; final/ is exported from it
             result.steps, result.final_eval = state.step, state.final_eval
             result.last_checkpoint = state.last_checkpoint
             if strategy.is_main:

@@ -94,3 +94,12 @@ def test_torchrun_restarts_a_killed_rank_and_continues_by_itself(runs, tmp_path)
     assert f"resume=auto: resuming from {out / 'checkpoints' / 'step_5'}" in log, log[-3000:]
     assert (out / "final" / "model.safetensors").exists()
     _assert_matches(reference, out)
+
+
+def test_async_checkpoints_on_2_ranks(runs, tmp_path):
+    """checkpoint.async_save=true on 2 FSDP2 ranks: every checkpoint validates, training is unchanged."""
+    out = tmp_path / "async"
+    launch(out, [*JOBS["fsdp"], "checkpoint.async_save=true"], runs.env)
+    for step in (5, 10):
+        validate_checkpoint(str(out / "checkpoints" / f"step_{step}"))
+    _assert_matches(runs.get("fsdp"), out)
