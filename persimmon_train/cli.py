@@ -3,7 +3,9 @@
 `run_recipe("finetune", main)` turns `sys.argv` (Hydra overrides such as `trainer.max_steps=10`)
 into a validated `RunConfig`, runs `main(cfg)`, and reports user errors -- `PersimmonTrainError`
 and Hydra/OmegaConf config errors -- as ONE line `error: ...` on stderr with exit code 2 and no
-traceback. Anything else is a bug and keeps its traceback.
+traceback. Anything else is a bug and keeps its traceback. A run that stops early on request (a
+preemption signal, trainer.max_minutes) after writing its checkpoint exits 3: resumable, neither
+success (0) nor failure (1) nor user error (2).
 
 We compose with Hydra's compose API instead of `@hydra.main`: it gives the same config tree and
 override grammar, but leaves the working directory and logging alone and lets us own the errors.

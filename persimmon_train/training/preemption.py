@@ -43,10 +43,10 @@ FINISHED = "finished"
 class StopFlag:
     """Which stop was requested on this rank; `poll` makes every rank agree at a step boundary."""
 
-    def __init__(self, max_minutes: float | None = None, is_main: bool = True, clock=time.monotonic):
+    def __init__(self, max_minutes=None, is_main: bool = True, clock=time.monotonic, started: float | None = None):
         self.received: str | None = None  # the first signal's name, set by the handler
         self.clock = clock
-        self.started = clock()
+        self.started = clock() if started is None else started  # a `clock()` reading
         self.max_seconds = None if max_minutes is None else float(max_minutes) * 60.0
         self.is_main = is_main  # only rank 0's clock votes for the time budget
         self._previous: dict[int, object] = {}

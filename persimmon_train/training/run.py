@@ -128,8 +128,9 @@ def train(cfg, job: str) -> RunResult:
         trainer.metrics_file = JsonlMetrics(os.path.join(output_dir, "metrics.jsonl"), resume_step)
     result = RunResult(output_dir=output_dir, steps=0, seconds=0.0, is_main=strategy.is_main)
     exit_code = 1
-    trainer.stop_flag = stop_flag = preemption.StopFlag(cfg.trainer.max_minutes, strategy.is_main).install()
-    stop_flag.started = started_clock  # the time budget counts from the start of the run
+    # The time budget counts from the start of the run (setup included).
+    stop_flag = preemption.StopFlag(cfg.trainer.max_minutes, strategy.is_main, started=started_clock)
+    trainer.stop_flag = stop_flag.install()
     try:
         if not resume_path and cfg.trainer.eval_at_start and data.eval_loader is not None:
             result.first_eval = trainer.evaluate()
