@@ -3,7 +3,9 @@
 `run_recipe("finetune", main)` turns `sys.argv` (Hydra overrides such as `trainer.max_steps=10`)
 into a validated `RunConfig`, runs `main(cfg)`, and reports user errors -- `PersimmonTrainError`
 and Hydra/OmegaConf config errors -- as ONE line `error: ...` on stderr with exit code 2 and no
-traceback. Anything else is a bug and keeps its traceback.
+traceback. Anything else is a bug and keeps its traceback. A run that stops early on request (a
+preemption signal, trainer.max_minutes) after writing its checkpoint exits 3: resumable, neither
+success (0) nor failure (1) nor user error (2).
 
 We compose with Hydra's compose API instead of `@hydra.main`: it gives the same config tree and
 override grammar, but leaves the working directory and logging alone and lets us own the errors.
@@ -18,9 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from persimmon_train.errors import PersimmonTrainError
+from persimmon_train.errors import PersimmonTrainError, StoppedEarly
 
 EXIT_USER_ERROR = 2
+EXIT_STOPPED_EARLY = StoppedEarly.exit_code  # 3: stopped on request after a checkpoint; resumable
 CONFIG_DIR_ENV = "PERSIMMON_TRAIN_CONFIG_DIR"
 
 
@@ -314,6 +317,17 @@ def run_recipe(job: str, main: Callable, argv: list[str] | None = None, multirun
             return
         started = True
         main(cfg)
+    except StoppedEarly as exc:
+        import signal
+
+        # The process only exits now: a launcher passing on SIGTERM/SIGUSR1 to the ranks still
+        # running when the first one exits (torchrun does) must not turn exit 3 into a kill.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        if int(os.environ.get("RANK", "0") or 0) == 0:
+            line = f"{_one_line(exc)} (exit {EXIT_STOPPED_EARLY}: resume=auto continues)"
+            print(line, file=sys.stderr)
+        sys.exit(EXIT_STOPPED_EARLY)
     except PersimmonTrainError as exc:
         exit_user_error(_one_line(exc), every_rank_sees_it=started is False)
     except Exception as exc:
@@ -344,6 +358,9 @@ def exit_user_error(message: str, every_rank_sees_it: bool) -> None:
         except OSError:
             pass  # the report loses its cause; the exit code still says it
     rank = int(os.environ.get("RANK", "0") or 0)
-    if rank == 0 or not (every_rank_sees_it or error_file):
+    # torchrun restarts a failed group whatever the cause (launch/torchrun.sh: MAX_RESTARTS): the
+    # first attempt's line is the one shown; the restarts fail the same way and stay silent.
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+    if (rank == 0 or not (every_rank_sees_it or error_file)) and not restarted:
         print(f"error: {message}", file=sys.stderr)
     sys.exit(EXIT_USER_ERROR)

@@ -29,3 +29,10 @@ class StorageError(PersimmonTrainError):
 
 class CheckpointError(WeightsError):
     """A training checkpoint is incomplete, damaged or does not fit this run (names the file or key)."""
+
+
+class StoppedEarly(Exception):
+    """The run stopped before trainer.max_steps on request (a signal, trainer.max_minutes) after
+    writing a checkpoint: not a failure, and resumable (resume=auto). Exit code 3."""
+
+    exit_code = 3

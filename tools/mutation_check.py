@@ -1,7 +1,7 @@
 """Mutation check: does a test fail when the code it guards is broken on purpose?
 
     python tools/mutation_check.py                  # every mutant (a few minutes on 2 cores)
-    python tools/mutation_check.py --group loss     # loss | packing | trainer | features | inputs | persist
+    python tools/mutation_check.py --group loss     # loss | packing | trainer | features | inputs | persist | preempt
     python tools/mutation_check.py --only loss.no_shift packing.no_first_label_mask
     python tools/mutation_check.py --list
     python tools/mutation_check.py --only features.top_p_ignored --tests tests/export/test_generate.py
@@ -70,6 +70,9 @@ PERSISTENCE_TESTS = "tests/recipes/test_persistence.py::"  # real recipe runs: ~
 TRAINER_TESTS = ["tests/training/test_loop.py", "tests/training/test_metrics.py"]
 INPUT_TESTS = "tests/cli/test_input_errors.py"
 DATA_KEY_TESTS = "tests/data/test_cache_key_and_splits.py"
+PREEMPTION = "persimmon_train/training/preemption.py"
+PREEMPT_UNIT_TESTS = "tests/training/test_preemption.py"
+PREEMPT_RUN_TESTS = "tests/recipes/test_preemption.py"  # in-process single runs, ~25 s
 
 MUTANTS = [
     # ------------------------------------------------------------------ model/loss.py
@@ -626,6 +629,126 @@ MUTANTS = [
         "if tokenizer.vocab_size >= model_vocab:",
         ["tests/cli/test_preflight.py::test_tokenizer_as_large_as_the_vocabulary_is_accepted_one_piece_more_is_not"],
     ),
+    # ------------------------------------------------------------------ preemption and restarts (issue 19)
+    Mutant(
+        "preempt.flag_never_polled",
+        TRAINER,
+        "state.step < t.max_steps and self._stop_requested():",
+        "state.step < t.max_steps and False:",
+        [PREEMPT_RUN_TESTS],
+    ),
+    Mutant(
+        "preempt.votes_not_reduced",
+        PREEMPTION,
+        "return agreed_reason(comm.reduce_sum(votes))",
+        "return agreed_reason(votes)",
+        [PREEMPT_UNIT_TESTS],
+    ),
+    Mutant(
+        "preempt.every_rank_clock_votes",
+        PREEMPTION,
+        "1.0 if self.is_main and self.over_budget()",
+        "1.0 if self.over_budget()",
+        [PREEMPT_UNIT_TESTS],
+    ),
+    Mutant(
+        "preempt.second_sigint_waits",
+        PREEMPTION,
+        'if name == "SIGINT" and self.received is not None:',
+        "if False:",
+        [PREEMPT_UNIT_TESTS],
+    ),
+    Mutant(
+        "preempt.no_checkpoint_on_stop",
+        TRAINER,
+        '!= f"step_{state.step}":\n            self.save()\n        state.stopped_early = reason',
+        '!= f"step_{state.step}":\n            pass\n        state.stopped_early = reason',
+        [PREEMPT_RUN_TESTS],
+    ),
+    Mutant(
+        "preempt.stopped_run_exported",
+        "persimmon_train/training/run.py",
+        "    if state.stopped_early:  # not finished",
+        "    if False:  # not finished",
+        [PREEMPT_RUN_TESTS],
+    ),
+    Mutant(
+        "preempt.resume_auto_not_accepted",
+        "persimmon_train/storage/checkpoints.py",
+        'if resume in ("latest", "auto"):',
+        'if resume == "latest":',
+        [PREEMPT_RUN_TESTS],
+    ),
+    Mutant(
+        "preempt.restart_loop_unbounded",
+        PREEMPTION,
+        "if count > limit:",
+        "if False:",
+        [PREEMPT_UNIT_TESTS],
+    ),
+    Mutant(
+        "preempt.torchrun_restart_trains_on",
+        PREEMPTION,
+        'if stopped.get("torchelastic_run_id") == run_id:',
+        "if False:",
+        [PREEMPT_UNIT_TESTS],
+    ),
+    Mutant(
+        "preempt.exit_code_1",
+        "persimmon_train/errors.py",
+        "    exit_code = 3",
+        "    exit_code = 1",
+        [PREEMPT_UNIT_TESTS],
+    ),
+    Mutant(
+        "preempt.torchrun_no_restarts",
+        "launch/torchrun.sh",
+        'RESTARTS=(--max-restarts "$MAX_RESTARTS"',
+        "RESTARTS=(--max-restarts 0",
+        ["tests/distributed/test_launch_scripts.py"],
+    ),
+    Mutant(
+        "preempt.resume_auto_not_added",
+        "launch/common.sh",
+        'if [[ "$has_output_dir" == 1 ]]; then ARGS+=(resume=auto); fi',
+        ":",
+        ["tests/distributed/test_launch_scripts.py"],
+    ),
+    Mutant(
+        "preempt.restarted_error_printed_again",
+        "persimmon_train/cli.py",
+        "(every_rank_sees_it or error_file)) and not restarted:",
+        "(every_rank_sees_it or error_file)):",
+        ["tests/distributed/test_launch_errors.py"],
+    ),
+    Mutant(
+        "preempt.ended_attempts_counted",
+        PREEMPTION,
+        'failed_before = record.get("start_step") == start_step and not ended',
+        'failed_before = record.get("start_step") == start_step',
+        [PREEMPT_UNIT_TESTS],
+    ),
+    Mutant(
+        "preempt.async_written_on_training_thread",
+        "persimmon_train/training/checkpointing.py",
+        "        self.thread.start()",
+        "        run()",
+        ["tests/recipes/test_async_checkpoint.py"],
+    ),
+    Mutant(
+        "preempt.async_not_staged",
+        "persimmon_train/parallel/fsdp.py",
+        "            return stager.stage(self._state())",
+        "            return self._state()",
+        ["tests/recipes/test_async_checkpoint.py"],
+    ),
+    Mutant(
+        "preempt.async_allowed_for_deepspeed",
+        "persimmon_train/training/config.py",
+        'if cfg.checkpoint.async_save and s.name != "fsdp":',
+        "if False:",
+        ["tests/recipes/test_async_checkpoint.py::test_deepspeed_async_is_refused_in_one_line"],
+    ),
     Mutant(
         "features.recipe_env_not_pinned",
         "tests/recipes/conftest.py",
@@ -819,7 +942,7 @@ def failing_tests(report: Path) -> dict[str, str]:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--group", choices=[*GROUPS, "features", "inputs", "persist"], action="append")
+    parser.add_argument("--group", choices=[*GROUPS, "features", "inputs", "persist", "preempt"], action="append")
     parser.add_argument("--only", nargs="+", metavar="NAME")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--tests", nargs="+", metavar="NODE", help="run these tests instead of each mutant's own")

@@ -97,3 +97,26 @@ class DistributedStrategy(Strategy):
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+
+
+class GroupComm:
+    """The `comm` of `storage.save_checkpoint` over a gloo group of its own: a checkpoint written in
+    a background thread synchronises there, so its collectives never interleave with the training
+    step's on the default group (which may be NCCL). Every rank creates it at the same point."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size, self.is_main = rank, world_size, rank == 0
+        self.group = dist.new_group(backend="gloo")
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.group)
+
+    def broadcast_object(self, obj):
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def all_gather_object(self, obj) -> list:
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from persimmon_train.errors import CheckpointError, WeightsError
-from persimmon_train.parallel.distributed import DistributedStrategy, launched_world, pick_device
+from persimmon_train.parallel.distributed import DistributedStrategy, GroupComm, launched_world, pick_device
 from persimmon_train.parallel.frozen_weights import hold_frozen_for
 from persimmon_train.parallel.single import resolve_precision
 from persimmon_train.storage.checkpoints import DCP_DIR
@@ -202,6 +202,29 @@ class FSDPStrategy(DistributedStrategy):
         import torch.distributed.checkpoint as dcp
 
         dcp.save(self._state(), checkpoint_id=os.path.join(directory, DCP_DIR))
+
+    # checkpoint.async_save: stage on the training thread, write in a background thread.
+    def checkpoint_comm(self) -> GroupComm:
+        if getattr(self, "_checkpoint_comm", None) is None:
+            self._checkpoint_comm = GroupComm(self.rank, self.world_size)
+        return self._checkpoint_comm
+
+    def stage_state(self) -> dict:
+        """A host-memory copy of what `save_state` writes, taken now (DCP's own stager, as
+        `dcp.async_save` uses): training may change the parameters as soon as this returns."""
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        stager = DefaultStager(StagingOptions(False, False, False, False))
+        try:
+            return stager.stage(self._state())
+        finally:
+            stager.close()
+
+    def save_staged(self, staged: dict, directory: str, comm: GroupComm) -> None:
+        """Write a `stage_state` copy (any thread; DCP's collectives go over `comm`'s group)."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(staged, checkpoint_id=os.path.join(directory, DCP_DIR), process_group=comm.group)
 
     def load_state(self, directory):
         import torch.distributed.checkpoint as dcp

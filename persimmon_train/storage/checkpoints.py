@@ -304,18 +304,19 @@ def _newest_valid(output_dir: str, comm, why: str) -> tuple[tuple[str, dict] | N
 def choose_resume(resume: str | None, output_dir: str, comm=None) -> tuple[str, dict] | None:
     """(checkpoint path, manifest) to resume from, or None to start fresh.
 
-    `latest`: the newest `step_N` of output_dir that validates; damaged ones are skipped with a
-    warning saying why; no `step_N` at all: None (start fresh). Every one damaged: CheckpointError
-    naming each and why, and nothing on disk is touched (starting fresh would write over them).
+    `latest` (and `auto`, what the launch scripts pass so a restarted job continues): the newest
+    `step_N` of output_dir that validates; damaged ones are skipped with a warning saying why; no
+    `step_N` at all: None (start fresh). Every one damaged: CheckpointError naming each and why, and
+    nothing on disk is touched (starting fresh would write over them).
     A path: that checkpoint, which must validate (else CheckpointError).
     """
     if resume is None:
         return None
-    if resume == "latest":
-        chosen, damaged = _newest_valid(output_dir, comm, "resume=latest")
+    if resume in ("latest", "auto"):
+        chosen, damaged = _newest_valid(output_dir, comm, f"resume={resume}")
         if chosen is None and damaged:
             raise CheckpointError(
-                f"resume=latest: no checkpoint in {checkpoints_root(output_dir)} is complete and undamaged "
+                f"resume={resume}: no checkpoint in {checkpoints_root(output_dir)} is complete and undamaged "
                 f"({'; '.join(damaged)}); they are left as they are. Resume one that validates with "
                 f"resume=PATH, or start over on purpose with overwrite=true (and no resume)"
             )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import threading
 
 import numpy as np
 import torch
@@ -100,6 +101,47 @@ def save_checkpoint(
     return store.save_checkpoint(
         output_dir, step, comm=strategy, write_files=write_files, metadata=metadata, keep_last=keep_last
     )
+
+
+class BackgroundSave:
+    """One checkpoint written in a background thread (checkpoint.async_save, strategy=fsdp).
+
+    The model and optimizer state are copied to host memory here, on the training thread; the
+    thread then writes every file and runs `store.save_checkpoint`'s checksums, manifest and rename
+    over a gloo group of its own, so the manifest appears only once every rank's files are complete:
+    a process killed mid-write leaves no checkpoint that validates. `wait` joins it (and raises its
+    error on every rank, as the synchronous save does).
+    """
+
+    def __init__(self, output_dir, step, *, strategy, trainer_state, metadata, tokenizer, keep_last):
+        comm = strategy.checkpoint_comm()
+        staged = strategy.stage_state()
+        trainer_state = _plain(trainer_state)
+        self.step, self.path, self.error = step, None, None
+
+        def write_files(folder: str) -> None:
+            strategy.save_staged(staged, folder, comm)
+            store.save_trainer_state(folder, strategy.rank, trainer_state)
+            if strategy.is_main and tokenizer is not None:
+                tokenizer.save_pretrained(os.path.join(folder, store.TOKENIZER_DIR))
+
+        def run() -> None:
+            try:
+                self.path = store.save_checkpoint(
+                    output_dir, step, comm=comm, write_files=write_files, metadata=metadata, keep_last=keep_last
+                )
+            except BaseException as exc:  # noqa: BLE001 - re-raised on the training thread by wait()
+                self.error = exc
+
+        # daemon: a process that dies with a save in flight leaves a step_N.tmp/ without manifest
+        self.thread = threading.Thread(target=run, name=f"checkpoint-step_{step}", daemon=True)
+        self.thread.start()
+
+    def wait(self) -> str:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.path
 
 
 def load_checkpoint(path: str, *, strategy) -> dict:

@@ -135,12 +135,20 @@ class TrainerConfig:
     peak_tflops: Optional[float] = None  # per-device peak for MFU; null: known GPUs only
     num_threads: Optional[int] = None  # torch CPU threads; null: torch's default
     compile: bool = False  # torch.compile each decoder layer (after checkpointing, before sharding)
+    # Time budget: after this many minutes (from the start of the run, rank 0's clock) the run saves
+    # and stops like a preemption signal (exit code 3); null: no budget.
+    max_minutes: Optional[float] = None
+    # Starts in a row from the same checkpoint step (restarts.json) before a restart refuses (exit 2).
+    max_restarts_without_progress: int = 3
 
 
 @dataclass
 class CheckpointConfig:
     every_n_steps: int = 0  # 0: no training checkpoints
     keep_last: int = 3  # 0: keep all
+    # strategy=fsdp: copy the state to host memory and write it in a background thread while
+    # training goes on (at most one save in flight). Not `async`: a Python keyword cannot be a field.
+    async_save: bool = False
 
 
 @dataclass
@@ -153,7 +161,7 @@ class ExportConfig:
 class RunConfig:
     task: str = "causal_lm"
     output_dir: Optional[str] = None  # null: outputs/<job>/<timestamp>
-    resume: Optional[str] = None  # latest | PATH to checkpoints/step_N
+    resume: Optional[str] = None  # auto | latest | PATH to checkpoints/step_N
     # An output_dir that holds a run is refused unless resumed or started over: overwrite=true
     # replaces that run's own files (checkpoints/step_N, metrics.jsonl, ...), never anything else.
     overwrite: bool = False
@@ -199,10 +207,12 @@ def validate_run_config(cfg: RunConfig) -> RunConfig:
     _one_of("trainer.precision", t.precision, PRECISIONS)
     for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every_n_steps", "max_nonfinite_steps"):
         _at_least(f"trainer.{key}", getattr(t, key), 1)
-    for key in ("activation_checkpointing", "eval_every_n_steps"):
+    for key in ("activation_checkpointing", "eval_every_n_steps", "max_restarts_without_progress"):
         _at_least(f"trainer.{key}", getattr(t, key), 0)
     if t.eval_max_batches is not None:
         _at_least("trainer.eval_max_batches", t.eval_max_batches, 1)
+    if t.max_minutes is not None and not t.max_minutes > 0:
+        raise ConfigError(f"trainer.max_minutes: must be > 0 (or null: no time budget), got {t.max_minutes!r}")
     if t.num_threads is not None and t.num_threads < 1:
         raise ConfigError(f"trainer.num_threads: must be >= 1 (or null: torch's default), got {t.num_threads!r}")
     o = cfg.optim
@@ -268,8 +278,8 @@ def validate_run_config(cfg: RunConfig) -> RunConfig:
         raise ConfigError(
             f"overwrite: overwrite=true starts the run over, resume={cfg.resume} continues it; pass one of them"
         )
-    if cfg.resume is not None and cfg.output_dir is None and cfg.resume == "latest":
-        raise ConfigError("resume: 'latest' needs output_dir=DIR (the run folder to continue)")
+    if cfg.resume is not None and cfg.output_dir is None and cfg.resume in ("latest", "auto"):
+        raise ConfigError(f"resume: '{cfg.resume}' needs output_dir=DIR (the run folder to continue)")
     return cfg
 
 
@@ -281,6 +291,11 @@ OFFLOAD = ("none", "cpu", "nvme")
 def validate_strategy(cfg: RunConfig) -> None:
     s = cfg.strategy
     _one_of("strategy.name", s.name, STRATEGIES)
+    if cfg.checkpoint.async_save and s.name != "fsdp":
+        raise ConfigError(
+            f"checkpoint.async_save: only strategy=fsdp writes checkpoints in the background (DCP); "
+            f"strategy={s.name} writes them synchronously: set checkpoint.async_save=false"
+        )
     if not DEVICE_PATTERN.fullmatch(str(s.device)):
         raise ConfigError(f"strategy.device: {s.device!r} is not one of auto, cpu, cuda, cuda:N")
     _one_of("strategy.backend", s.backend, ("auto", "nccl", "gloo", "ccl", "mpi"))

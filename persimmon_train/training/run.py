@@ -12,8 +12,9 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from persimmon_train.errors import StoppedEarly
 from persimmon_train.storage import checkpoints as store
-from persimmon_train.training import builders, checkpointing, run_folder
+from persimmon_train.training import builders, checkpointing, preemption, run_folder
 from persimmon_train.training.optim import build_optimizer, build_scheduler
 from persimmon_train.training.preflight import preflight
 from persimmon_train.training.trackers import JsonlMetrics, build_tracker, plot_loss_curve, redact_secrets
@@ -63,7 +64,7 @@ def train(cfg, job: str, keep_lock: bool = False) -> RunResult:
     The run ends with a checkpoint of its last step, which `persimmon_train.export.run_outputs`
     turns into final/ (and adapter/), reading it from disk: no full gather onto rank 0.
     """
-    started = time.perf_counter()
+    started, started_clock = time.perf_counter(), time.monotonic()
     preflight(cfg, job)  # cheap checks (config.json, tokenizer, data paths) before output or data work
     strategy = builders.build_strategy(cfg)
     if cfg.trainer.num_threads:
@@ -82,8 +83,12 @@ def train(cfg, job: str, keep_lock: bool = False) -> RunResult:
         f"{strategy.precision} (trainer.precision={cfg.trainer.precision})",
         strategy.device,
     )
-    if cfg.resume == "latest" and resume_path is None:
-        log.info("resume=latest: no complete checkpoint in %s yet; starting from scratch", output_dir)
+    if cfg.resume in ("latest", "auto") and resume_path is None:
+        log.info("resume=%s: no complete checkpoint in %s yet; starting from scratch", cfg.resume, output_dir)
+    elif cfg.resume == "auto":
+        log.info("resume=auto: resuming from %s", resume_path)
+    start_step = int(manifest.get("step", -1)) if resume_path else 0
+    restarts = preemption.check_restart(output_dir, start_step, cfg.trainer.max_restarts_without_progress)
 
     tokenizer = builders.build_tokenizer(cfg)
     data = builders.build_data_bundle(cfg, tokenizer, strategy)
@@ -121,6 +126,7 @@ def train(cfg, job: str, keep_lock: bool = False) -> RunResult:
         if strategy.is_main:
             write_resolved_config(cfg, output_dir)
             store.remove_stale_temporaries(output_dir)
+            preemption.record_start(output_dir, start_step, restarts)
         trainer.tracker = build_tracker(
             cfg.tracker,
             config=config_dict(cfg),
@@ -134,23 +140,41 @@ def train(cfg, job: str, keep_lock: bool = False) -> RunResult:
             trainer.metrics_file = JsonlMetrics(os.path.join(output_dir, "metrics.jsonl"), resume_step)
         result = RunResult(output_dir=output_dir, steps=0, seconds=0.0, is_main=strategy.is_main)
         exit_code = 1
+        # The time budget counts from the start of the run (setup included).
+        stop_flag = preemption.StopFlag(cfg.trainer.max_minutes, strategy.is_main, started=started_clock)
+        trainer.stop_flag = stop_flag.install()
         try:
             if not resume_path and cfg.trainer.eval_at_start and data.eval_loader is not None:
                 result.first_eval = trainer.evaluate()
                 trainer._log(result.first_eval)
                 log.info("step 0 eval: %s", _fmt(result.first_eval))
             state = trainer.fit()
-            if state.last_checkpoint is None or os.path.basename(state.last_checkpoint) != f"step_{state.step}":
-                trainer.save()  # the run's result is a checkpoint; final/ is exported from it
-            result.steps, result.final_eval = state.step, state.final_eval
-            result.last_checkpoint = state.last_checkpoint
-            exit_code = 0
+            if state.stopped_early:
+                result.steps, result.last_checkpoint = state.step, state.last_checkpoint
+                if strategy.is_main:
+                    preemption.record_end(output_dir, state.stopped_early, state.step)
+                exit_code = preemption.EXIT_STOPPED_EARLY
+            else:
+                if state.last_checkpoint is None or os.path.basename(state.last_checkpoint) != f"step_{state.step}":
+                    trainer.save(wait=True)  # the run's result is a checkpoint; final/ is exported from it
+                result.steps, result.final_eval = state.step, state.final_eval
+                result.last_checkpoint = state.last_checkpoint
+                if strategy.is_main:
+                    preemption.record_end(output_dir, preemption.FINISHED, state.step)
+                exit_code = 0
         finally:
+            if exit_code != preemption.EXIT_STOPPED_EARLY:
+                stop_flag.restore()
             trainer.tracker.finish(exit_code=exit_code)
         if strategy.is_main:
             plot_loss_curve(os.path.join(output_dir, "metrics.jsonl"), os.path.join(output_dir, "loss_curve.png"))
         result.seconds = time.perf_counter() - started
         strategy.close()
+        if state.stopped_early:  # not finished: no export; the exit code says "resumable"
+            # The handlers stayed until here: a launcher that signals the ranks still running when the
+            # first one exits (torchrun does) must not kill them mid-way through the teardown.
+            stop_flag.restore()
+            raise StoppedEarly(f"stopped early ({state.stopped_early}) at step {state.step}: {state.last_checkpoint}")
     except BaseException:
         lock.release()
         raise

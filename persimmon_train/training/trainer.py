@@ -10,6 +10,7 @@ is split into micro-batches or ranks.
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import time
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ class TrainState:
     skipped_steps: int = 0
     last_checkpoint: str | None = None
     final_eval: dict = field(default_factory=dict)
+    stopped_early: str | None = None  # the agreed reason (a signal's name, trainer.max_minutes)
 
 
 def count_tokens(batch: dict) -> int:
@@ -119,6 +121,8 @@ class Trainer:
         self.on_checkpoint = on_checkpoint
         self.tokenizer = tokenizer  # saved into each checkpoint, so export needs no other file
         self.checkpoint_metadata = checkpoint_metadata or {}
+        self.stop_flag = None  # preemption.StopFlag: polled (collectively) at every step boundary
+        self.pending_save = None  # checkpointing.BackgroundSave in flight (checkpoint.async_save)
 
     # ------------------------------------------------------------------ checkpoints
     def trainer_state_dict(self) -> dict:
@@ -145,16 +149,29 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.state.step)
         return state
 
-    def save(self) -> str:
-        path = checkpointing.save_checkpoint(
-            self.output_dir,
-            self.state.step,
+    def save(self, wait: bool = False) -> str | None:
+        """Checkpoint this step. With checkpoint.async_save the files are written in the background
+        (at most one save in flight: a new one first waits for the last) and this returns None,
+        unless `wait`; `state.last_checkpoint` names a checkpoint once it is complete."""
+        kwargs = dict(
             strategy=self.strategy,
             trainer_state=self.trainer_state_dict(),
             metadata=self.checkpoint_metadata,
             tokenizer=self.tokenizer,
             keep_last=self.cfg.checkpoint.keep_last,
         )
+        if self.cfg.checkpoint.async_save:
+            self.wait_for_save()
+            self.pending_save = checkpointing.BackgroundSave(self.output_dir, self.state.step, **kwargs)
+            return self.wait_for_save() if wait else None
+        return self._saved(checkpointing.save_checkpoint(self.output_dir, self.state.step, **kwargs))
+
+    def wait_for_save(self) -> str | None:
+        """Join the save in flight, if any (every rank: its end is collective)."""
+        pending, self.pending_save = self.pending_save, None
+        return self._saved(pending.wait()) if pending is not None else None
+
+    def _saved(self, path: str) -> str:
         self.state.last_checkpoint = path
         log.info("checkpoint: %s", path)
         if self.on_checkpoint is not None:
@@ -329,11 +346,37 @@ class Trainer:
             # While losses are non-finite, keep the last good checkpoint rather than rotate it out.
             if every and state.step % every == 0 and state.consecutive_nonfinite == 0:
                 self.save()
+            if self.stop_flag is not None and state.step < t.max_steps and self._stop_requested():
+                break
+        if state.stopped_early:
+            if bar is not None:
+                bar.close()
+            return state
         final_metrics = self._eval_and_log(bar) if self.eval_loader is not None else {}
+        self.wait_for_save()
         if bar is not None:
             bar.close()
         state.final_eval = final_metrics
         return state
+
+    def _stop_requested(self) -> bool:
+        """Every rank agrees (one small all-reduce) whether to stop after this step; if so, save it."""
+        reason = self.stop_flag.poll(self.strategy)
+        if reason is None:
+            return False
+        state = self.state
+        self.wait_for_save()  # a save in flight finishes first
+        if state.last_checkpoint is None or os.path.basename(state.last_checkpoint) != f"step_{state.step}":
+            self.save(wait=True)
+        state.stopped_early = reason
+        log.warning(
+            "%s: stopping after step %d of %d; checkpoint %s (resume=auto continues from it)",
+            reason,
+            state.step,
+            self.cfg.trainer.max_steps,
+            state.last_checkpoint,
+        )
+        return True
 
     def _eval_and_log(self, bar) -> dict:
         metrics = self.evaluate()

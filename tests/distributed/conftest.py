@@ -78,6 +78,9 @@ def launch_command(output_dir: Path, overrides: list[str], env: dict, nproc: int
         cmd = ["bash", str(REPO / "launch" / f"{launcher}.sh"), "recipes/finetune.py", *args]
     env = dict(
         env,
+        # launch/torchrun.sh restarts a failed group 3 times by default: a test that expects a
+        # failure would wait for every restart (tests of restarts set MAX_RESTARTS themselves).
+        MAX_RESTARTS=env.get("MAX_RESTARTS", "0"),
         NPROC_PER_NODE=str(nproc),
         NUM_GPUS=str(nproc),
         TORCHRUN=str(VENV_BIN / "torchrun"),

@@ -1,5 +1,6 @@
-"""A config error under torchrun: one `error:` line for the whole launch (rank 0's), and torchrun's
-own failure report names it as the root cause instead of showing a Python traceback."""
+"""A config error under torchrun: one `error:` line for the whole launch (rank 0's, also when
+torchrun restarts the group and it fails again), and torchrun's own failure report names it as the
+root cause instead of showing a Python traceback."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ import pytest
 from tests.distributed.conftest import REPO, launch_command
 from tests.recipes.conftest import recipe_env
 
-pytestmark = pytest.mark.distributed  # one 2-rank torchrun launch, ~6 s
+pytestmark = pytest.mark.distributed  # one 2-rank torchrun launch restarted once, ~15 s
 
 
 def test_config_error_under_torchrun_is_one_line_and_the_launcher_names_it(tmp_path):
     out = tmp_path / "out"
-    cmd, env = launch_command(out, ["strategy=fsdp", "trainer.num_threads=-1"], recipe_env(tmp_path), nproc=2)
+    cmd, env = launch_command(
+        out, ["strategy=fsdp", "trainer.num_threads=-1"], recipe_env(tmp_path, MAX_RESTARTS="1"), nproc=2
+    )
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

@@ -32,8 +32,9 @@ def test_bash_syntax(script):
 
 def test_torchrun_single_and_multi_node():
     assert _dry("launch/torchrun.sh", NPROC_PER_NODE="2").startswith(
-        "torchrun --standalone --nnodes 1 --nproc_per_node 2 recipes/finetune.py strategy=fsdp "
-        "data.train_files=\\[a\\ b\\]"
+        "torchrun --standalone --nnodes 1 --nproc_per_node 2 --max-restarts 3 "
+        "--signals-to-handle SIGTERM\\,SIGINT\\,SIGHUP\\,SIGQUIT\\,SIGUSR1 --shutdown-timeout 170 "
+        "recipes/finetune.py strategy=fsdp data.train_files=\\[a\\ b\\]"
     )
     multi = _dry("launch/torchrun.sh", NNODES="2", NODE_RANK="1", MASTER_ADDR="n1", MASTER_PORT="1234", RDZV_ID="j")
     assert "--nnodes 2 --node_rank 1" in multi and "--rdzv_backend c10d --rdzv_endpoint n1:1234 --rdzv_id j" in multi
@@ -61,3 +62,23 @@ def test_slurm_dry_run_prints_one_command_per_node(script, launcher):
         assert f"# node {rank} runs:" in out
         assert f"--node_rank {rank}" in out
     assert out.count(f"{launcher} --") == 3
+
+
+def test_torchrun_restarts_continue_with_resume_auto():
+    """MAX_RESTARTS (default 3) restarts the group; the restarted ranks run the same command, so
+    resume=auto is added when output_dir= is named and the command has no resume= of its own."""
+    assert _dry("launch/torchrun.sh", "output_dir=/o").rstrip().endswith("output_dir=/o resume=auto")
+    assert "resume=auto" not in _dry("launch/torchrun.sh")  # no output_dir: nothing to continue
+    assert "resume=latest" in (dry := _dry("launch/torchrun.sh", "output_dir=/o", "resume=latest"))
+    assert "resume=auto" not in dry
+    dry = _dry("launch/torchrun.sh", "output_dir=/o", MAX_RESTARTS="0", SHUTDOWN_TIMEOUT="60")
+    assert "--max-restarts 0" in dry and "--shutdown-timeout 60" in dry and "resume=auto" not in dry
+
+
+@pytest.mark.parametrize("script", ["launch/slurm/torchrun.sbatch", "launch/slurm/deepspeed.sbatch"])
+def test_slurm_scripts_ask_for_a_warning_signal_requeue_and_resume_auto(script):
+    header = [line for line in (REPO / script).read_text().splitlines() if line.startswith("#SBATCH")]
+    # No B:: every process of the step gets SIGUSR1 (the batch shell is exec'd into srun).
+    assert "#SBATCH --signal=USR1@180" in header and "#SBATCH --requeue" in header
+    out = _dry(script, "output_dir=/o", NNODES="2", MASTER_ADDR="n1")
+    assert out.count("output_dir=/o resume=auto") == 2  # one command per node

@@ -1,0 +1,192 @@
+"""Persimmon-8B at its real size on one host: write a random HF folder with the released config,
+LoRA-tune it with a bf16 base, export final/ + adapter/, and check the export with transformers.
+
+    python bench/persimmon_8b.py --out /big/disk/p8b [--layers 36] [--seq 512] [--steps 2]
+                                 [--extra peft.quantize_base=nf4 ...]
+
+1. `DIR/base/`: the released architecture (vocab 262144, hidden 4096, 36 layers, 64 heads,
+   intermediate 16384; `--layers N` keeps the real width and vocabulary with fewer layers) with
+   random weights, streamed into 2 GB bf16 safetensors shards one tensor at a time (18.8 GB).
+2. `recipes/finetune.py model.path=DIR/base peft=lora trainer.precision=bf16` (strategy=single,
+   activation checkpointing on every layer), `--steps` steps of one `--seq`-token row, in a fresh
+   process. Reported: peak RSS of the training (VmHWM before the export), seconds per step (from
+   metrics.jsonl's tokens_per_sec), the export's time and peak RSS growth (VmHWM reset before it).
+3. The merged `final/` loaded by transformers' PersimmonForCausalLM (bf16) and by ours, one after
+   the other (both would not fit beside each other on 24 GB): greedy 8 tokens from the same prompt,
+   which must be equal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RELEASED = dict(
+    vocab_size=262144,
+    hidden_size=4096,
+    intermediate_size=16384,
+    num_hidden_layers=36,
+    num_attention_heads=64,
+    max_position_embeddings=16384,
+    rope_theta=25000.0,
+    partial_rotary_factor=0.5,
+    qk_layernorm=True,
+)
+
+DRIVER = r"""
+import json, os, runpy, sys, time
+sys.path.insert(0, os.path.join(sys.argv[1], "bench"))
+from host_memory import reset_peak, status_kib
+import persimmon_train.export.run_outputs as run_outputs
+real = run_outputs.export_run_outputs
+
+def measured(result, cfg):
+    train_peak = status_kib("VmHWM")
+    reset_peak()
+    before, started = status_kib("VmRSS"), time.perf_counter()
+    out = real(result, cfg)
+    report = {"train_peak_kib": train_peak, "export_before_kib": before, "export_peak_kib": status_kib("VmHWM"),
+              "export_seconds": time.perf_counter() - started}
+    print("REPORT " + json.dumps(report), file=sys.stderr, flush=True)
+    return out
+
+run_outputs.export_run_outputs = measured
+sys.argv = [os.path.join(sys.argv[1], "recipes", "finetune.py"), *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def write_base(folder: Path, layers: int) -> int:
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from persimmon_train.model import PersimmonConfig, PersimmonForCausalLM
+    from persimmon_train.storage.hf_folder import write_hf_folder
+    from tests.tiny_base import demo_tokenizer
+
+    tokenizer = demo_tokenizer()
+    config = PersimmonConfig(
+        **{**RELEASED, "num_hidden_layers": layers},
+        bos_token_id=tokenizer.bos_id,
+        eos_token_id=tokenizer.eos_id,
+        pad_token_id=tokenizer.pad_id,
+    )
+    with torch.device("meta"):
+        shapes = {name: tuple(p.shape) for name, p in PersimmonForCausalLM(config).state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+
+    def tensors():
+        for name, shape in shapes.items():
+            if name.endswith("layernorm.weight"):
+                yield name, torch.ones(shape, dtype=torch.bfloat16)
+            elif len(shape) == 1:
+                yield name, torch.zeros(shape, dtype=torch.bfloat16)
+            else:
+                yield name, (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+
+    write_hf_folder(
+        str(folder),
+        tensors(),
+        architecture="PersimmonForCausalLM",
+        config=config,
+        tokenizer=tokenizer,
+        expected_shapes=shapes,
+        dtype=torch.bfloat16,
+        max_shard_size="2GB",
+        progress_total=len(shapes),
+    )
+    return sum(int(torch.Size(s).numel()) for s in shapes.values())
+
+
+def greedy(kind: str, folder: Path, prompt: list[int], new: int = 8) -> list[int]:
+    """Greedy tokens from `folder` in a fresh process (transformers or ours), bf16, no sampling."""
+    code = r"""
+import json, sys, torch
+kind, folder, prompt, new = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
+if kind == "transformers":
+    from transformers import PersimmonForCausalLM
+    model = PersimmonForCausalLM.from_pretrained(folder, torch_dtype=torch.bfloat16)
+else:
+    from persimmon_train.model import PersimmonForCausalLM
+    model = PersimmonForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+ids = torch.tensor([prompt])
+with torch.no_grad():
+    for _ in range(new):
+        logits = model(input_ids=ids).logits[:, -1]
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+print(json.dumps(ids[0, len(prompt):].tolist()))
+"""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, "-c", code, kind, str(folder), json.dumps(prompt), str(new)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"{kind} generation failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--layers", type=int, default=36)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--extra", nargs="*", default=[], help="more recipe overrides, e.g. peft.quantize_base=nf4")
+    args = parser.parse_args()
+    base = args.out / "base"
+    if not (base / "config.json").is_file():
+        started = time.perf_counter()
+        count = write_base(base, args.layers)
+        print(f"wrote {base}: {count / 1e9:.2f}B parameters in {time.perf_counter() - started:.0f} s")
+    run = args.out / "run"
+    job = [
+        f"model.path={base}",
+        "peft=lora",
+        "peft.dropout=0.0",
+        "trainer.precision=bf16",
+        "trainer.activation_checkpointing=1",
+        f"data.seq_len={args.seq}",
+        "trainer.micro_batch_size=1",
+        f"trainer.max_steps={args.steps}",
+        "trainer.eval_at_start=false",
+        "trainer.eval_every_n_steps=0",
+        "trainer.progress_bar=false",
+        "data.eval_files=null",
+        "export.dtype=bf16",
+        "overwrite=true",
+        f"output_dir={run}",
+        *args.extra,
+    ]
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(REPO))
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", DRIVER, str(REPO), *job], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"the run failed:\n{proc.stderr[-4000:]}")
+    report = json.loads([x for x in proc.stderr.splitlines() if x.startswith("REPORT ")][-1][7:])
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    step_seconds = [args.seq / r["tokens_per_sec"] for r in rows if "tokens_per_sec" in r]
+    gib = 1024 * 1024
+    print(f"run: {' '.join(args.extra) or 'LoRA, bf16 base'}, seq {args.seq}, {args.steps} steps, {wall:.0f} s in all")
+    print(f"  training peak RSS: {report['train_peak_kib'] / gib:.2f} GiB")
+    print(f"  seconds per step:  {', '.join(f'{s:.1f}' for s in step_seconds)}")
+    growth = (report["export_peak_kib"] - report["export_before_kib"]) / gib
+    print(f"  export: {report['export_seconds']:.0f} s, peak RSS growth {growth:.2f} GiB")
+    prompt = [1, 100, 200, 300, 400]
+    ours, theirs = greedy("ours", run / "final", prompt), greedy("transformers", run / "final", prompt)
+    print(f"  greedy from final/: ours {ours}, transformers {theirs}: {'equal' if ours == theirs else 'DIFFERENT'}")
+
+
+if __name__ == "__main__":
+    main()
