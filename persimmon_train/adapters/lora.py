@@ -80,4 +80,5 @@ def peft_settings(cfg) -> dict:
         "use_rslora": cfg.use_rslora,
         "target_modules": list(cfg.target_modules),
         "modules_to_save": list(cfg.modules_to_save),
+        "quantize_base": getattr(cfg, "quantize_base", "none"),  # QLoRA: the base the adapters trained over
     }
