@@ -271,6 +271,23 @@ def test_loading_puts_each_frozen_decoder_matrix_in_nf4_one_tensor_at_a_time(bas
     assert quantized == 4 * 2  # query_key_value, dense, dense_h_to_4h, dense_4h_to_h x 2 layers
 
 
+def test_a_random_init_base_is_quantized_from_its_bf16_values(tmp_path):
+    """No model.path: the seeded init is built, held in bf16 and quantized; a step trains the adapters."""
+    overrides = [o for o in _overrides(Path("unused"), tmp_path) if not o.startswith("model.path")]
+    sizes = [f"model.{k}={v}" for k, v in SIZES.items()] + ["model.num_hidden_layers=1", "model.num_attention_heads=4"]
+    cfg = _load([*overrides, *sizes])
+    torch.manual_seed(0)
+    model, strategy = _training_model(cfg)
+    bases = {n: p for n, p in model.named_parameters() if n.endswith(".base_layer.weight")}
+    assert len(bases) == 4 and all(is_nf4(p) and p.device.type == "cpu" for p in bases.values())
+    ids = torch.randint(4, 500, (2, 32))
+    with strategy.autocast():
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    lora = [p for n, p in model.named_parameters() if ".lora_B." in n]  # A gets none while B is 0
+    assert lora and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
+
+
 # ---------------------------------------------------------------------------- a run
 
 
