@@ -642,6 +642,20 @@ MUTANTS = [
         [QLORA_TESTS + "test_qlora_resume_refuses_another_base_precision"],
     ),
     Mutant(
+        "features.qlora_nan_not_checked",
+        "persimmon_train/parallel/sharded_load.py",
+        "                            if has_nonfinite(full):",
+        "                            if False:",
+        [QLORA_TESTS + "test_a_nan_in_a_matrix_bound_for_nf4_is_refused_naming_it"],
+    ),
+    Mutant(
+        "features.qlora_quantizes_outside_the_decoder",
+        "persimmon_train/parallel/nf4.py",
+        "if id(m) in inside and isinstance(m, nn.Linear)",
+        "if isinstance(m, nn.Linear)",
+        [QLORA_TESTS + "test_loading_puts_each_frozen_decoder_matrix_in_nf4_one_tensor_at_a_time"],
+    ),
+    Mutant(
         "features.qlora_fsdp_rank_keeps_first_rows",
         "persimmon_train/parallel/nf4.py",
         "chunk = quantized.split(count, dim=0)[rows.start // count]",

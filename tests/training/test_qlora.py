@@ -271,6 +271,21 @@ def test_loading_puts_each_frozen_decoder_matrix_in_nf4_one_tensor_at_a_time(bas
     assert quantized == 4 * 2  # query_key_value, dense, dense_h_to_4h, dense_4h_to_h x 2 layers
 
 
+def test_a_nan_in_a_matrix_bound_for_nf4_is_refused_naming_it(base, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in base.iterdir():
+        if f.name != "model.safetensors":
+            (broken / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(str(base / "model.safetensors"))
+    tensors["model.layers.1.mlp.dense_h_to_4h.weight"][3, 5] = float("nan")
+    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(WeightsError, match="model.layers.1.mlp.dense_h_to_4h.weight in .* holds NaN/Inf"):
+        _training_model(_load(_overrides(broken, tmp_path / "unused")))
+
+
 def test_a_random_init_base_is_quantized_from_its_bf16_values(tmp_path):
     """No model.path: the seeded init is built, held in bf16 and quantized; a step trains the adapters."""
     overrides = [o for o in _overrides(Path("unused"), tmp_path) if not o.startswith("model.path")]
