@@ -235,7 +235,7 @@ class FSDPStrategy(DistributedStrategy):
             self.optimizer,
             model_state_dict=state[MODEL_KEY],
             optim_state_dict=state[OPTIM_KEY],
-            options=self._options(),
+            options=self._options(strict=False),
         )
 
     def checkpoint_info(self) -> dict:
