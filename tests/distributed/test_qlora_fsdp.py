@@ -1,7 +1,7 @@
 """QLoRA under 2-rank FSDP2 (gloo, CPU) from a model.path: each rank quantizes the whole tensor and
 keeps its rows, FSDP2 all-gathers the NF4 data (torchao's fsdp_pre/post_all_gather), and the run
 matches a one-process QLoRA run with the same global batch (2 ranks x 4 rows = 1 x 8) within bf16
-noise. One torchrun launch; the reference runs in this process."""
+noise, and resumes on 2 ranks exactly. Two torchrun launches; the reference runs in this process."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ QLORA = [
     "trainer.progress_bar=false",
     "data.seq_len=64",
     f"trainer.max_steps={STEPS}",
-    f"checkpoint.every_n_steps={STEPS}",
+    f"checkpoint.every_n_steps={STEPS // 2}",
+    "checkpoint.keep_last=0",
     "trainer.eval_at_start=false",
     "trainer.eval_max_batches=1",
     "trainer.activation_checkpointing=1",
@@ -60,11 +61,14 @@ def runs(tmp_path_factory):
 
         overrides = [*QLORA, "strategy=single", "trainer.micro_batch_size=8", f"model.path={base}"]
         train(load_config("finetune", [*overrides, f"output_dir={single}"]), "finetune")
-    return fsdp, single
+    resumed = root / "resumed"
+    resume = f"resume={fsdp / 'checkpoints' / f'step_{STEPS // 2}'}"
+    launch(resumed, ["strategy=fsdp", "trainer.micro_batch_size=4", f"model.path={base}", resume], env, common=QLORA)
+    return fsdp, single, resumed
 
 
 def test_fsdp2_qlora_trains_and_matches_one_process(runs):
-    fsdp, single = runs
+    fsdp, single, _ = runs
     got, ref = train_losses(fsdp), train_losses(single)
     assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
     worst = max(abs(got[s] - ref[s]) for s in ref)
@@ -75,10 +79,19 @@ def test_fsdp2_qlora_trains_and_matches_one_process(runs):
 
 
 def test_fsdp2_qlora_checkpoint_holds_adapters_only_and_exports(runs):
-    fsdp, _ = runs
+    fsdp, _, _ = runs
     step = fsdp / "checkpoints" / f"step_{STEPS}"
     manifest = json.loads((step / "manifest.json").read_text())
     assert manifest["peft"]["quantize_base"] == "nf4" and manifest["strategy"]["name"] == "fsdp"
     metadata = (step / "dcp" / ".metadata").read_bytes()
     assert b"lora_A" in metadata and b"base_layer.weight" not in metadata
     assert (fsdp / "final" / "model.safetensors").is_file() and (fsdp / "adapter").is_dir()
+
+
+def test_fsdp2_qlora_resumes_exactly(runs):
+    """From step 3's checkpoint (adapters + optimizer; the NF4 base quantized again from model.path)
+    the resumed run repeats the uninterrupted run's losses bit for bit."""
+    fsdp, _, resumed = runs
+    got, ref = train_losses(resumed), train_losses(fsdp)
+    assert sorted(got) == list(range(STEPS // 2 + 1, STEPS + 1))
+    assert {s: got[s] for s in got} == {s: ref[s] for s in got}
