@@ -42,22 +42,17 @@ QUANTIZE_BASE = ("none", "nf4")
 
 
 def nf4_api():
-    """(NF4Tensor, to_nf4) from torchao; its import logs a warning per CUDA extension this build
-    lacks (irrelevant to NF4, which is pure PyTorch), so those loggers are quieted while it loads."""
-    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
+    """(NF4Tensor, to_nf4) from torchao (imported with its import-time warnings silenced)."""
+    from persimmon_train.adapters.lora import torchao_quiet
+
     try:
-        try:
-            from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor, to_nf4
-        except ImportError:  # torchao releases before 0.15
-            from torchao.dtypes import NF4Tensor, to_nf4
+        with torchao_quiet():
+            try:
+                from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor, to_nf4
+            except ImportError:  # torchao releases before 0.15
+                from torchao.dtypes import NF4Tensor, to_nf4
     except ImportError:
         raise ConfigError("peft.quantize_base=nf4 needs torchao (pip install torchao)") from None
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
     return NF4Tensor, to_nf4
 
 
