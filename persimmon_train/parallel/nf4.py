@@ -38,7 +38,6 @@ log = logging.getLogger("persimmon_train")
 BLOCK_SIZE = 64  # values per absmax
 SCALER_BLOCK_SIZE = 256  # absmaxes per int8 double-quantization block
 QUANTUM = BLOCK_SIZE * SCALER_BLOCK_SIZE
-QUANTIZE_BASE = ("none", "nf4")
 
 
 def nf4_api():

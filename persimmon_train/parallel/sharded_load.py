@@ -141,7 +141,11 @@ class LoadPlan:
             )
 
     def fill(
-        self, params: dict[str, torch.Tensor], generator: torch.Generator, init_std: float, model: nn.Module = None
+        self,
+        params: dict[str, torch.Tensor],
+        generator: torch.Generator,
+        init_std: float,
+        model: nn.Module | None = None,
     ) -> None:
         """Fill the local shard of each of `params` (name -> parameter): file tensors, then fresh ones.
 
