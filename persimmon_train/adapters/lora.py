@@ -7,6 +7,8 @@ export can stream a checkpoint of any size through it (persimmon_train/export/me
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 
 import torch
@@ -23,7 +25,8 @@ def strip_peft_prefix(name: str) -> str:
 
 def lora_config(cfg, task: str):
     """A peft LoraConfig from our PeftConfig; classification heads are trained in full."""
-    from peft import LoraConfig
+    with torchao_quiet():  # peft imports torchao (when installed) on import
+        from peft import LoraConfig
 
     modules_to_save = list(cfg.modules_to_save)
     if task != "causal_lm" and "score" not in modules_to_save:
@@ -39,14 +42,36 @@ def lora_config(cfg, task: str):
     )
 
 
+@contextlib.contextmanager
+def torchao_quiet():
+    """Silence torchao's import-time warnings while the block runs.
+
+    peft imports torchao, when it is installed, as it dispatches LoRA layers, and QLoRA uses its NF4
+    (parallel/nf4.py). Importing torchao logs a warning per compiled extension its build cannot load
+    on this machine (CUDA kernels on a CPU host, no triton), and torch logs deprecations of the
+    pytree registrations of torchao's modules as they load: none concern LoRA or NF4, so they are
+    kept off every run's console."""
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def apply_lora(model: nn.Module, cfg, task: str) -> nn.Module:
     """Wrap `model` with LoRA adapters; only adapter (and head) weights stay trainable."""
-    from peft import get_peft_model
-
     from persimmon_train.errors import ConfigError
 
+    with torchao_quiet():  # peft imports torchao (when installed) on import and while it wraps
+        from peft import get_peft_model
+
     try:
-        return get_peft_model(model, lora_config(cfg, task))
+        with torchao_quiet():
+            return get_peft_model(model, lora_config(cfg, task))
     except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
         raise ConfigError(f"peft.target_modules: {exc}".splitlines()[0]) from None
 
@@ -80,4 +105,5 @@ def peft_settings(cfg) -> dict:
         "use_rslora": cfg.use_rslora,
         "target_modules": list(cfg.target_modules),
         "modules_to_save": list(cfg.modules_to_save),
+        "quantize_base": getattr(cfg, "quantize_base", "none"),  # QLoRA: the base the adapters trained over
     }

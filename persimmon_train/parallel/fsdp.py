@@ -35,6 +35,7 @@ from torch import nn
 from persimmon_train.errors import CheckpointError, WeightsError
 from persimmon_train.parallel.distributed import DistributedStrategy, GroupComm, launched_world, pick_device
 from persimmon_train.parallel.frozen_weights import hold_frozen_for
+from persimmon_train.parallel.nf4 import check_nf4_precision, quantize_frozen_linears
 from persimmon_train.parallel.single import resolve_precision
 from persimmon_train.storage.checkpoints import DCP_DIR
 from persimmon_train.storage.checkpoints import DCP_MODEL_KEY as MODEL_KEY
@@ -56,6 +57,7 @@ class FSDPStrategy(DistributedStrategy):
         replicate_degree: int = 1,
         model_path: str | None = None,
         seed: int = 0,
+        quantize_base: str = "none",
     ):
         if cpu_offload and pick_device(device, launched_world()[2]).type == "cpu":
             from persimmon_train.errors import ConfigError
@@ -69,6 +71,8 @@ class FSDPStrategy(DistributedStrategy):
             )
         self._join(device, backend, timeout_minutes)
         self.precision = resolve_precision(precision, self._device)
+        check_nf4_precision(quantize_base, self.precision)
+        self.quantize_base = quantize_base
         self.reshard_after_forward = reshard_after_forward
         self.cpu_offload = cpu_offload
         self.replicate_degree = replicate_degree
@@ -97,6 +101,7 @@ class FSDPStrategy(DistributedStrategy):
             replicate_degree=s.replicate_degree,
             model_path=cfg.model.path,
             seed=cfg.trainer.seed,
+            quantize_base=cfg.peft.quantize_base,
         )
 
     # ------------------------------------------------------------------ set-up
@@ -145,6 +150,8 @@ class FSDPStrategy(DistributedStrategy):
         hold_frozen_for(model, self.precision)  # before sharding: FSDP shards what the model holds
         if not on_meta and self._device.type != "cpu":
             model = model.to(self._device)
+        if self.quantize_base == "nf4":  # before sharding; on meta: placeholders filled while loading
+            quantize_frozen_linears(model, shards=self.world_size // self.replicate_degree)
         self.model = self.parallelize(model)
         if on_meta:
             self._load_sharded(self.model)

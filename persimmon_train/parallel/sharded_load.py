@@ -94,7 +94,7 @@ def load_sharded_safetensors(
     Returns {"loaded": n, "fresh": [names]}.
     """
     plan = LoadPlan(model, folder, fresh_prefixes=fresh_prefixes, ignore=ignore)
-    plan.fill(dict(model.named_parameters()), torch.Generator().manual_seed(seed), init_std)
+    plan.fill(dict(model.named_parameters()), torch.Generator().manual_seed(seed), init_std, model=model)
     return {"loaded": len(plan.source), "fresh": plan.fresh}
 
 
@@ -140,9 +140,20 @@ class LoadPlan:
                 f"{folder}: weights do not match the model: missing {sorted(missing)[:5]} unexpected {unexpected[:5]}"
             )
 
-    def fill(self, params: dict[str, torch.Tensor], generator: torch.Generator, init_std: float) -> None:
-        """Fill the local shard of each of `params` (name -> parameter): file tensors, then fresh ones."""
+    def fill(
+        self,
+        params: dict[str, torch.Tensor],
+        generator: torch.Generator,
+        init_std: float,
+        model: nn.Module | None = None,
+    ) -> None:
+        """Fill the local shard of each of `params` (name -> parameter): file tensors, then fresh ones.
+
+        NF4 placeholders (peft.quantize_base=nf4, parallel/nf4.py) are replaced in `model` instead:
+        the whole tensor is read in bf16, quantized, and this rank's rows kept."""
         from safetensors import safe_open
+
+        from persimmon_train.parallel.nf4 import is_nf4, load_nf4
 
         by_file: dict[str, list[str]] = defaultdict(list)
         for name in params:
@@ -156,6 +167,15 @@ class LoadPlan:
                         source, dtype, shape = file_name(name), entry.torch_dtype, entry.shape
                         index = local_slices(param)
                         local = _local(param)
+                        if is_nf4(param):  # one whole bf16 tensor at a time, then 4 bits
+                            full = torch.empty(tuple(shape), dtype=torch.bfloat16)
+                            _read_rows(raw, entry.begin, dtype, shape, slice(0, shape[0]), full)
+                            if has_nonfinite(full):
+                                raise WeightsError(
+                                    f"tensor {source} in {path} holds NaN/Inf values; refusing to load it"
+                                )
+                            load_nf4(model, name, full, index[0])
+                            continue
                         if _rows_only(index, shape) and local.is_contiguous() and local.device.type == "cpu":
                             _read_rows(raw, entry.begin, dtype, shape, index[0] if index else slice(0, 1), local)
                         else:  # column shards etc.: safetensors' (memory-mapped) slicing

@@ -11,6 +11,7 @@ from torch import nn
 from persimmon_train.errors import CheckpointError, WeightsError
 from persimmon_train.parallel.base import OptimizerFactory, Strategy, available_device
 from persimmon_train.parallel.frozen_weights import hold_frozen_for
+from persimmon_train.parallel.nf4 import check_nf4_precision, quantize_frozen_linears
 from persimmon_train.parallel.sharded_load import load_into_meta_model
 from persimmon_train.storage.checkpoints import SINGLE_MODEL_FILE, SINGLE_OPTIMIZER_FILE
 
@@ -61,7 +62,14 @@ class SingleDeviceStrategy(Strategy):
     # read in its final dtype (parallel/sharded_load.py, the loader FSDP and ZeRO-3 use too).
     loads_sharded_weights = True
 
-    def __init__(self, precision: str = "bf16", device: str = "auto", model_path: str | None = None, seed: int = 0):
+    def __init__(
+        self,
+        precision: str = "bf16",
+        device: str = "auto",
+        model_path: str | None = None,
+        seed: int = 0,
+        quantize_base: str = "none",
+    ):
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1:
             from persimmon_train.errors import ConfigError
@@ -75,6 +83,8 @@ class SingleDeviceStrategy(Strategy):
         if self._device.type == "cuda":
             torch.cuda.set_device(self._device)
         self.precision = resolve_precision(precision, self._device)
+        check_nf4_precision(quantize_base, self.precision)
+        self.quantize_base = quantize_base
         self.model_path = model_path
         self.seed = seed
         self.model: nn.Module | None = None
@@ -88,6 +98,7 @@ class SingleDeviceStrategy(Strategy):
             device=cfg.strategy.device,
             model_path=cfg.model.path,
             seed=cfg.trainer.seed,
+            quantize_base=cfg.peft.quantize_base,
         )
 
     @property
@@ -101,10 +112,14 @@ class SingleDeviceStrategy(Strategy):
         if any(p.is_meta for p in model.parameters()):
             if not self.model_path:
                 raise WeightsError("strategy=single: the model is on the meta device but model.path is not set")
+            if self.quantize_base == "nf4":  # NF4 placeholders: loading quantizes one tensor at a time
+                quantize_frozen_linears(model)
             self.load_report = load_into_meta_model(model, self.model_path, device=self._device, seed=self.seed)
             self.model = model
         else:
             self.model = model.to(self._device)
+            if self.quantize_base == "nf4":
+                quantize_frozen_linears(self.model)
         self.optimizer = make_optimizer(self.model)
         return self.model, self.optimizer
 

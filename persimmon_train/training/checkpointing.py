@@ -202,6 +202,11 @@ def check_resumable(path: str, manifest: dict, cfg, model_config, model_class: t
                 raise CheckpointError(
                     f"resume: peft.{key} is {mine_peft.get(key)} but {where} was trained with {saved_peft.get(key)}"
                 )
+        saved_quant = saved_peft.get("quantize_base") or "none"  # manifests before QLoRA: none
+        if saved_quant != mine_peft["quantize_base"]:
+            raise CheckpointError(
+                f"resume: peft.quantize_base is {mine_peft['quantize_base']} but {where} was trained with {saved_quant}"
+            )
 
 
 def adapt_loader_state(saved: dict, loader) -> dict:

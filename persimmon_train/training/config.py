@@ -69,6 +69,9 @@ class PeftConfig:
     # Extra fully-trained modules; classification heads ("score") are always added.
     modules_to_save: list[str] = field(default_factory=list)
     use_rslora: bool = False
+    # QLoRA: none | nf4 (the frozen decoder Linear weights held in 4-bit NF4, bf16 compute;
+    # docs/training.md "QLoRA")
+    quantize_base: str = "none"
 
 
 @dataclass
@@ -230,6 +233,17 @@ def validate_run_config(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"optim.{key}: must be in [0, 1), got {getattr(o, key)!r}")
     p = cfg.peft
     _one_of("peft.method", p.method, ("none", "lora"))
+    _one_of("peft.quantize_base", p.quantize_base, ("none", "nf4"))
+    if p.quantize_base != "none" and p.method != "lora":
+        raise ConfigError(
+            f"peft.quantize_base: {p.quantize_base} quantizes the frozen base under LoRA adapters; "
+            f"it needs peft=lora (peft.method is {p.method})"
+        )
+    if p.quantize_base != "none" and cfg.strategy.name == "deepspeed":
+        raise ConfigError(
+            f"peft.quantize_base: {p.quantize_base} works under strategy=single and strategy=fsdp, "
+            f"not strategy=deepspeed (ZeRO partitions flat bf16/fp32 buffers, not NF4 tensors)"
+        )
     if p.method == "lora":
         if p.r < 1:
             raise ConfigError(f"peft.r: LoRA rank must be >= 1, got {p.r!r}")

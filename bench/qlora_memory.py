@@ -1,0 +1,149 @@
+"""Peak host memory of a short LoRA run over a bf16 base vs QLoRA (NF4 base), side by side.
+
+    python bench/qlora_memory.py [--steps 2] [--seq-len 64]
+
+Writes a ~176M-parameter Persimmon (hidden 1024, intermediate 4096, 14 layers, the demo
+tokenizer's vocabulary) with random weights, saved in bf16, then runs `recipes/finetune.py
+strategy=single peft=lora trainer.precision=bf16 model.path=...` twice, each in a fresh process
+with the same data and sequence length: once as is (the frozen base held in bf16,
+parallel/frozen_weights.py) and once with `peft.quantize_base=nf4`. Each run reports its peak RSS
+(VmHWM at exit), its RSS right after the model is loaded, and its seconds; the line after the
+table gives the ratios. A bench, not a test: about 2-4 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+HIDDEN, INTERMEDIATE, LAYERS, HEADS = 1024, 4096, 14, 16
+
+DRIVER = r"""
+import json, os, runpy, sys
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from host_memory import status_kib
+import persimmon_train.parallel.single as single
+
+real_wrap = single.SingleDeviceStrategy.wrap
+loaded = {}
+
+def wrap(self, model, make_optimizer):
+    result = real_wrap(self, model, make_optimizer)
+    loaded["rss"] = status_kib("VmRSS") * 1024
+    loaded["peak"] = status_kib("VmHWM") * 1024
+    return result
+
+single.SingleDeviceStrategy.wrap = wrap
+start = status_kib("VmRSS") * 1024
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as exc:
+    if exc.code not in (None, 0):
+        raise
+print("QLORA_MEMORY " + json.dumps({"start": start, "loaded": loaded, "peak": status_kib("VmHWM") * 1024}), flush=True)
+"""
+
+
+def write_base(folder: Path) -> int:
+    import torch
+
+    from persimmon_train.data import Tokenizer, demo_assets
+    from persimmon_train.model import PersimmonConfig, PersimmonForCausalLM
+
+    tokenizer = Tokenizer(demo_assets().tokenizer_path)
+    config = PersimmonConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_id,
+        eos_token_id=tokenizer.eos_id,
+        pad_token_id=tokenizer.pad_id,
+    )
+    torch.manual_seed(0)
+    model = PersimmonForCausalLM.from_config(config).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return sum(p.numel() for p in model.parameters())
+
+
+def run(base: Path, out: Path, steps: int, seq_len: int, extra: list[str]) -> dict:
+    driver = out.parent / "driver.py"
+    driver.write_text(DRIVER)
+    shutil.copy(Path(__file__).with_name("host_memory.py"), driver.parent)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    env["PERSIMMON_TRAIN_CACHE"] = str(out.parent / "cache")
+    cmd = [
+        sys.executable,
+        str(driver),
+        str(REPO / "recipes" / "finetune.py"),
+        "strategy=single",
+        "peft=lora",
+        "peft.dropout=0.0",
+        "trainer.precision=bf16",
+        f"model.path={base}",
+        f"data.seq_len={seq_len}",
+        "trainer.micro_batch_size=1",
+        f"trainer.max_steps={steps}",
+        "trainer.eval_at_start=false",
+        "trainer.eval_max_batches=1",
+        "trainer.progress_bar=false",
+        "checkpoint.every_n_steps=0",
+        "export.enabled=false",
+        f"output_dir={out}",
+        *extra,
+    ]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"run {extra} failed:\n{proc.stderr[-4000:]}")
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("QLORA_MEMORY "))
+    return {**json.loads(line.split(" ", 1)[1]), "seconds": seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=64)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="qlora-memory-") as tmp:
+        base = Path(tmp) / "base"
+        params = write_base(base)
+        size = sum(f.stat().st_size for f in base.glob("*.safetensors"))
+        print(
+            f"Persimmon {params / 1e6:.0f}M parameters, saved in bf16 ({size / 1e6:.0f} MB); strategy=single, "
+            f"LoRA r=16 on the 4 decoder matrices, {args.steps} steps of 1 x {args.seq_len} tokens"
+        )
+        print(f"{'frozen base':>12} {'RSS at start MB':>16} {'after load MB':>14} {'peak MB':>9} {'seconds':>8}")
+        rows = {}
+        for label, extra in (("bf16", []), ("nf4", ["peft.quantize_base=nf4"])):
+            rows[label] = m = run(base, Path(tmp) / label, args.steps, args.seq_len, extra)
+            print(
+                f"{label:>12} {m['start'] / 1e6:16.0f} {m['loaded']['rss'] / 1e6:14.0f} "
+                f"{m['peak'] / 1e6:9.0f} {m['seconds']:8.1f}"
+            )
+        b, q = rows["bf16"], rows["nf4"]
+        mb = 1e6
+        load_growth = (q["loaded"]["rss"] - q["start"]) / (b["loaded"]["rss"] - b["start"])
+        print(
+            f"nf4 - bf16: after load {(q['loaded']['rss'] - b['loaded']['rss']) / mb:+.0f} MB, "
+            f"peak {(q['peak'] - b['peak']) / mb:+.0f} MB; nf4 / bf16: peak {q['peak'] / b['peak']:.2f}, "
+            f"growth over start: after load {load_growth:.2f}, "
+            f"peak {(q['peak'] - q['start']) / (b['peak'] - b['start']):.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
