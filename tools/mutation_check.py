@@ -68,15 +68,15 @@ CHECKPOINTS = "persimmon_train/storage/checkpoints.py"
 RUN_FOLDER_TESTS = "tests/training/test_run_folder.py"
 PERSISTENCE_TESTS = "tests/recipes/test_persistence.py::"  # real recipe runs: ~15-30 s a mutant
 TRAINER_TESTS = ["tests/training/test_loop.py", "tests/training/test_metrics.py"]
+QLORA_TESTS = "tests/training/test_qlora.py::"
+SINGLE_LOAD = (  # strategy=single's meta-device load of model.path
+    "            self.load_report = load_into_meta_model(model, self.model_path, device=self._device, seed=self.seed)"
+)
 INPUT_TESTS = "tests/cli/test_input_errors.py"
 DATA_KEY_TESTS = "tests/data/test_cache_key_and_splits.py"
 PREEMPTION = "persimmon_train/training/preemption.py"
 PREEMPT_UNIT_TESTS = "tests/training/test_preemption.py"
 PREEMPT_RUN_TESTS = "tests/recipes/test_preemption.py"  # in-process single runs, ~25 s
-QLORA_TESTS = "tests/training/test_qlora.py::"
-SINGLE_LOAD = (  # strategy=single's meta-device load of model.path
-    "            self.load_report = load_into_meta_model(model, self.model_path, device=self._device, seed=self.seed)"
-)
 
 MUTANTS = [
     # ------------------------------------------------------------------ model/loss.py
@@ -752,63 +752,6 @@ MUTANTS = [
         'if cfg.checkpoint.async_save and s.name != "fsdp":',
         "if False:",
         ["tests/recipes/test_async_checkpoint.py::test_deepspeed_async_is_refused_in_one_line"],
-    # ------------------------------------------------------------------ QLoRA (peft.quantize_base=nf4)
-    Mutant(
-        "features.qlora_base_not_quantized",
-        "persimmon_train/parallel/single.py",
-        'if self.quantize_base == "nf4":  # NF4 placeholders',
-        "if False:  # NF4 placeholders",
-        [QLORA_TESTS + "test_loading_puts_each_frozen_decoder_matrix_in_nf4_one_tensor_at_a_time"],
-    ),
-    Mutant(
-        "features.qlora_quantized_after_a_bf16_load",
-        "persimmon_train/parallel/single.py",
-        "                quantize_frozen_linears(model)\n" + SINGLE_LOAD,
-        "                pass\n" + SINGLE_LOAD + "\n            if self.quantize_base == 'nf4':\n"
-        "                quantize_frozen_linears(model)",
-        [QLORA_TESTS + "test_loading_puts_each_frozen_decoder_matrix_in_nf4_one_tensor_at_a_time"],
-    ),
-    Mutant(
-        "features.qlora_fp32_accepted",
-        "persimmon_train/parallel/nf4.py",
-        'if quantize_base == "nf4" and precision != "bf16":',
-        "if False:",
-        [QLORA_TESTS + "test_nf4_refuses_a_float32_run_after_resolving_auto"],
-    ),
-    Mutant(
-        "features.qlora_deepspeed_accepted",
-        "persimmon_train/training/config.py",
-        'if p.quantize_base != "none" and cfg.strategy.name == "deepspeed":',
-        "if False:",
-        [QLORA_TESTS + "test_quantize_base_refusals_in_the_config"],
-    ),
-    Mutant(
-        "features.qlora_resume_ignores_base",
-        "persimmon_train/training/checkpointing.py",
-        'if saved_quant != mine_peft["quantize_base"]:',
-        "if False:",
-        [QLORA_TESTS + "test_qlora_resume_refuses_another_base_precision"],
-    ),
-    Mutant(
-        "features.qlora_nan_not_checked",
-        "persimmon_train/parallel/sharded_load.py",
-        "                            if has_nonfinite(full):",
-        "                            if False:",
-        [QLORA_TESTS + "test_a_nan_in_a_matrix_bound_for_nf4_is_refused_naming_it"],
-    ),
-    Mutant(
-        "features.qlora_quantizes_outside_the_decoder",
-        "persimmon_train/parallel/nf4.py",
-        "if id(m) in inside and isinstance(m, nn.Linear)",
-        "if isinstance(m, nn.Linear)",
-        [QLORA_TESTS + "test_loading_puts_each_frozen_decoder_matrix_in_nf4_one_tensor_at_a_time"],
-    ),
-    Mutant(
-        "features.qlora_fsdp_rank_keeps_first_rows",
-        "persimmon_train/parallel/nf4.py",
-        "chunk = quantized.split(count, dim=0)[rows.start // count]",
-        "chunk = quantized.split(count, dim=0)[0]",
-        ["tests/distributed/test_qlora_fsdp.py::test_fsdp2_qlora_trains_and_matches_one_process"],
     ),
     Mutant(
         "features.recipe_env_not_pinned",
@@ -922,6 +865,64 @@ MUTANTS = [
             "tests/storage/test_checkpoints.py::test_keep_last_across_a_digit_boundary_keeps_the_newest",
             "tests/training/test_cli_and_trackers.py::test_wandb_summary_last_checkpoint_is_the_highest_step",
         ],
+    ),
+    # ------------------------------------------------------------------ QLoRA (peft.quantize_base=nf4)
+    Mutant(
+        "features.qlora_base_not_quantized",
+        "persimmon_train/parallel/single.py",
+        'if self.quantize_base == "nf4":  # NF4 placeholders',
+        "if False:  # NF4 placeholders",
+        [QLORA_TESTS + "test_loading_puts_each_frozen_decoder_matrix_in_nf4_one_tensor_at_a_time"],
+    ),
+    Mutant(
+        "features.qlora_quantized_after_a_bf16_load",
+        "persimmon_train/parallel/single.py",
+        "                quantize_frozen_linears(model)\n" + SINGLE_LOAD,
+        "                pass\n" + SINGLE_LOAD + "\n            if self.quantize_base == 'nf4':\n"
+        "                quantize_frozen_linears(model)",
+        [QLORA_TESTS + "test_loading_puts_each_frozen_decoder_matrix_in_nf4_one_tensor_at_a_time"],
+    ),
+    Mutant(
+        "features.qlora_fp32_accepted",
+        "persimmon_train/parallel/nf4.py",
+        'if quantize_base == "nf4" and precision != "bf16":',
+        "if False:",
+        [QLORA_TESTS + "test_nf4_refuses_a_float32_run_after_resolving_auto"],
+    ),
+    Mutant(
+        "features.qlora_deepspeed_accepted",
+        "persimmon_train/training/config.py",
+        'if p.quantize_base != "none" and cfg.strategy.name == "deepspeed":',
+        "if False:",
+        [QLORA_TESTS + "test_quantize_base_refusals_in_the_config"],
+    ),
+    Mutant(
+        "features.qlora_resume_ignores_base",
+        "persimmon_train/training/checkpointing.py",
+        'if saved_quant != mine_peft["quantize_base"]:',
+        "if False:",
+        [QLORA_TESTS + "test_qlora_resume_refuses_another_base_precision"],
+    ),
+    Mutant(
+        "features.qlora_nan_not_checked",
+        "persimmon_train/parallel/sharded_load.py",
+        "                            if has_nonfinite(full):",
+        "                            if False:",
+        [QLORA_TESTS + "test_a_nan_in_a_matrix_bound_for_nf4_is_refused_naming_it"],
+    ),
+    Mutant(
+        "features.qlora_quantizes_outside_the_decoder",
+        "persimmon_train/parallel/nf4.py",
+        "if id(m) in inside and isinstance(m, nn.Linear)",
+        "if isinstance(m, nn.Linear)",
+        [QLORA_TESTS + "test_loading_puts_each_frozen_decoder_matrix_in_nf4_one_tensor_at_a_time"],
+    ),
+    Mutant(
+        "features.qlora_fsdp_rank_keeps_first_rows",
+        "persimmon_train/parallel/nf4.py",
+        "chunk = quantized.split(count, dim=0)[rows.start // count]",
+        "chunk = quantized.split(count, dim=0)[0]",
+        ["tests/distributed/test_qlora_fsdp.py::test_fsdp2_qlora_trains_and_matches_one_process"],
     ),
 ]
 
