@@ -7,7 +7,8 @@
 # safetensors, sentencepiece. No deepspeed, datasets, hydra, wandb, omegaconf, and no network.
 # Prints one table (backend equality at 4K bf16; tokens/s, MFU and peak memory at 16K packed rows
 # for full fine-tuning and LoRA, ours with each attention backend vs transformers+peft; longest
-# LoRA context of the 36-layer model) and writes it to RESULTS_FILE after every part.
+# LoRA context of the 36-layer model: peak memory of Persimmon-8B LoRA with a bf16 base at 2K, 4K, 16K
+# and beyond) and writes it to RESULTS_FILE after every part.
 # BENCH_TIMEOUT (seconds, default 470) bounds the whole run; what finished is already in the file.
 set -euo pipefail
 if [[ $# -lt 1 || "$1" == -* ]]; then

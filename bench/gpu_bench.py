@@ -137,7 +137,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4, help="throughput: Persimmon-width layers")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--parts", default="equality,throughput,context")
-    ap.add_argument("--contexts", default="16384,32768,65536,131072")
+    ap.add_argument("--contexts", default="2048,4096,16384,32768,65536,131072")
     ap.add_argument("--compile", action="store_true", help="also torch.compile our layers in the throughput part")
     args = ap.parse_args()
 
