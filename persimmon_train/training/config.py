@@ -135,6 +135,9 @@ class TrainerConfig:
     peak_tflops: Optional[float] = None  # per-device peak for MFU; null: known GPUs only
     num_threads: Optional[int] = None  # torch CPU threads; null: torch's default
     compile: bool = False  # torch.compile each decoder layer (after checkpointing, before sharding)
+    # Refuse at start a run whose memory estimate (training/memory_plan.py, `persimmon-train
+    # estimate`) exceeds the device's memory (GPU total; CPU MemAvailable). false: run anyway.
+    check_memory: bool = True
 
 
 @dataclass
