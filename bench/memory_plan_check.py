@@ -32,10 +32,11 @@ sys.path.insert(0, str(REPO / "bench"))
 # Runs recipes/finetune.py in this process and prints its VmHWM (KiB) at exit, per rank.
 WRAPPER = r"""
 import atexit, json, os, runpy, sys
-sys.path.insert(0, os.path.join(sys.argv[1], "bench"))
+args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
+sys.path.insert(0, os.path.join(args[0], "bench"))
 from host_memory import status_kib
 atexit.register(lambda: print("PEAK " + json.dumps(status_kib("VmHWM")), file=sys.stderr, flush=True))
-sys.argv = [os.path.join(sys.argv[1], "recipes", "finetune.py"), *sys.argv[2:]]
+sys.argv = [os.path.join(args[0], "recipes", "finetune.py"), *args[1:]]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 

@@ -18,8 +18,9 @@ What a rank holds (docs/memory.md explains each term):
   dense-mask SDPA adds its [batch, seq, seq] mask;
 - the chunked loss's logits chunk (model/loss.py: LOGITS_CHUNK_BYTES) and, for a trained head,
   its weight-sized gradient accumulator;
-- communication buffers: FSDP's all-gathered root and two layers in the compute dtype plus one
-  layer's float32 reduce-scatter; DeepSpeed's reduce / all-gather / prefetch buckets;
+- communication buffers: FSDP's all-gathered root and two layers in the compute dtype plus the
+  largest group's unsharded gradients and float32 reduce-scatter input; DeepSpeed's reduce /
+  all-gather / prefetch buckets;
 - runtime: a fixed term for what is not the model -- on CPU the Python/torch process and the data
   (RUNTIME_CPU_BYTES, measured once on the embedded default run), on a GPU the CUDA context and
   allocator slack (RUNTIME_CUDA_BYTES, an allowance, not measured here).
@@ -353,12 +354,13 @@ def logits_chunk_bytes(cfg, model_config, precision: str, head_trainable: bool, 
 # ---------------------------------------------------------------------------- the plan
 
 
-def _ds_buckets(cfg) -> dict[str, int]:
-    """Bucket sizes (elements) of the DeepSpeed config the run will use."""
-    sizes = dict(DS_DEFAULT_BUCKETS)
+def _ds_zero(cfg, ds_config: dict | None) -> dict:
+    """zero_optimization of the DeepSpeed config the run will use (the strategy's, else the config's)."""
     s = cfg.strategy
     zero: dict = {}
-    if s.config_file and os.path.isfile(s.config_file):
+    if ds_config is not None:
+        zero = dict(ds_config.get("zero_optimization", {}) or {})
+    elif s.config_file and os.path.isfile(s.config_file):
         import json
 
         try:
@@ -368,6 +370,12 @@ def _ds_buckets(cfg) -> dict[str, int]:
             zero = {}
     elif isinstance(s.extra, dict):
         zero = dict(s.extra.get("zero_optimization", {}) or {})
+    return zero
+
+
+def _ds_buckets(zero: dict) -> dict[str, int]:
+    """Bucket sizes (elements): DeepSpeed's defaults where zero_optimization leaves them unset."""
+    sizes = dict(DS_DEFAULT_BUCKETS)
     for key in sizes:
         value = zero.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -393,8 +401,13 @@ def plan_memory(
     device: str = "cpu",
     precision: str | None = None,
     available: int | None = None,
+    ds_config: dict | None = None,
 ) -> MemoryPlan:
-    """Per-rank memory of the run `cfg` on `world_size` ranks of `device` ('cpu' or 'cuda')."""
+    """Per-rank memory of the run `cfg` on `world_size` ranks of `device` ('cpu' or 'cuda').
+
+    `precision`: the resolved trainer.precision (default: as a run on `device` resolves it);
+    `available`: the device's memory to compare with; `ds_config`: the DeepSpeed JSON the run uses
+    (default: strategy.config_file / strategy.extra over DeepSpeed's bucket defaults)."""
     precision = precision or default_precision(cfg, device)
     cdt = 2 if precision == "bf16" else 4
     inv = _inventory(cfg, model_config, precision)
@@ -415,18 +428,20 @@ def plan_memory(
         weights = {k: math.ceil(v / shard) for k, v in weights.items()}
         grads, optimizer = math.ceil(grads / shard), math.ceil(optimizer / shard)
         step_temp = math.ceil(step_temp / shard) if device == "cuda" else step_temp
-        gathered = cdt if precision == "bf16" else 4
         # The root (embedding, head, final norm) stays gathered forward to backward; two layers at a
-        # time (the current one and the prefetched next) in the compute dtype; one layer's (and the
-        # root's, when it trains) unsharded float32 gradients before reduce-scatter.
-        comm = gathered * (inv.root_params + 2 * inv.layer_params) + 4 * (inv.layer_trainable + inv.root_trainable)
+        # time (the current one and the prefetched next); both in the compute dtype. Before its
+        # reduce-scatter a group holds its unsharded gradients (compute dtype) and their copy in the
+        # float32 reduce-scatter input: the largest trainable group (the root, for full fine-tuning).
+        reduce = (cdt + 4) * max(inv.layer_trainable, inv.root_trainable)
+        comm = cdt * (inv.root_params + 2 * inv.layer_params) + reduce
         if cfg.strategy.cpu_offload and device == "cuda":
             notes.append("strategy.cpu_offload: shards, gradients and optimizer state are in host memory")
             weights, grads, optimizer, step_temp = {}, 0, 0, 0
     elif strategy == "deepspeed":
-        stage = cfg.strategy.stage or 3
+        zero = _ds_zero(cfg, ds_config)
+        stage = zero.get("stage") if zero.get("stage") in (1, 2, 3) else (cfg.strategy.stage or 3)
         shard = world
-        buckets = _ds_buckets(cfg)
+        buckets = _ds_buckets(zero)
         # DeepSpeed bf16 holds a bf16 module (trainable in bf16 too) and float32 master partitions.
         module = dict(weights)
         if precision == "bf16":
@@ -535,7 +550,9 @@ def check_run(cfg, strategy) -> MemoryPlan:
 
     device = strategy.device.type if strategy.device.type in ("cuda", "cpu") else "cpu"
     available = device_memory(device, strategy.device.index or 0 if device == "cuda" else 0)
-    plan = plan_memory(cfg, run_model_config(cfg), strategy.world_size, device, strategy.precision, available)
+    model_config = run_model_config(cfg)
+    ds_config = getattr(strategy, "ds_config", None)
+    plan = plan_memory(cfg, model_config, strategy.world_size, device, strategy.precision, available, ds_config)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device == "cpu" else 1
     need = plan.total * max(1, local)
     if strategy.is_main:

@@ -92,9 +92,10 @@ def test_fsdp_divides_by_the_shard_group_and_zero_by_its_stage():
     assert fsdp.optimizer == -(-8 * params // 8) and fsdp.gradients == -(-4 * params // 8)
     hsdp = run_config(**{"strategy.name": "fsdp", "strategy.replicate_degree": 2})
     assert memory_plan.plan_memory(hsdp, config, 8, "cuda", "fp32").optimizer == -(-8 * params // 4)
-    # One layer all-gathered twice (current + prefetch) and the root, float32; one layer's grads.
+    # Two layers all-gathered (current + prefetch) and the root, float32; the root's unsharded
+    # gradients and their float32 reduce-scatter input.
     layer = (config.num_parameters() - 2 * V * H - 2 * H) // N
-    assert fsdp.communication == 4 * (2 * V * H + 2 * H + 2 * layer) + 4 * (layer + 2 * V * H + 2 * H)
+    assert fsdp.communication == 4 * (2 * V * H + 2 * H + 2 * layer) + (4 + 4) * (2 * V * H + 2 * H)
 
     def zero(stage):
         cfg = run_config(**{"strategy.name": "deepspeed", "strategy.stage": stage})
@@ -105,6 +106,11 @@ def test_fsdp_divides_by_the_shard_group_and_zero_by_its_stage():
     assert one.gradients == 4 * params and two.gradients == three.gradients == 4 * params // 4
     assert one.weights == two.weights == {"float32 trainable": 4 * params}
     assert three.weights == {"float32 trainable": 4 * params // 4}
+    # The buckets come from the DeepSpeed config the run uses (a user's JSON: its stage too).
+    ds_config = {"zero_optimization": {"stage": 2, "reduce_bucket_size": 1000, "allgather_bucket_size": 2000}}
+    cfg = run_config(**{"strategy.name": "deepspeed", "strategy.stage": 1})
+    small = memory_plan.plan_memory(cfg, config, 4, "cuda", "fp32", ds_config=ds_config)
+    assert small.communication == 4 * (1000 + 2000) and small.gradients == two.gradients
 
 
 def test_activations_follow_activation_checkpointing_by_hand():
