@@ -134,9 +134,16 @@ class MemoryPlan:
         return "\n".join(lines)
 
     def summary(self) -> str:
-        parts = ", ".join(f"{label.split(' (')[0]} {_gb(size)}" for label, size in self.rows() if size)
+        """One line for the run's log."""
+        dtypes = ", ".join(f"{kind} {size / 1e9:.2f}" for kind, size in self.weights.items() if size)
         against = f" of {_gb(self.available)} available" if self.available is not None else ""
-        return f"memory estimate per rank: {_gb(self.total)}{against} ({parts})"
+        return (
+            f"memory estimate per rank: {_gb(self.total)}{against} ({self.device}, {self.precision}): weights "
+            f"{_gb(self.weight_bytes)} [{dtypes}], gradients {_gb(self.gradients)}, optimizer "
+            f"{_gb(self.optimizer)}, activations {_gb(self.activations)}, logits chunk {_gb(self.logits_chunk)}, "
+            f"communication {_gb(self.communication)}, runtime {_gb(self.runtime)} "
+            f"(`persimmon-train estimate` with this run's overrides prints the table)"
+        )
 
 
 def _gb(size: int | float) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -152,7 +153,7 @@ def fake_strategy(world: int = 1):
     return SimpleNamespace(device=torch.device("cpu"), world_size=world, precision="fp32", is_main=True)
 
 
-def test_a_run_that_cannot_fit_is_refused_naming_the_key(monkeypatch):
+def test_a_run_that_cannot_fit_is_refused_naming_the_key(monkeypatch, caplog):
     cfg = cli.load_config("finetune", [])
     monkeypatch.setattr(memory_plan, "device_memory", lambda device, index=0: 100 * 2**20)
     with pytest.raises(ConfigError, match=r"trainer\.check_memory.*GB per rank.*100 MB|trainer\.check_memory") as err:
@@ -164,7 +165,9 @@ def test_a_run_that_cannot_fit_is_refused_naming_the_key(monkeypatch):
     # With room to spare it passes and returns the plan it logged.
     cfg.trainer.check_memory = True
     monkeypatch.setattr(memory_plan, "device_memory", lambda device, index=0: 64 * 2**30)
-    assert memory_plan.check_run(cfg, fake_strategy()).fits
+    with caplog.at_level("INFO", logger="persimmon_train"):
+        assert memory_plan.check_run(cfg, fake_strategy()).fits
+    assert re.search(r"memory estimate per rank: 0\.\d\d GB of 68\.72 GB available", caplog.text)  # the run's log
 
 
 def test_the_refusal_comes_before_data_and_model_and_leaves_no_output(monkeypatch, tmp_path):
