@@ -1,6 +1,6 @@
 """The memory planner against measured peaks on CPU: estimate vs peak RSS (VmHWM), side by side.
 
-    python bench/memory_plan_check.py [--cases demo lora170m fsdp2 zero3] [--seq 512 --steps 3]
+    python bench/memory_plan_check.py [--cases demo lora170m fsdp2 single_full zero3] [--seq 512 --steps 3]
 
 Each case runs a training recipe in a fresh process (under torchrun / the deepspeed launcher for
 the distributed ones) and reports VmHWM at exit (the largest rank's); the estimate is
@@ -11,8 +11,11 @@ RUNTIME_CPU_BYTES, measured once on the demo run. Results: docs/benchmarks.md ("
 - demo: `recipes/finetune.py` with its defaults (the embedded default run, export included);
 - lora170m: a ~168M-parameter Persimmon written in bf16 (bench/lora_memory.py's `write_base`),
   LoRA, trainer.precision=bf16, seq 512, micro-batch 2;
-- fsdp2: 2-rank FSDP2 full fine-tuning (gloo, float32) of a 45M-parameter random init;
-- zero3: the same model under DeepSpeed ZeRO-3, 2 ranks (CPU accelerator).
+- fsdp2: 2-rank FSDP2 full fine-tuning (gloo, float32) of a 59M-parameter random init;
+- single_full: the same model and settings in one process (strategy=single);
+- zero3: the same model under DeepSpeed ZeRO-3, 2 ranks (CPU accelerator; the first run builds
+  DeepSpeed's shared-memory op: do not interrupt it, a killed build leaves a lock file in
+  ~/.cache/torch_extensions that makes later runs wait).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -80,16 +84,21 @@ def measured(overrides: list[str], launcher: str, ranks: int, tmp: Path) -> int:
     """Peak VmHWM in bytes (the largest rank's) of `recipes/finetune.py overrides`."""
     wrapper = tmp / "wrapper.py"
     wrapper.write_text(WRAPPER)
+    with socket.socket() as probe:  # a free rendezvous port: never join another job's store
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     if launcher == "python":
         cmd = [sys.executable, str(wrapper), str(REPO), *overrides]
     elif launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", str(wrapper), str(REPO)]
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", f"--master_port={port}"]
+        cmd += [str(wrapper), str(REPO)]
         cmd += overrides
     else:
-        cmd = ["deepspeed", f"--num_gpus={ranks}", str(wrapper), str(REPO), *overrides]
+        deepspeed = str(Path(sys.executable).parent / "deepspeed")
+        cmd = [deepspeed, f"--num_gpus={ranks}", f"--master_port={port}", str(wrapper), str(REPO), *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1" if ranks > 1 else "2", WANDB_MODE="disabled")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:6])} ... failed:\n{proc.stderr[-4000:]}")
     peaks = [json.loads(line.split("PEAK ", 1)[1]) for line in proc.stderr.splitlines() if "PEAK " in line]
@@ -130,7 +139,7 @@ def cases(tmp: Path, args) -> dict[str, tuple[list[str], str, int]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", nargs="+", default=["demo", "lora170m", "fsdp2", "single_full"])
+    parser.add_argument("--cases", nargs="+", default=["demo", "lora170m", "fsdp2", "single_full", "zero3"])
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--tables", action="store_true", help="print each case's full breakdown")
