@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -101,7 +102,8 @@ def measured(overrides: list[str], launcher: str, ranks: int, tmp: Path) -> int:
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:6])} ... failed:\n{proc.stderr[-4000:]}")
-    peaks = [json.loads(line.split("PEAK ", 1)[1]) for line in proc.stderr.splitlines() if "PEAK " in line]
+    # Ranks' lines may interleave (the deepspeed launcher relays each rank's output).
+    peaks = [int(kib) for kib in re.findall(r"PEAK (\d+)", proc.stderr + proc.stdout)]
     return max(peaks) * 1024
 
 
