@@ -21,7 +21,6 @@ RUNTIME_CPU_BYTES, measured once on the demo run. Results: docs/benchmarks.md ("
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import socket
