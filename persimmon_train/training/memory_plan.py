@@ -449,14 +449,14 @@ def plan_memory(
         stage = zero.get("stage") if zero.get("stage") in (1, 2, 3) else (cfg.strategy.stage or 3)
         shard = world
         buckets = _ds_buckets(zero)
-        # DeepSpeed bf16 holds a bf16 module (trainable in bf16 too) and float32 master partitions.
+        # DeepSpeed's module holds the trainable parameters in the compute dtype (bf16 runs: a bf16
+        # copy), and its optimizer a float32 master partition cloned from them (fp32 runs too).
         module = dict(weights)
-        if precision == "bf16":
-            masters = module.pop("float32 trainable", 0)
-            module["bf16 trainable (module copy)"] = masters // 2
-            module["float32 masters (partition)"] = math.ceil(masters / world)
+        masters = module.pop("float32 trainable", 0)
+        module["bf16 trainable (module)" if precision == "bf16" else "float32 trainable (module)"] = masters * cdt // 4
         if stage >= 3:
-            module = {k: (v if "partition" in k else math.ceil(v / world)) for k, v in module.items()}
+            module = {k: math.ceil(v / world) for k, v in module.items()}
+        module["float32 masters (partition)"] = math.ceil(masters / world)
         weights = module
         optimizer = math.ceil(optimizer / world)
         if stage >= 2:

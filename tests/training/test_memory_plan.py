@@ -105,8 +105,11 @@ def test_fsdp_divides_by_the_shard_group_and_zero_by_its_stage():
     one, two, three = zero(1), zero(2), zero(3)
     assert one.optimizer == two.optimizer == three.optimizer == 8 * params // 4
     assert one.gradients == 4 * params and two.gradients == three.gradients == 4 * params // 4
-    assert one.weights == two.weights == {"float32 trainable": 4 * params}
-    assert three.weights == {"float32 trainable": 4 * params // 4}
+    # The module's parameters (whole below stage 3) and the optimizer's float32 master partition.
+    assert (
+        one.weights == two.weights == {"float32 trainable (module)": 4 * params, "float32 masters (partition)": params}
+    )
+    assert three.weights == {"float32 trainable (module)": params, "float32 masters (partition)": params}
     # The buckets come from the DeepSpeed config the run uses (a user's JSON: its stage too).
     ds_config = {"zero_optimization": {"stage": 2, "reduce_bucket_size": 1000, "allgather_bucket_size": 2000}}
     cfg = run_config(**{"strategy.name": "deepspeed", "strategy.stage": 1})
