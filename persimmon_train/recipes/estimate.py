@@ -85,7 +85,7 @@ def run(argv: list[str] | None = None) -> None:
     if argv and argv[0] in HYDRA_JOBS and argv[0] != "evaluate":
         job, argv = argv[0], argv[1:]
     if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.split("\n\n")[1].replace("persimmon-train estimate", prog("estimate"), 1))
+        print(__doc__.strip().replace("persimmon-train estimate [finetune", f"{prog('estimate')} [finetune", 1))
         return
     try:
         options, overrides = split_options(argv)
