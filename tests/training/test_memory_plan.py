@@ -209,3 +209,30 @@ def test_estimate_prints_the_8b_breakdown_from_config_json_alone(tmp_path, capsy
                       "--device", "cuda", "--memory-gb", "24"])  # fmt: skip
     assert exited.value.code == 1
     assert "does NOT fit" in capsys.readouterr().out
+
+
+def test_the_command_refuses_a_model_no_machine_holds_in_one_line(tmp_path):
+    """A 200B-parameter random init: exit 2, one line naming the total and the key, nothing built or written."""
+    import subprocess
+    import sys
+
+    from tests.recipes.conftest import REPO
+
+    out = tmp_path / "run"
+    huge = [
+        "model.hidden_size=16384",
+        "model.intermediate_size=65536",
+        "model.num_hidden_layers=64",
+        "model.num_attention_heads=128",
+    ]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "recipes" / "finetune.py"), *huge, f"output_dir={out}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "trainer.check_memory" in error[0] and "per rank but MemAvailable is" in error[0]
+    assert "Traceback" not in proc.stderr and not out.exists()
