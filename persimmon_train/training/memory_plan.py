@@ -54,10 +54,22 @@ DS_DEFAULT_BUCKETS = {
 }
 # NF4 (QLoRA): 4 bits a parameter, one int8 scaler per block of 64, one float32 scale per 256 scalers.
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
-LEVERS = (
-    "peft=lora, peft.quantize_base=nf4 (QLoRA), trainer.activation_checkpointing=1, more ranks "
-    "(strategy=fsdp / deepspeed), a smaller data.seq_len or trainer.micro_batch_size"
-)
+
+
+def levers(cfg) -> str:
+    """What would make the run smaller, leaving out what it already does."""
+    out = []
+    if cfg.peft.method != "lora":
+        out.append("peft=lora")
+    if getattr(cfg.peft, "quantize_base", None) != "nf4":
+        out.append("peft.quantize_base=nf4 (QLoRA)")
+    if cfg.trainer.activation_checkpointing != 1:
+        out.append("trainer.activation_checkpointing=1")
+    out.append("more ranks (strategy=fsdp / deepspeed)")
+    out.append(
+        f"a smaller data.seq_len ({cfg.data.seq_len}) or trainer.micro_batch_size ({cfg.trainer.micro_batch_size})"
+    )
+    return ", ".join(out)
 
 
 @dataclass(frozen=True)
@@ -569,7 +581,7 @@ def check_run(cfg, strategy) -> MemoryPlan:
         where = "MemAvailable" if device == "cpu" else "GPU memory"
         raise ConfigError(
             f"trainer.check_memory: the run needs about {_gb(plan.total)} per rank{ranks} but {where} is "
-            f"{_gb(available)}; levers: {LEVERS}; `persimmon-train estimate` shows the breakdown; "
+            f"{_gb(available)}; levers: {levers(cfg)}; `persimmon-train estimate` shows the breakdown; "
             f"trainer.check_memory=false runs anyway"
         )
     return plan

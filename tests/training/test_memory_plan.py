@@ -162,7 +162,8 @@ def test_a_run_that_cannot_fit_is_refused_naming_the_key(monkeypatch, caplog):
     with pytest.raises(ConfigError, match=r"trainer\.check_memory.*GB per rank.*100 MB|trainer\.check_memory") as err:
         memory_plan.check_run(cfg, fake_strategy())
     message = str(err.value)
-    assert "0.10 GB" in message and "peft=lora" in message and "activation_checkpointing" in message
+    assert "0.10 GB" in message and "quantize_base=nf4" in message and "activation_checkpointing=1" in message
+    assert "peft=lora," not in message  # the demo is a LoRA run already: only levers it has not pulled
     cfg.trainer.check_memory = False
     assert memory_plan.check_run(cfg, fake_strategy()).total > 100 * 2**20
     # With room to spare it passes and returns the plan it logged.
