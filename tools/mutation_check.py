@@ -1,7 +1,7 @@
 """Mutation check: does a test fail when the code it guards is broken on purpose?
 
     python tools/mutation_check.py                  # every mutant (a few minutes on 2 cores)
-    python tools/mutation_check.py --group loss     # loss | packing | trainer | features | inputs | persist | preempt
+    python tools/mutation_check.py --group loss     # loss|packing|trainer|features|inputs|persist|preempt|planner
     python tools/mutation_check.py --only loss.no_shift packing.no_first_label_mask
     python tools/mutation_check.py --list
     python tools/mutation_check.py --only features.top_p_ignored --tests tests/export/test_generate.py
@@ -72,6 +72,8 @@ QLORA_TESTS = "tests/training/test_qlora.py::"
 SINGLE_LOAD = (  # strategy=single's meta-device load of model.path
     "            self.load_report = load_into_meta_model(model, self.model_path, device=self._device, seed=self.seed)"
 )
+PLAN = "persimmon_train/training/memory_plan.py"
+PLAN_TESTS = "tests/training/test_memory_plan.py::"
 INPUT_TESTS = "tests/cli/test_input_errors.py"
 DATA_KEY_TESTS = "tests/data/test_cache_key_and_splits.py"
 PREEMPTION = "persimmon_train/training/preemption.py"
@@ -924,6 +926,69 @@ MUTANTS = [
         "chunk = quantized.split(count, dim=0)[0]",
         ["tests/distributed/test_qlora_fsdp.py::test_fsdp2_qlora_trains_and_matches_one_process"],
     ),
+    Mutant(
+        "planner.frozen_held_float32",
+        PLAN,
+        'frozen_matrix = ("bf16", 2) if precision == "bf16" else ("float32", 4)',
+        'frozen_matrix = ("float32", 4)',
+        [PLAN_TESTS + "test_8b_lora_bf16_weights_are_bf16_matrices_float32_vectors_and_float32_adapters"],
+    ),
+    Mutant(
+        "planner.adapters_half_counted",
+        PLAN,
+        "adapters = peft.r * (fan_in + fan_out)",
+        "adapters = peft.r * fan_out",
+        [PLAN_TESTS + "test_parameter_counts_match_the_model_with_peft_lora"],
+    ),
+    Mutant(
+        "planner.fsdp_not_sharded",
+        PLAN,
+        "shard = max(1, world // max(1, cfg.strategy.replicate_degree))",
+        "shard = 1",
+        [PLAN_TESTS + "test_fsdp_divides_by_the_shard_group_and_zero_by_its_stage"],
+    ),
+    Mutant(
+        "planner.zero2_gradients_whole",
+        PLAN,
+        "        if stage >= 2:\n            grads = math.ceil(grads / world)",
+        "        if stage >= 3:\n            grads = math.ceil(grads / world)",
+        [PLAN_TESTS + "test_fsdp_divides_by_the_shard_group_and_zero_by_its_stage"],
+    ),
+    Mutant(
+        "planner.checkpointing_ignored",
+        PLAN,
+        "checkpointed = 0 if k <= 0 else math.ceil(n / k)",
+        "checkpointed = 0",
+        [PLAN_TESTS + "test_activations_follow_activation_checkpointing_by_hand"],
+    ),
+    Mutant(
+        "planner.logits_chunk_uncapped",
+        PLAN,
+        "chunk = max(1, min(1024, LOGITS_CHUNK_BYTES // (4 * v), tokens))",
+        "chunk = max(1, min(1024, tokens))",
+        [PLAN_TESTS + "test_the_logits_chunk_is_the_loss_files_chunk"],
+    ),
+    Mutant(
+        "planner.never_refuses",
+        PLAN,
+        "need > available and",
+        "need > available * 1000 and",
+        [PLAN_TESTS + "test_a_run_that_cannot_fit_is_refused_naming_the_key"],
+    ),
+    Mutant(
+        "planner.check_memory_ignored",
+        PLAN,
+        ' and getattr(cfg.trainer, "check_memory", True):',
+        ":",
+        [PLAN_TESTS + "test_a_run_that_cannot_fit_is_refused_naming_the_key"],
+    ),
+    Mutant(
+        "planner.run_does_not_check",
+        RUN,
+        "    memory_plan.check_run(cfg, strategy)",
+        "    pass",
+        [PLAN_TESTS + "test_the_refusal_comes_before_data_and_model_and_leaves_no_output"],
+    ),
 ]
 
 GROUPS = {"loss": LOSS, "packing": PACKING, "trainer": TRAINER}  # "trainer" includes training/tasks.py
@@ -1004,7 +1069,9 @@ def failing_tests(report: Path) -> dict[str, str]:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--group", choices=[*GROUPS, "features", "inputs", "persist", "preempt"], action="append")
+    parser.add_argument(
+        "--group", choices=[*GROUPS, "features", "inputs", "persist", "preempt", "planner"], action="append"
+    )
     parser.add_argument("--only", nargs="+", metavar="NAME")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--tests", nargs="+", metavar="NODE", help="run these tests instead of each mutant's own")

@@ -2,7 +2,7 @@
 
 `persimmon-train <job> ...` (persimmon_train.recipes.main) and the top-level `recipes/<job>.py`
 files both call `run(argv)` of the module named here. Training jobs (finetune, classify, tag,
-evaluate) take Hydra overrides; export, generate and convert-adept take plain key=value pairs.
+evaluate) and prepare / estimate take Hydra overrides; export, generate and convert-adept take plain key=value pairs.
 """
 
 # job name -> (module, one-line description); the order is the order `persimmon-train ls` prints.
@@ -11,6 +11,7 @@ JOBS = {
     "classify": ("classify", "sequence classification (Hydra config: classify)"),
     "tag": ("tag", "token classification / NER tags (Hydra config: tag)"),
     "evaluate": ("evaluate", "evaluate a model folder or checkpoint (Hydra config: evaluate)"),
+    "estimate": ("estimate", "what one rank of a run will hold in memory, from its config (no weights read)"),
     "prepare": ("prepare", "tokenize and pack a run's data into the cache (CPU), print rows and packing"),
     "export": ("export", "export a training checkpoint to a Hugging Face folder or PEFT adapter"),
     "generate": ("generate", "generate text from an export or a checkpoint"),

@@ -143,6 +143,9 @@ class TrainerConfig:
     max_minutes: Optional[float] = None
     # Starts in a row from the same checkpoint step (restarts.json) before a restart refuses (exit 2).
     max_restarts_without_progress: int = 3
+    # Refuse at start a run whose memory estimate (training/memory_plan.py, `persimmon-train
+    # estimate`) exceeds the device's memory (GPU total; CPU MemAvailable). false: run anyway.
+    check_memory: bool = True
 
 
 @dataclass

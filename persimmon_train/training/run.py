@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from persimmon_train.errors import StoppedEarly
 from persimmon_train.storage import checkpoints as store
-from persimmon_train.training import builders, checkpointing, preemption, run_folder
+from persimmon_train.training import builders, checkpointing, memory_plan, preemption, run_folder
 from persimmon_train.training.optim import build_optimizer, build_scheduler
 from persimmon_train.training.preflight import preflight
 from persimmon_train.training.trackers import JsonlMetrics, build_tracker, plot_loss_curve, redact_secrets
@@ -70,6 +70,7 @@ def train(cfg, job: str, keep_lock: bool = False) -> RunResult:
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     builders.setup_logging(None, strategy.is_main)  # console only until the output folder may be touched
+    memory_plan.check_run(cfg, strategy)  # logs the estimate; refuses a run that cannot fit (trainer.check_memory)
     output_dir = builders.resolve_output_dir(cfg, job, strategy)
     run_folder.agree(strategy, lambda: run_folder.check_start(cfg, output_dir))  # in use? an earlier run?
     chosen = store.choose_resume(cfg.resume, output_dir, comm=strategy)  # validates manifest + checksums

@@ -88,7 +88,7 @@ def test_unknown_command_and_bare_command(capsys):
 
 
 @pytest.mark.parametrize(
-    "job", ["finetune", "classify", "tag", "evaluate", "prepare", "export", "generate", "convert-adept"]
+    "job", ["finetune", "classify", "tag", "evaluate", "prepare", "estimate", "export", "generate", "convert-adept"]
 )
 def test_every_command_dispatches_to_its_recipe(job, monkeypatch):
     module = __import__(f"persimmon_train.recipes.{JOBS[job][0]}", fromlist=["run"])
