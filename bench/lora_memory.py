@@ -66,26 +66,18 @@ def write_base(folder: Path, hidden: int, layers: int, vocab: int, seq: int) -> 
     import torch
 
     sys.path.insert(0, str(REPO))
-    from persimmon_train.model import PersimmonConfig, PersimmonForCausalLM
-    from tests.tiny_base import demo_tokenizer
+    from tests.tiny_base import demo_tokenizer, save_tiny_base, tiny_base_config
 
     tokenizer = demo_tokenizer()
-    config = PersimmonConfig(
-        vocab_size=max(vocab, tokenizer.vocab_size),
+    config = tiny_base_config(
+        tokenizer,
         hidden_size=hidden,
         intermediate_size=4 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=max(hidden // 64, 1),
         max_position_embeddings=max(seq, 256),
-        bos_token_id=tokenizer.bos_id,
-        eos_token_id=tokenizer.eos_id,
-        pad_token_id=tokenizer.pad_id,
-    )
-    torch.manual_seed(0)
-    model = PersimmonForCausalLM.from_config(config).to(torch.bfloat16)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return model.num_parameters()
+    ).replace(vocab_size=max(vocab, tokenizer.vocab_size))
+    return save_tiny_base(folder, tokenizer, config, dtype=torch.bfloat16).num_parameters()
 
 
 def peak_kib(cmd: list[str]) -> int:

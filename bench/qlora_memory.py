@@ -56,26 +56,19 @@ print("QLORA_MEMORY " + json.dumps({"start": start, "loaded": loaded, "peak": st
 def write_base(folder: Path) -> int:
     import torch
 
-    from persimmon_train.data import Tokenizer, demo_assets
-    from persimmon_train.model import PersimmonConfig, PersimmonForCausalLM
+    sys.path.insert(0, str(REPO))
+    from tests.tiny_base import demo_tokenizer, save_tiny_base, tiny_base_config
 
-    tokenizer = Tokenizer(demo_assets().tokenizer_path)
-    config = PersimmonConfig(
-        vocab_size=tokenizer.vocab_size,
+    tokenizer = demo_tokenizer()
+    config = tiny_base_config(
+        tokenizer,
         hidden_size=HIDDEN,
         intermediate_size=INTERMEDIATE,
         num_hidden_layers=LAYERS,
         num_attention_heads=HEADS,
         max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_id,
-        eos_token_id=tokenizer.eos_id,
-        pad_token_id=tokenizer.pad_id,
     )
-    torch.manual_seed(0)
-    model = PersimmonForCausalLM.from_config(config).to(torch.bfloat16)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return sum(p.numel() for p in model.parameters())
+    return save_tiny_base(folder, tokenizer, config, dtype=torch.bfloat16).num_parameters()
 
 
 def run(base: Path, out: Path, steps: int, seq_len: int, extra: list[str]) -> dict:

@@ -40,12 +40,15 @@ def tiny_base_config(
     )
 
 
-def save_tiny_base(folder: Path, tokenizer, config, *, seed: int = 0, **save_kwargs):
-    """A seeded random causal LM of `config` + the tokenizer, written as an HF folder; returns the model."""
+def save_tiny_base(folder: Path, tokenizer, config, *, seed: int = 0, dtype: torch.dtype | None = None, **save_kwargs):
+    """A seeded random causal LM of `config` + the tokenizer, written as an HF folder (in `dtype`,
+    e.g. bf16 like the released files; default float32); returns the model."""
     from persimmon_train.model import PersimmonForCausalLM
 
     torch.manual_seed(seed)
     model = PersimmonForCausalLM.from_config(config)
+    if dtype is not None:
+        model = model.to(dtype)
     model.save_pretrained(folder, **save_kwargs)
     tokenizer.save_pretrained(folder)
     return model
