@@ -70,7 +70,6 @@ def train(cfg, job: str, keep_lock: bool = False) -> RunResult:
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     builders.setup_logging(None, strategy.is_main)  # console only until the output folder may be touched
-    memory_plan.check_run(cfg, strategy)  # logs the estimate; refuses a run that cannot fit (trainer.check_memory)
     output_dir = builders.resolve_output_dir(cfg, job, strategy)
     run_folder.agree(strategy, lambda: run_folder.check_start(cfg, output_dir))  # in use? an earlier run?
     chosen = store.choose_resume(cfg.resume, output_dir, comm=strategy)  # validates manifest + checksums
@@ -88,6 +87,7 @@ def train(cfg, job: str, keep_lock: bool = False) -> RunResult:
         log.info("resume=%s: no complete checkpoint in %s yet; starting from scratch", cfg.resume, output_dir)
     elif cfg.resume == "auto":
         log.info("resume=auto: resuming from %s", resume_path)
+    memory_plan.check_run(cfg, strategy)  # logs the estimate; refuses a run that cannot fit (trainer.check_memory)
     start_step = int(manifest.get("step", -1)) if resume_path else 0
     restarts = preemption.check_restart(output_dir, start_step, cfg.trainer.max_restarts_without_progress)
 
