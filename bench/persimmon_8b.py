@@ -27,18 +27,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RELEASED = dict(
-    vocab_size=262144,
-    hidden_size=4096,
-    intermediate_size=16384,
-    num_hidden_layers=36,
-    num_attention_heads=64,
-    max_position_embeddings=16384,
-    rope_theta=25000.0,
-    partial_rotary_factor=0.5,
-    qk_layernorm=True,
-)
-
 DRIVER = r"""
 import json, os, runpy, sys, time
 sys.path.insert(0, os.path.join(sys.argv[1], "bench"))
@@ -72,7 +60,7 @@ def write_base(folder: Path, layers: int) -> int:
 
     tokenizer = demo_tokenizer()
     config = PersimmonConfig(
-        **{**RELEASED, "num_hidden_layers": layers},
+        num_hidden_layers=layers,  # every other default is the released architecture
         bos_token_id=tokenizer.bos_id,
         eos_token_id=tokenizer.eos_id,
         pad_token_id=tokenizer.pad_id,

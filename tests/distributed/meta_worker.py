@@ -19,16 +19,6 @@ from bench.host_memory import RssSampler, reset_peak, status_kib
 from persimmon_train.model import PersimmonConfig, PersimmonForCausalLM
 from persimmon_train.parallel.fsdp import FSDPStrategy
 
-PERSIMMON_8B = dict(
-    vocab_size=262144,
-    hidden_size=4096,
-    intermediate_size=16384,
-    num_hidden_layers=36,
-    num_attention_heads=64,
-    max_position_embeddings=16384,
-    rope_theta=25000.0,
-)
-
 
 def _local_bytes(model) -> int:
     return sum(p.to_local().numel() * p.element_size() for p in model.parameters())
@@ -39,7 +29,7 @@ def main(out_dir: str, small_model: str) -> None:
     report = {"rank": strategy.rank, "world_size": strategy.world_size}
 
     with torch.device("meta"):
-        big = PersimmonForCausalLM(PersimmonConfig(**PERSIMMON_8B))
+        big = PersimmonForCausalLM(PersimmonConfig())  # the defaults: the released 8B
     report["8b_full_bytes"] = sum(p.numel() * p.element_size() for p in big.parameters())
     strategy.parallelize(big)
     report["8b_rank_bytes"] = _local_bytes(big)
