@@ -756,6 +756,13 @@ MUTANTS = [
         ["tests/recipes/test_async_checkpoint.py::test_deepspeed_async_is_refused_in_one_line"],
     ),
     Mutant(
+        "preempt.restarted_group_shares_store_keys",
+        "persimmon_train/parallel/distributed.py",
+        "f\"persimmon_train/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}\"",
+        '"persimmon_train/attempt"',
+        ["tests/distributed/test_attempt_store.py"],
+    ),
+    Mutant(
         "features.recipe_env_not_pinned",
         "tests/recipes/conftest.py",
         'env["PYTHONPATH"] = os.pathsep.join(',

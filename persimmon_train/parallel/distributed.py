@@ -36,13 +36,34 @@ def pick_backend(requested: str, device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
+def attempt_store(timeout: datetime.timedelta) -> dist.Store | None:
+    """The rendezvous store of this launch attempt; None where env:// already gives a fresh one.
+
+    torchrun's workers join the store its agent hosts (TORCHELASTIC_USE_AGENT_STORE=True), and that
+    one store outlives a restart of the group. Without a per-attempt prefix the restarted ranks read
+    the keys the killed group left there (a dead peer's gloo address: "connectFullMesh ... Connection
+    refused", or a hang until the process-group timeout), so every attempt gets its own namespace.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None  # rank 0 hosts a new store per launch (env://, deepspeed, srun)
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        int(os.environ["WORLD_SIZE"]),
+        is_master=False,
+        timeout=timeout,
+    )
+    return dist.PrefixStore(f"persimmon_train/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def init_process_group(backend: str, timeout_minutes: float) -> None:
     """Join the launcher's group, or make a one-rank group when started without a launcher."""
     if dist.is_initialized():
         return
     timeout = datetime.timedelta(minutes=timeout_minutes)
     if "MASTER_ADDR" in os.environ and "RANK" in os.environ:
-        dist.init_process_group(backend, timeout=timeout)
+        rank, world, _ = launched_world()
+        dist.init_process_group(backend, store=attempt_store(timeout), rank=rank, world_size=world, timeout=timeout)
     else:
         # No rendezvous needed for one rank: an in-process store.
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
