@@ -756,6 +756,27 @@ MUTANTS = [
         ["tests/recipes/test_async_checkpoint.py::test_deepspeed_async_is_refused_in_one_line"],
     ),
     Mutant(
+        "persist.stored_tensor_block_not_cast",
+        "persimmon_train/storage/safetensors_io.py",
+        "                yield read_tensor(handle, block, self.name).to(self.dtype)",
+        "                yield read_tensor(handle, block, self.name)",
+        ["tests/storage/test_streamed_writes.py"],
+    ),
+    Mutant(
+        "persist.stored_tensor_read_whole",
+        "persimmon_train/storage/safetensors_io.py",
+        "        step = max(1, max_bytes // max(row_bytes, 1))",
+        "        step = max(1, rows)",
+        ["tests/storage/test_streamed_writes.py"],
+    ),
+    Mutant(
+        "persist.shard_header_overflow_ignored",
+        "persimmon_train/storage/safetensors_io.py",
+        "current.size + size > self.limit or not current.fits(name, tensor.dtype, tensor.shape, size)",
+        "current.size + size > self.limit",
+        ["tests/storage/test_streamed_writes.py"],
+    ),
+    Mutant(
         "preempt.restarted_group_shares_store_keys",
         "persimmon_train/parallel/distributed.py",
         "f\"persimmon_train/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}\"",

@@ -16,6 +16,7 @@ import torch
 
 from persimmon_train.adapters.lora import ADAPTER_NAME, merge_lora_weight, strip_peft_prefix
 from persimmon_train.errors import WeightsError
+from persimmon_train.storage import StoredTensor, materialize
 
 log = logging.getLogger("persimmon_train")
 
@@ -61,9 +62,9 @@ def split_lora(tensors: Iterable[tuple[str, torch.Tensor]], where: str) -> LoraW
     return weights
 
 
-def merge_one(name: str, base: torch.Tensor, lora: LoraWeights, peft_cfg) -> torch.Tensor:
+def merge_one(name: str, base: torch.Tensor | StoredTensor, lora: LoraWeights, peft_cfg) -> torch.Tensor:
     """W + scale * B @ A for one weight, in float32 (training held float32 master weights)."""
-    return merge_lora_weight(base.float(), lora.a[name], lora.b[name], peft_cfg)
+    return merge_lora_weight(materialize(base.float()), lora.a[name], lora.b[name], peft_cfg)
 
 
 def iter_merged_lora(
@@ -85,7 +86,9 @@ def iter_merged_lora(
             tensor = merge_one(name, tensor, lora, peft_cfg)
             merged.add(name)
         else:
-            tensor = tensor.float()  # training held float32 master weights; cast once, at the writer
+            # Training held float32 master weights; cast once, at the writer (a StoredTensor
+            # only records the cast: the writer streams it from model.path block by block).
+            tensor = tensor.float()
         yield name, tensor
     missing = sorted(set(lora.a) - merged)
     if missing:

@@ -37,7 +37,8 @@ class ModelSource:
         return {name: tuple(t.shape) for name, t in shell.state_dict().items()}
 
     def iter_base(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """The frozen base weights (HF names), one tensor at a time."""
+        """The frozen base weights (HF names), one at a time: from `model.path` as `StoredTensor`s
+        (read when written or merged), else a random init's tensors."""
         from persimmon_train.storage import iter_weights_folder
 
         base = self.manifest["model"]["base"]
@@ -47,7 +48,7 @@ class ModelSource:
                     f"{self.path}/manifest.json: the run's base model {base['path']} is gone; "
                     f"the LoRA adapter cannot be merged without it (export merge=false still works)"
                 )
-            yield from iter_weights_folder(base["path"])
+            yield from iter_weights_folder(base["path"], lazy=True)
             return
         # The trainer seeds right before building a random-init model; do exactly the same.
         from persimmon_train.training.builders import set_seed

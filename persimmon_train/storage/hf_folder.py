@@ -19,7 +19,12 @@ import torch
 
 from persimmon_train.errors import WeightsError
 from persimmon_train.storage.files import check_output_folder, staged_folder
-from persimmon_train.storage.safetensors_io import ShardWriter, is_weight_file, write_safetensors_file
+from persimmon_train.storage.safetensors_io import (
+    ShardWriter,
+    header_reserve,
+    is_weight_file,
+    write_safetensors_file,
+)
 
 log = logging.getLogger("persimmon_train")
 
@@ -52,13 +57,15 @@ def write_hf_folder(
 ) -> list[str]:
     """Stream `(name, tensor)` pairs (HF names) into `out_dir` as a model folder; returns the weight files.
 
-    Each tensor is cast to `dtype` (floating tensors; None keeps it) as it arrives and dropped once
-    its shard is written: host memory holds about one shard. `expected_shapes` (name -> shape):
+    Each tensor is cast to `dtype` (floating tensors; None keeps it) as it arrives, written and
+    dropped: host memory holds about one tensor (a `StoredTensor` streams from its source file in
+    row blocks, cast on the way). `expected_shapes` (name -> shape):
     every tensor must be one of them with that shape, and all must arrive.
     """
     out_dir = check_output_folder(out_dir, key, overwrite)
     with staged_folder(out_dir, replaceable=is_own_file) as tmp:
-        with ShardWriter(tmp, max_shard_size) as writer:
+        reserve = {} if expected_shapes is None else {"header_reserve": header_reserve(expected_shapes)}
+        with ShardWriter(tmp, max_shard_size, **reserve) as writer:
             for name, tensor in _progress(tensors, progress_total, os.path.basename(out_dir)):
                 if expected_shapes is not None:
                     if name not in expected_shapes:

@@ -10,10 +10,14 @@ before a tensor is read. Streaming reads (`iter_safetensors_file`) use a plain `
 tensor instead of a memory map: every page of a map stays resident until the file closes, so
 streaming a 30 GB file through ``safe_open`` peaks near 30 GB.
 
-Writing: `ShardWriter` fills a shard, writes it, forgets it, and names the files when it knows
-how many there are; greedy in arrival order like transformers (a tensor that would overflow the
-shard starts the next one; one bigger than the limit gets its own). Part files carry temporary
-names until `close()`, so an interrupted write never leaves a half file under a final name.
+Writing: `ShardWriter` writes each tensor's bytes into the open shard file as it arrives and
+forgets the tensor; the shard's header goes into space reserved at the front of the file when the
+shard is complete (safetensors allows a header padded with spaces). Shards are filled greedily in
+arrival order like transformers (a tensor that would overflow the shard starts the next one; one
+bigger than the limit gets its own). A `StoredTensor` (an unchanged tensor still in its source
+file) is copied across in row blocks, cast on the way, so no whole copy of it is ever in memory.
+Part files carry temporary names until `close()`, so an interrupted write never leaves a half file
+under a final name.
 
 Nothing here knows the model, and nothing unpickles: ``pytorch_model.bin`` folders are refused.
 """
@@ -30,7 +34,7 @@ import struct
 import sys
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -301,14 +305,80 @@ def iter_safetensors_file(path: str) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, read_tensor(handle, entry, name)
 
 
-def iter_weights_folder(folder: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for a whole HF weights folder (single file or shards), validated first."""
+@dataclass(frozen=True)
+class StoredTensor:
+    """A tensor still in its safetensors file, read only when written (see `ShardWriter.add`).
+
+    It answers what the export's checks and casts ask of a tensor (`shape`, `dtype`,
+    `is_floating_point`, `to(dtype)`, `float()`), so an unchanged base weight streams from the
+    source file to the export in row blocks: a 2 GB embedding never sits whole in memory.
+    """
+
+    entry: TensorEntry
+    name: str
+    cast: torch.dtype | None = None  # the dtype it is written in; None: as stored
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self.entry.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.cast or self.entry.torch_dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.entry.shape) * self.dtype.itemsize
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def to(self, dtype: torch.dtype) -> StoredTensor:
+        return replace(self, cast=dtype)
+
+    def float(self) -> StoredTensor:
+        return self.to(torch.float32)
+
+    def load(self) -> torch.Tensor:
+        """The whole tensor in memory, in `dtype` (for a weight that is changed, e.g. merged)."""
+        with open(self.entry.path, "rb") as handle:
+            return read_tensor(handle, self.entry, self.name).to(self.dtype)
+
+    def blocks(self, max_bytes: int = 64 << 20) -> Iterator[torch.Tensor]:
+        """The tensor in row blocks of about `max_bytes` as stored, each cast to `dtype`."""
+        entry = self.entry
+        rows = entry.shape[0] if entry.shape else 1
+        row_bytes = (entry.end - entry.begin) // max(rows, 1)
+        step = max(1, max_bytes // max(row_bytes, 1))
+        with open(entry.path, "rb") as handle:
+            for first in range(0, rows, step):
+                count = min(step, rows - first)
+                begin = entry.begin + first * row_bytes
+                block = replace(entry, shape=(count, *entry.shape[1:]), begin=begin, end=begin + count * row_bytes)
+                if not entry.shape:
+                    block = entry
+                yield read_tensor(handle, block, self.name).to(self.dtype)
+
+
+def materialize(tensor: torch.Tensor | StoredTensor) -> torch.Tensor:
+    return tensor.load() if isinstance(tensor, StoredTensor) else tensor
+
+
+def iter_weights_folder(folder: str | os.PathLike, lazy: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for a whole HF weights folder (single file or shards), validated first.
+
+    lazy=True yields `StoredTensor`s: nothing is read until the consumer reads it.
+    """
     by_file: dict[str, list[tuple[str, TensorEntry]]] = defaultdict(list)
     for name, entry in inspect_folder(folder).items():
         by_file[entry.path].append((name, entry))
     for path, items in by_file.items():
+        items = sorted(items, key=lambda item: item[1].begin)
+        if lazy:
+            yield from ((name, StoredTensor(entry, name)) for name, entry in items)
+            continue
         with open(path, "rb") as handle:
-            for name, entry in sorted(items, key=lambda item: item[1].begin):
+            for name, entry in items:
                 yield name, read_tensor(handle, entry, name)
 
 
@@ -323,45 +393,124 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
+def _entry_json(name: str, dtype: torch.dtype, shape, begin: int, end: int) -> str:
+    if dtype not in TAGS:
+        raise WeightsError(f"cannot save {name}: dtype {dtype} has no safetensors tag")
+    entry = {"dtype": TAGS[dtype], "shape": list(shape), "data_offsets": [begin, end]}
+    return json.dumps({name: entry}, separators=(",", ":"))[1:-1]
+
+
+class _SafetensorsFile:
+    """One safetensors file written as tensors arrive: data first, header last into reserved space.
+
+    `reserve` bytes (a multiple of 8, the format's alignment) are kept after the length field; the
+    header written there at `finish()` is padded with spaces to fill them. `fits` says whether one
+    more tensor's header entry still has room.
+    """
+
+    def __init__(self, path: str, metadata: Mapping | None, reserve: int):
+        self.path = path
+        self.reserve = reserve + (-reserve % 8)
+        self.metadata = dict(metadata or {"format": "pt"})
+        self.entries: list[str] = []
+        self.names: list[str] = []
+        self.header_bytes = len(json.dumps({"__metadata__": self.metadata}, separators=(",", ":")))
+        self.size = 0
+        with disk_errors(path):
+            self.handle = open(path, "wb")  # noqa: SIM115 - closed in finish() / discard()
+            self.handle.seek(8 + self.reserve)
+
+    def fits(self, name: str, dtype: torch.dtype, shape, nbytes: int) -> bool:
+        entry = _entry_json(name, dtype, shape, self.size, self.size + nbytes)
+        return self.header_bytes + 1 + len(entry.encode("utf-8")) <= self.reserve
+
+    def write(self, name: str, tensor: torch.Tensor | StoredTensor) -> None:
+        nbytes = tensor.nbytes
+        entry = _entry_json(name, tensor.dtype, tensor.shape, self.size, self.size + nbytes)
+        with disk_errors(self.path):
+            if isinstance(tensor, StoredTensor):
+                for block in tensor.blocks():
+                    self.handle.write(_tensor_bytes(block))
+                    del block
+            else:
+                self.handle.write(_tensor_bytes(tensor))
+        self.entries.append(entry)
+        self.names.append(name)
+        self.header_bytes += 1 + len(entry.encode("utf-8"))
+        self.size += nbytes
+
+    def finish(self) -> None:
+        meta = json.dumps({"__metadata__": self.metadata}, separators=(",", ":"))
+        header = ("{" + ",".join([meta[1:-1], *self.entries]) + "}").encode("utf-8")
+        if len(header) > self.reserve:  # fits() is asked first; this cannot happen
+            raise WeightsError(f"{self.path}: header of {len(header)} bytes overflows its {self.reserve}")
+        with disk_errors(self.path), self.handle:
+            self.handle.seek(0)
+            self.handle.write(struct.pack("<Q", self.reserve))
+            self.handle.write(header + b" " * (self.reserve - len(header)))
+            fsync_file(self.handle)
+
+    def discard(self) -> None:
+        self.handle.close()
+        _remove_if_present(self.path)
+
+
+def _exact_reserve(tensors: Mapping[str, torch.Tensor], metadata: Mapping | None) -> int:
+    """The header size of `tensors` written in order (what safetensors itself would write)."""
+    offset, entries = 0, []
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        entries.append(_entry_json(name, tensor.dtype, tensor.shape, offset, offset + nbytes))
+        offset += nbytes
+    meta = json.dumps({"__metadata__": dict(metadata or {"format": "pt"})}, separators=(",", ":"))
+    return len(("{" + ",".join([meta[1:-1], *entries]) + "}").encode("utf-8"))
+
+
+def header_reserve(names, metadata: Mapping | None = None) -> int:
+    """Room for the header of any subset of `names` (2-D shapes and 12-digit offsets: 128 bytes
+    besides the name each), so a streamed shard never has to be closed early for its header."""
+    meta = len(json.dumps({"__metadata__": dict(metadata or {"format": "pt"})}))
+    return meta + sum(len(json.dumps(name)) + 128 for name in names)
+
+
 def write_safetensors_file(path: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping | None = None) -> None:
     """Write `tensors` (CPU, contiguous) in safetensors format, straight from their memory, fsynced."""
-    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
-    offset = 0
-    for name, tensor in tensors.items():
-        if tensor.dtype not in TAGS:
-            raise WeightsError(f"cannot save {name}: dtype {tensor.dtype} has no safetensors tag")
-        size = tensor.numel() * tensor.element_size()
-        header[name] = {
-            "dtype": TAGS[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    encoded += b" " * (-len(encoded) % 8)  # the format pads the header to 8-byte alignment
-    with disk_errors(path), open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(encoded)))
-        handle.write(encoded)
-        for tensor in tensors.values():
-            handle.write(_tensor_bytes(tensor))
-        fsync_file(handle)
+    part = _SafetensorsFile(path, metadata, _exact_reserve(tensors, metadata))
+    try:
+        for name, tensor in tensors.items():
+            part.write(name, tensor)
+        part.finish()
+    except BaseException:
+        part.discard()
+        raise
 
 
 class ShardWriter:
     """Streams tensors into `folder` as HF shards of at most `max_shard_size` bytes.
 
-    Use as a context manager, or call `close()` (names the files, writes the index, removes weight
-    files of an earlier save that the new one does not reference) / `abort()` (removes the part
-    files written so far). Tensors that alias each other are fine: each is written on its own.
+    Each tensor is written to its shard's file when it arrives (memory holds one tensor, or one
+    row block of a `StoredTensor`). Use as a context manager, or call `close()` (names the files,
+    writes the index, removes weight files of an earlier save that the new one does not reference)
+    / `abort()` (removes the part files written so far). `header_reserve`: bytes kept for each
+    shard's header (`header_reserve(names)` when the names are known; a shard whose header is full
+    is closed and the next one started). Tensors that alias each other are fine: each is written
+    on its own.
     """
 
-    def __init__(self, folder: str, max_shard_size: int | str = "5GB", metadata: Mapping | None = None):
+    def __init__(
+        self,
+        folder: str,
+        max_shard_size: int | str = "5GB",
+        metadata: Mapping | None = None,
+        header_reserve: int = 64 << 10,
+    ):
         self.folder = os.fspath(folder)
         self.limit = parse_size(max_shard_size)
         self.metadata = metadata
-        self._current: dict[str, torch.Tensor] = {}
-        self._current_size = 0
-        self._parts: list[list[str]] = []
+        self.reserve = header_reserve
+        self._current: _SafetensorsFile | None = None
+        self._created: list[str] = []  # every part file opened, for abort()
+        self._parts: list[_SafetensorsFile] = []  # finished, in the order their final names follow
         self._seen: set[str] = set()
         self.total_size = 0
         with disk_errors(self.folder):
@@ -374,52 +523,66 @@ class ShardWriter:
         if kind is not None:
             self.abort()
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        if not isinstance(tensor, torch.Tensor):
+    def add(self, name: str, tensor: torch.Tensor | StoredTensor) -> None:
+        if not isinstance(tensor, (torch.Tensor, StoredTensor)):
             raise WeightsError(f"cannot save {name}: it is a {type(tensor).__name__}, not a tensor")
-        if tensor.is_meta:
-            raise WeightsError(f"cannot save {name}: it is on the meta device (no data)")
+        if isinstance(tensor, torch.Tensor):
+            if tensor.is_meta:
+                raise WeightsError(f"cannot save {name}: it is on the meta device (no data)")
+            tensor = tensor.detach().to("cpu").contiguous()
         if name in self._seen:
             raise WeightsError(f"tensor {name} was produced twice")
         self._seen.add(name)
-        tensor = tensor.detach().to("cpu").contiguous()
-        size = tensor.numel() * tensor.element_size()
+        size = tensor.nbytes
         self.total_size += size
+        first = _entry_json(name, tensor.dtype, tensor.shape, 0, size)
         if size > self.limit:
-            self._write_part({name: tensor})
-            return
-        if self._current and self._current_size + size > self.limit:
-            self._flush()
-        self._current[name] = tensor
-        self._current_size += size
+            part = self._open(first)
+            part.write(name, tensor)
+            self._finish(part)
+        else:
+            current = self._current
+            if current is not None and (
+                current.size + size > self.limit or not current.fits(name, tensor.dtype, tensor.shape, size)
+            ):
+                self._finish(current)
+                self._current = current = None
+            if current is None:
+                self._current = current = self._open(first)
+            current.write(name, tensor)
+        del tensor
+        if size >= 1 << 20:
+            release_free_memory()
 
     @property
     def names(self) -> set[str]:
         return set(self._seen)
 
-    def _flush(self) -> None:
-        current, self._current, self._current_size = self._current, {}, 0
-        if current:
-            self._write_part(current)
+    def _open(self, first_entry: str = "") -> _SafetensorsFile:
+        """A new part file; its header has room for at least `first_entry` (a very long name)."""
+        path = os.path.join(self.folder, _PART_NAME.format(index=len(self._created)))
+        self._created.append(path)
+        return _SafetensorsFile(path, self.metadata, max(self.reserve, 2 * len(first_entry.encode("utf-8")) + 256))
 
-    def _write_part(self, tensors: dict[str, torch.Tensor]) -> None:
-        path = os.path.join(self.folder, _PART_NAME.format(index=len(self._parts)))
-        self._parts.append(list(tensors))
-        write_safetensors_file(path, tensors, self.metadata)
-        tensors.clear()  # the caller's dict may be the shard itself: drop the tensors before trimming
-        release_free_memory()
+    def _finish(self, part: _SafetensorsFile) -> None:
+        part.finish()
+        self._parts.append(part)
 
     def abort(self) -> None:
-        for index in range(len(self._parts)):
-            _remove_if_present(os.path.join(self.folder, _PART_NAME.format(index=index)))
-        self._parts, self._current = [], {}
+        if self._current is not None:
+            self._current.handle.close()
+        for path in self._created:
+            _remove_if_present(path)
+        self._current, self._parts, self._created = None, [], []
 
     def close(self) -> list[str]:
         """Name the shards, write the index (when sharded); returns the weight file names."""
         try:
-            self._flush()
-            if not self._parts:
-                self._write_part({})
+            if self._current is None and not self._parts:  # nothing was added: one empty file
+                self._current = self._open()
+            if self._current is not None:
+                self._finish(self._current)
+                self._current = None
         except BaseException:
             self.abort()
             raise
@@ -432,12 +595,12 @@ class ShardWriter:
             if count > 1:
                 # A stale single file would win over the new index (transformers looks for it first).
                 _remove_if_present(os.path.join(self.folder, SAFE_WEIGHTS_NAME))
-            for i, final in enumerate(names):
-                os.replace(os.path.join(self.folder, _PART_NAME.format(index=i)), os.path.join(self.folder, final))
+            for part, final in zip(self._parts, names):
+                os.replace(part.path, os.path.join(self.folder, final))
             if count > 1:
                 index = {
                     "metadata": {"total_size": self.total_size},
-                    "weight_map": {t: f for f, part in zip(names, self._parts) for t in part},
+                    "weight_map": {t: f for f, part in zip(names, self._parts) for t in part.names},
                 }
                 atomic_write_text(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n")
             else:
@@ -456,7 +619,8 @@ def save_safetensors(
     metadata: Mapping | None = None,
 ) -> list[str]:
     """Write a whole state dict as HF safetensors into `folder` (through `ShardWriter`)."""
-    with ShardWriter(os.fspath(folder), max_shard_size, metadata) as writer:
+    reserve = header_reserve(state_dict, metadata)
+    with ShardWriter(os.fspath(folder), max_shard_size, metadata, header_reserve=reserve) as writer:
         for name, tensor in state_dict.items():
             writer.add(name, tensor)
         return writer.close()

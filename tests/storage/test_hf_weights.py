@@ -470,22 +470,21 @@ def test_malformed_index(sharded, content):
 
 def test_interrupted_save_leaves_no_file(tmp_path, monkeypatch):
     model = make_model()
-    calls = []
-    real_write = safetensors_io.write_safetensors_file
+    paths = []
+    real_write = safetensors_io._SafetensorsFile.write
 
-    def failing_write(path, tensors, metadata=None):
-        calls.append(path)
-        if len(calls) == 2:
-            with open(path, "wb") as handle:
-                handle.write(b"half a file")
+    def failing_write(part, name, tensor):
+        if part.path not in paths:
+            paths.append(part.path)
+        if len(paths) == 2:
             raise KeyboardInterrupt  # interrupted while writing the second shard
-        real_write(path, tensors, metadata)
+        real_write(part, name, tensor)
 
-    monkeypatch.setattr(safetensors_io, "write_safetensors_file", failing_write)
+    monkeypatch.setattr(safetensors_io._SafetensorsFile, "write", failing_write)
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(KeyboardInterrupt):
         save_safetensors(model.state_dict(), tmp_path, max_shard_size=3000)
-    assert all(name.endswith(".tmp") for name in calls)  # parts carry temporary names while written
+    assert len(paths) == 2 and all(path.endswith(".tmp") for path in paths)  # temporary names while written
     assert sorted(os.listdir(tmp_path)) == ["notes.txt"]  # no part left behind, the user's file kept
 
 
