@@ -5,10 +5,11 @@ against transformers + peft loaded the way their users do, side by side in one r
 
 Each configuration runs in a fresh process and reports its peak RSS (VmHWM at exit). A Persimmon
 of the given size (default ~168M parameters) is written once as a bf16 HF folder, plus a tiny one
-(hidden 64, 2 layers) whose run measures everything that is not the model (imports, data,
+(hidden 128, 2 layers) whose run measures everything that is not the model (imports, data,
 allocator): the figure compared is the big run's peak minus the tiny run's, per framework.
 
 - ours: `recipes/finetune.py model.path=... peft=lora trainer.precision=bf16` (strategy=single);
+- ours, QLoRA: the same with `peft.quantize_base=nf4` (decoder matrices in NF4);
 - ours, float32 storage: the same with `hold_frozen_for` turned off (every frozen weight float32);
 - transformers + peft: `PersimmonForCausalLM.from_pretrained(torch_dtype=torch.bfloat16)`,
   `get_peft_model` (same r, alpha, targets), AdamW on the adapters, bf16 autocast, same rows.
@@ -101,7 +102,8 @@ def main() -> None:
         root = Path(tmp)
         sizes = {
             "big": write_base(root / "big", args.hidden, args.layers, args.vocab, args.seq),
-            "tiny": write_base(root / "tiny", 64, 2, 0, args.seq),
+            # hidden 128: the smallest width whose matrices NF4 can quantize (multiples of 16384 values)
+            "tiny": write_base(root / "tiny", 128, 2, 0, args.seq),
         }
         print(f"models: {sizes['big'] / 1e6:.1f}M and {sizes['tiny'] / 1e6:.2f}M parameters (bf16 folders)")
         rows = {}
@@ -122,9 +124,10 @@ def main() -> None:
                 "export.enabled=false",
                 "data.eval_files=null",
             ]
-            for name in ("ours", "float32_storage"):
+            for name in ("ours", "ours_qlora", "float32_storage"):
                 out = root / f"{name}_{size}"
-                cmd = [sys.executable, "-c", OURS, str(REPO), name, *job, f"output_dir={out}"]
+                extra = ["peft.quantize_base=nf4"] if name == "ours_qlora" else []
+                cmd = [sys.executable, "-c", OURS, str(REPO), name, *job, *extra, f"output_dir={out}"]
                 rows.setdefault(name, {})[size] = peak_kib(cmd)
             sizes_args = [str(args.seq), str(args.steps), str(args.batch)]
             cmd = [sys.executable, "-c", HF_PEFT, str(REPO), str(folder), *sizes_args]
