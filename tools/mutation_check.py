@@ -777,6 +777,13 @@ MUTANTS = [
         ["tests/storage/test_streamed_writes.py"],
     ),
     Mutant(
+        "planner.qlora_heap_keeps_dequantized_copies",
+        "persimmon_train/parallel/nf4.py",
+        "    map_large_blocks()\n",
+        "\n",
+        ["tests/training/test_qlora.py::test_a_random_init_base_is_quantized_from_its_bf16_values"],
+    ),
+    Mutant(
         "preempt.restarted_group_shares_store_keys",
         "persimmon_train/parallel/distributed.py",
         "f\"persimmon_train/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}\"",
