@@ -19,6 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
+import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -38,6 +41,7 @@ log = logging.getLogger(__name__)
 
 CHOSEN, REJECTED = "chosen", "rejected"
 CACHE_VERSION = 1
+ARRAYS = ("input_ids", "labels", "position_ids", "doc_ids")
 
 
 @dataclass
@@ -252,17 +256,50 @@ def prepare_pairs(cfg: DataConfig, tok: Tokenizer) -> tuple[dict, dict]:
 
 
 def build_preference_data(cfg: DataConfig, tok: Tokenizer, *, micro_batch_size: int, seed: int, rank, world_size):
-    """Loaders over packed pairs (build_data's path for data.format=preference)."""
-    from persimmon_train.data.build import DataBundle
+    """Loaders over packed pairs (build_data's path for data.format=preference), prepared once and
+    cached under ``cache_dir/<key>/`` like the other formats (the stored DPO reference sits beside)."""
+    from persimmon_train.data.build import DataBundle, default_cache_dir
 
-    arrays, stats = prepare_pairs(cfg, tok)
+    root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    key = pairs_cache_key(cfg, tok, cfg.train_files, cfg.eval_files)
+    folder = root / key
+    if (folder / "meta.json").is_file():
+        log.info("data: using cached preparation %s", folder)
+        meta = json.loads((folder / "meta.json").read_text())
+    else:
+        arrays, stats = prepare_pairs(cfg, tok)
+        tmp = root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        try:
+            for split, arr in arrays.items():
+                for name, a in arr.items():
+                    np.save(tmp / f"{split}_{name}.npy", a)
+            meta = {"version": CACHE_VERSION, "splits": sorted(arrays), "stats": stats}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            try:
+                os.rename(tmp, folder)  # atomic; another rank may have won the race
+            except OSError:
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     loaders = {}
-    for split, arr in arrays.items():
+    for split in meta["splits"]:
+        arr = {n: np.load(folder / f"{split}_{n}.npy", mmap_mode="r") for n in ARRAYS}
         files = cfg.eval_files if split == "eval" and cfg.eval_files else cfg.train_files
         what = f"{split} preference data ({', '.join(map(str, files))})"
         loaders[split] = PreferenceLoader(
             arr, micro_batch_size, seed, rank, world_size, train=split == "train", pad_id=tok.pad_id, what=what
         )
+    stats = dict(meta["stats"], cache=str(folder), key=key)
     if stats.get("skipped_rows"):
         log.warning("data: skipped %d bad rows", stats["skipped_rows"])
-    return DataBundle(loaders["train"], loaders.get("eval"), stats=stats)
+    # reward models: one score per document (num_labels=1)
+    return DataBundle(
+        loaders["train"],
+        loaders.get("eval"),
+        num_labels=1,
+        id2label={0: "LABEL_0"},
+        label2id={"LABEL_0": 0},
+        problem_type="regression",
+        stats=stats,
+    )

@@ -164,8 +164,29 @@ class ExportConfig:
 
 
 @dataclass
+class DPOConfig:
+    """`persimmon-train dpo` (objective=dpo): TRL's DPO loss on packed preference pairs."""
+
+    beta: float = 0.1
+    loss: str = "sigmoid"  # sigmoid | ipo (IPO on log-probs averaged over response tokens)
+    label_smoothing: float = 0.0  # conservative DPO (sigmoid only)
+
+
+@dataclass
+class RewardConfig:
+    """`persimmon-train reward` (objective=reward): Bradley-Terry loss, one score per document."""
+
+    margin: float = 0.0  # -log sigmoid(s_chosen - s_rejected - margin)
+
+
+OBJECTIVES = ("sft", "dpo", "reward")
+
+
+@dataclass
 class RunConfig:
     task: str = "causal_lm"
+    # What the head is trained on: sft (labels: finetune/classify/tag), dpo or reward (preference pairs).
+    objective: str = "sft"
     output_dir: Optional[str] = None  # null: outputs/<job>/<timestamp>
     resume: Optional[str] = None  # auto | latest | PATH to checkpoints/step_N
     # An output_dir that holds a run is refused unless resumed or started over: overwrite=true
@@ -181,6 +202,8 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
 
 
 SCHEMA_NAME = "run_schema"
@@ -285,12 +308,14 @@ def validate_run_config(cfg: RunConfig) -> RunConfig:
         )
     if m.path is None:
         check_seq_len(cfg.data.seq_len, m.max_position_embeddings, m.rope_scaling, "model")
-    expected_format = {
-        "causal_lm": ("text", "chat"),
-        "sequence_classification": ("classification",),
-        "token_classification": ("token_classification",),
-    }[cfg.task]
-    _one_of(f"data.format (task {cfg.task})", cfg.data.format, expected_format)
+    if cfg.objective == "sft":
+        expected_format = {
+            "causal_lm": ("text", "chat"),
+            "sequence_classification": ("classification",),
+            "token_classification": ("token_classification",),
+        }[cfg.task]
+        _one_of(f"data.format (task {cfg.task})", cfg.data.format, expected_format)
+    validate_preference(cfg)
     if cfg.overwrite and cfg.resume is not None:
         raise ConfigError(
             f"overwrite: overwrite=true starts the run over, resume={cfg.resume} continues it; pass one of them"
@@ -298,6 +323,42 @@ def validate_run_config(cfg: RunConfig) -> RunConfig:
     if cfg.resume is not None and cfg.output_dir is None and cfg.resume in ("latest", "auto"):
         raise ConfigError(f"resume: '{cfg.resume}' needs output_dir=DIR (the run folder to continue)")
     return cfg
+
+
+def validate_preference(cfg: RunConfig) -> None:
+    """objective=dpo|reward: preference data, the matching head, keys of the other objectives refused."""
+    _one_of("objective", cfg.objective, OBJECTIVES)
+    for section, defaults in (("dpo", DPOConfig()), ("reward", RewardConfig())):
+        if cfg.objective != section and getattr(cfg, section) != defaults:
+            changed = [
+                k for k in defaults.__dataclass_fields__ if getattr(getattr(cfg, section), k) != getattr(defaults, k)
+            ]
+            raise ConfigError(
+                f"{section}.{changed[0]}: {section}.* keys configure `persimmon-train {section}`; "
+                f"this run's objective is {cfg.objective}"
+            )
+    if cfg.objective == "sft":
+        if cfg.data.format == "preference":
+            raise ConfigError(
+                "data.format: preference pairs train with `persimmon-train dpo` or `persimmon-train reward`"
+            )
+        return
+    head = {"dpo": "causal_lm", "reward": "sequence_classification"}[cfg.objective]
+    if cfg.task != head:
+        raise ConfigError(f"task: objective={cfg.objective} trains the {head} head, got task={cfg.task}")
+    _one_of(f"data.format (objective {cfg.objective})", cfg.data.format, ("preference",))
+    if cfg.strategy.name == "deepspeed":
+        raise ConfigError(
+            f"strategy: objective={cfg.objective} runs under strategy=single or strategy=fsdp, not deepspeed"
+        )
+    d = cfg.dpo
+    _one_of("dpo.loss", d.loss, ("sigmoid", "ipo"))
+    if not d.beta > 0:
+        raise ConfigError(f"dpo.beta: must be > 0, got {d.beta!r}")
+    if not 0.0 <= d.label_smoothing < 0.5:
+        raise ConfigError(f"dpo.label_smoothing: must be in [0, 0.5), got {d.label_smoothing!r}")
+    if d.label_smoothing and d.loss != "sigmoid":
+        raise ConfigError(f"dpo.label_smoothing: conservative DPO smooths the sigmoid loss, not dpo.loss={d.loss}")
 
 
 STRATEGIES = ("single", "fsdp", "deepspeed")

@@ -16,6 +16,7 @@ from persimmon_train.errors import StoppedEarly
 from persimmon_train.storage import checkpoints as store
 from persimmon_train.training import builders, checkpointing, memory_plan, preemption, run_folder
 from persimmon_train.training.optim import build_optimizer, build_scheduler
+from persimmon_train.training.preference import setup_objective
 from persimmon_train.training.preflight import preflight
 from persimmon_train.training.trackers import JsonlMetrics, build_tracker, plot_loss_curve, redact_secrets
 from persimmon_train.training.trainer import Trainer, flops_per_token
@@ -117,6 +118,7 @@ def train(cfg, job: str, keep_lock: bool = False) -> RunResult:
         tokenizer=tokenizer,
         checkpoint_metadata=metadata,
     )
+    trainer.objective = setup_objective(cfg, model, data, strategy)  # dpo / reward; before any resumed weights
     saved_state = trainer.resume_from(resume_path) if resume_path else {}
 
     # Everything validated: from here on output_dir is ours to write.

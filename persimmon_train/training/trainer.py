@@ -123,6 +123,7 @@ class Trainer:
         self.checkpoint_metadata = checkpoint_metadata or {}
         self.stop_flag = None  # preemption.StopFlag: polled (collectively) at every step boundary
         self.pending_save = None  # checkpointing.BackgroundSave in flight (checkpoint.async_save)
+        self.objective = None  # training/preference.py (dpo, reward): loss, items and metrics of a batch
 
     # ------------------------------------------------------------------ checkpoints
     def trainer_state_dict(self) -> dict:
@@ -185,6 +186,8 @@ class Trainer:
     def _forward_loss(self, batch: dict, global_items: torch.Tensor) -> torch.Tensor:
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
         with self.strategy.autocast():
+            if self.objective is not None:
+                return self.objective.loss(self.model, batch, global_items)
             if TASKS[self.task].head_averages:
                 # The head averages over its rows; re-weight so the step averages over all rows.
                 out = self.model(**inputs, labels=batch["labels"])
@@ -193,7 +196,8 @@ class Trainer:
 
     def train_step(self, micro_batches: list[dict]) -> dict:
         strategy = self.strategy
-        local_items = sum(count_items(b, self.task) for b in micro_batches)
+        count = self.objective.count_items if self.objective is not None else lambda b: count_items(b, self.task)
+        local_items = sum(count(b) for b in micro_batches)
         local_tokens = sum(count_tokens(b) for b in micro_batches)
         counts = strategy.reduce_sum(
             torch.tensor([local_items, local_tokens], dtype=torch.float64, device=strategy.device)
@@ -217,7 +221,9 @@ class Trainer:
             self.state.skipped_steps += 1
         strategy.zero_grad()
         self.scheduler.step()
+        extra = self.objective.train_metrics(global_items) if self.objective is not None else {}
         return {
+            "extra": extra,
             "loss": float(loss),
             "lr": lr,
             "grad_norm": float(grad_norm),
@@ -230,6 +236,8 @@ class Trainer:
     def evaluate(self) -> dict:
         if self.eval_loader is None:
             return {}
+        if self.objective is not None:
+            return self.objective.evaluate(self)
         task = TASKS[self.task]
         self.model.eval()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.strategy.device)
@@ -332,6 +340,7 @@ class Trainer:
                     metrics["mfu"] = (
                         self.flops_per_token * window_tokens / elapsed / (self.peak_flops * self.strategy.world_size)
                     )
+                metrics.update(result["extra"])
                 if not result["finite"]:
                     metrics["skipped"] = 1
                 self._log(metrics)
