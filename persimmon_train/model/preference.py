@@ -39,11 +39,18 @@ def document_sums(token_values: torch.Tensor, labels: torch.Tensor, doc_ids: tor
     return sums, counts
 
 
-def document_last(doc_ids: torch.Tensor, docs: int) -> torch.Tensor:
-    """Index of each document's last token, [B, docs] (-1 where a row has fewer documents)."""
+def document_last(doc_ids: torch.Tensor, docs: int, input_ids=None, pad_token_id=None) -> torch.Tensor:
+    """Index of each document's last token, [B, docs] (-1 where a row has fewer documents).
+
+    With `pad_token_id`: the last token that is not the pad token, transformers' rule for
+    PersimmonForSequenceClassification (where pad = eos, as in the released tokenizer, that is the
+    token before the eos), so an exported reward model scores a response where it was trained to.
+    """
     pos = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)
     out = torch.full((doc_ids.shape[0], docs), -1, dtype=torch.long, device=doc_ids.device)
     real = doc_ids >= 0
+    if pad_token_id is not None:
+        real = real & (input_ids != pad_token_id)
     return out.scatter_reduce(1, torch.where(real, doc_ids, 0), torch.where(real, pos, -1), reduce="amax")
 
 

@@ -61,8 +61,9 @@ def policy_logps(model, batch: dict, docs: int) -> tuple[torch.Tensor, torch.Ten
 
 
 class PreferenceObjective:
-    def __init__(self, cfg, strategy, reference: str):
+    def __init__(self, cfg, strategy, reference: str, pad_token_id: int | None = None):
         self.kind = cfg.objective  # dpo | reward
+        self.pad_token_id = pad_token_id  # reward: pooled at each document's last non-pad token
         self.dpo = cfg.dpo
         self.margin = cfg.reward.margin
         self.strategy = strategy
@@ -86,7 +87,8 @@ class PreferenceObjective:
         mask = pair_mask(doc_ids, docs)
         inputs = {k: batch[k] for k in MODEL_INPUTS}
         if self.kind == "reward":
-            scores = model(**inputs, doc_last=document_last(doc_ids, docs)).logits.squeeze(-1).float()
+            last = document_last(doc_ids, docs, batch["input_ids"], self.pad_token_id)
+            scores = model(**inputs, doc_last=last).logits.squeeze(-1).float()
             sc, sr = (x[mask] for x in pairs(scores))
             losses = bradley_terry_loss(sc, sr, self.margin)
             sc, sr = sc.detach(), sr.detach()
@@ -211,7 +213,8 @@ def setup_objective(cfg, model, data, strategy) -> PreferenceObjective | None:
         return None
     if cfg.objective == "reward":
         log.info("reward model: Bradley-Terry loss (margin %s) on each document's last-token score", cfg.reward.margin)
-        return PreferenceObjective(cfg, strategy, "none")
+        pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+        return PreferenceObjective(cfg, strategy, "none", pad_token_id=pad)
     d = cfg.dpo
     if cfg.peft.method == "lora":
         log.info(

@@ -17,12 +17,14 @@ from persimmon_train.training.preference import PreferenceObjective, compute_ref
 from tests.training.helpers import VOCAB, tiny_model
 
 
-def _loader(n=8, seq_len=48, seed=0, micro=2):
+def _loader(n=8, seq_len=48, seed=0, micro=2, eos=None):
     rng = np.random.default_rng(seed)
     items = [
         [list(map(int, rng.integers(3, VOCAB, rng.integers(lo, hi)))) for lo, hi in ((2, 7), (1, 6), (1, 6))]
         for _ in range(n)
     ]
+    if eos is not None:  # responses end with the eos, which is also the pad token (the released tokenizer's way)
+        items = [(p, c + [eos], r + [eos]) for p, c, r in items]
     arrays, _ = pack_pairs(items, seq_len, 0)
     return PreferenceLoader(arrays, micro, seed=0, train=False)
 
@@ -119,8 +121,8 @@ def test_reward_scores_at_each_documents_last_token_equal_transformers():
     theirs.eval()
     cfg = RunConfig(objective="reward", task="sequence_classification")
     cfg.reward.margin = 0.5
-    objective = PreferenceObjective(cfg, _strategy(), "none")
-    for batch in _loader(seed=4):
+    objective = PreferenceObjective(cfg, _strategy(), "none", pad_token_id=ours.config.pad_token_id)
+    for batch in _loader(seed=4, eos=ours.config.pad_token_id):
         losses, values = objective.pair_terms(ours, batch)
         hand_c, hand_r = [], []
         for ids, docs in zip(batch["input_ids"], batch["doc_ids"]):
