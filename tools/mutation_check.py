@@ -1,7 +1,7 @@
 """Mutation check: does a test fail when the code it guards is broken on purpose?
 
     python tools/mutation_check.py                  # every mutant (a few minutes on 2 cores)
-    python tools/mutation_check.py --group loss     # loss|packing|trainer|features|inputs|persist|preempt|planner
+    python tools/mutation_check.py --group loss     # loss|packing|trainer|features|inputs|persist|preempt|planner|dpo
     python tools/mutation_check.py --only loss.no_shift packing.no_first_label_mask
     python tools/mutation_check.py --list
     python tools/mutation_check.py --only features.top_p_ignored --tests tests/export/test_generate.py
@@ -77,6 +77,12 @@ PLAN_TESTS = "tests/training/test_memory_plan.py::"
 INPUT_TESTS = "tests/cli/test_input_errors.py"
 DATA_KEY_TESTS = "tests/data/test_cache_key_and_splits.py"
 PREEMPTION = "persimmon_train/training/preemption.py"
+PREF_MODEL = "persimmon_train/model/preference.py"
+PREF_OBJ = "persimmon_train/training/preference.py"
+PREF_DATA = "persimmon_train/data/preference.py"
+PREF_LOSS_TESTS = "tests/model/test_preference_loss.py"
+PREF_OBJ_TESTS = "tests/training/test_preference_objective.py::"
+PREF_DATA_TESTS = "tests/data/test_preference.py"
 PREEMPT_UNIT_TESTS = "tests/training/test_preemption.py"
 PREEMPT_RUN_TESTS = "tests/recipes/test_preemption.py"  # in-process single runs, ~25 s
 
@@ -989,6 +995,98 @@ MUTANTS = [
         "    pass",
         [PLAN_TESTS + "test_the_refusal_comes_before_data_and_model_and_leaves_no_output"],
     ),
+    # -- preference tuning (issue 20): DPO / reward on packed pairs --------------------------------
+    Mutant(
+        "dpo.target_doc_unshifted",
+        PREF_MODEL,
+        "    target_doc = shift_labels(doc_ids)  # the document of the token a position predicts",
+        "    target_doc = doc_ids",
+        [PREF_LOSS_TESTS],
+    ),
+    Mutant(
+        "dpo.ipo_margin_sign",
+        PREF_MODEL,
+        "        losses = (logits - 1 / (2 * beta)) ** 2",
+        "        losses = (logits + 1 / (2 * beta)) ** 2",
+        [PREF_LOSS_TESTS],
+    ),
+    Mutant(
+        "dpo.label_smoothing_ignored",
+        PREF_MODEL,
+        " - F.logsigmoid(-beta * logits) * label_smoothing",
+        "",
+        [PREF_LOSS_TESTS],
+    ),
+    Mutant(
+        "dpo.reference_ratio_dropped",
+        PREF_MODEL,
+        "    logits = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)",
+        "    logits = policy_chosen - policy_rejected",
+        [PREF_LOSS_TESTS],
+    ),
+    Mutant(
+        "dpo.ipo_not_length_averaged",
+        PREF_OBJ,
+        '        if self.dpo.loss == "ipo":',
+        "        if False:",
+        [PREF_OBJ_TESTS + "test_dpo_loss_in_the_objective_counts_pairs_and_logs_trl_names"],
+    ),
+    Mutant(
+        "dpo.reference_with_adapters_on",
+        PREF_OBJ,
+        "        with torch.no_grad(), _adapters_off(model), _eval_mode(model):",
+        "        with torch.no_grad(), _eval_mode(model):",
+        [PREF_OBJ_TESTS + "test_lora_reference_is_the_model_with_adapters_disabled"],
+    ),
+    Mutant(
+        "dpo.stored_reference_ignored",
+        PREF_OBJ,
+        '        if self.reference == "stored":',
+        '        if self.reference == "never":',
+        [PREF_OBJ_TESTS + "test_stored_reference_equals_a_live_reference_model"],
+    ),
+    Mutant(
+        "dpo.reward_pooled_at_pad",
+        PREF_MODEL,
+        "        real = real & (input_ids != pad_token_id)",
+        "        pass",
+        [PREF_OBJ_TESTS + "test_reward_scores_at_each_documents_last_token_equal_transformers"],
+    ),
+    Mutant(
+        "dpo.pairs_split_across_rows",
+        PREF_DATA,
+        "    bins = best_fit_decreasing(np.array([len(c) + len(r) for c, r, _ in docs], dtype=np.int64), seq_len)",
+        "    bins = [[i] for i in range(len(docs))]",
+        [PREF_LOSS_TESTS + "::test_dpo_on_packed_rows_equals_transformers_by_hand"],
+    ),
+    Mutant(
+        "dpo.prompt_labelled",
+        PREF_DATA,
+        "                labels[r, col + p : col + n] = doc[p:]  # the response (the prompt is >= 1 token)",
+        "                labels[r, col + 1 : col + n] = doc[1:]",
+        [PREF_LOSS_TESTS],
+    ),
+    Mutant(
+        "dpo.long_pairs_not_truncated",
+        PREF_DATA,
+        "        prompt = prompt[len(prompt) - keep :]",
+        "        prompt = prompt[:keep]",
+        [PREF_DATA_TESTS],
+    ),
+    Mutant(
+        "dpo.same_responses_accepted",
+        PREF_DATA,
+        "    if chosen == rejected:",
+        "    if False:",
+        [PREF_DATA_TESTS],
+    ),
+    Mutant(
+        "dpo.keys_of_other_objectives_ignored",
+        "persimmon_train/training/config.py",
+        "        if cfg.objective != section and getattr(cfg, section) != defaults:",
+        "        if False:",
+        [PREF_OBJ_TESTS + "test_options_not_honoured_are_refused"],
+    ),
 ]
 
 GROUPS = {"loss": LOSS, "packing": PACKING, "trainer": TRAINER}  # "trainer" includes training/tasks.py
@@ -1070,7 +1168,7 @@ def failing_tests(report: Path) -> dict[str, str]:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--group", choices=[*GROUPS, "features", "inputs", "persist", "preempt", "planner"], action="append"
+        "--group", choices=[*GROUPS, "features", "inputs", "persist", "preempt", "planner", "dpo"], action="append"
     )
     parser.add_argument("--only", nargs="+", metavar="NAME")
     parser.add_argument("--list", action="store_true")

@@ -86,7 +86,6 @@ def test_stored_reference_equals_a_live_reference_model():
 def test_dpo_loss_in_the_objective_counts_pairs_and_logs_trl_names():
     model = tiny_model(seed=0)
     loader = _loader()
-    batch = next(iter(loader))
     cfg = _dpo_cfg(loss="ipo", beta=0.3)
     loader.arrays = dict(loader.arrays, ref_logps=compute_reference(model, loader, _strategy(), 4))
     batch = next(iter(loader))
@@ -105,6 +104,21 @@ def test_dpo_loss_in_the_objective_counts_pairs_and_logs_trl_names():
         "logps/chosen",
         "logps/rejected",
     }
+    # away from the reference: IPO on log-probs averaged over each response's tokens (TRL), by hand
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        sums, counts = policy_logps(model, batch, num_docs(batch["doc_ids"]))
+    hand = []
+    for row in range(sums.shape[0]):
+        for k in range(int(batch["doc_ids"][row].max()) // 2 + 1):
+            c, r = 2 * k, 2 * k + 1
+            ref = batch["ref_logps"][row]
+            x = (sums[row, c] - ref[c]) / counts[row, c] - (sums[row, r] - ref[r]) / counts[row, r]
+            hand.append((float(x) - 1 / (2 * 0.3)) ** 2)
+    loss = objective.loss(model, batch, torch.tensor(float(n)))
+    assert float(loss.detach()) == pytest.approx(sum(hand) / n, rel=1e-5)
+    assert abs(sum(hand) / n - (1 / (2 * 0.3)) ** 2) > 1e-3
 
 
 def test_reward_scores_at_each_documents_last_token_equal_transformers():
