@@ -1002,6 +1002,15 @@ MUTANTS = [
         "    target_doc = shift_labels(doc_ids)  # the document of the token a position predicts",
         "    target_doc = doc_ids",
         [PREF_LOSS_TESTS],
+        equivalent="a position whose document differs from its target's predicts a document's first token, "
+        "whose label is always -100 (data/preference.py), so `keep` drops it either way",
+    ),
+    Mutant(
+        "dpo.labels_unshifted",
+        PREF_MODEL,
+        "    keep = (shift_labels(labels) != IGNORE_INDEX) & (target_doc >= 0)",
+        "    keep = (labels != IGNORE_INDEX) & (target_doc >= 0)",
+        [PREF_LOSS_TESTS],
     ),
     Mutant(
         "dpo.ipo_margin_sign",

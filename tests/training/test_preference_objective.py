@@ -193,3 +193,18 @@ def test_reference_key_follows_the_weights(tmp_path):
     b = reference_key(cfg, "data1", "fp32")
     (tmp_path / "model.safetensors").write_bytes(b"xy")  # other weights at the same path
     assert reference_key(cfg, "data1", "fp32") != b
+
+
+def test_commands_compose_their_objective_and_refuse_the_others_keys():
+    from persimmon_train.cli import load_config
+
+    dpo = load_config("dpo", ["dpo.loss=ipo", "dpo.beta=0.2"])
+    assert (dpo.objective, dpo.task, dpo.data.format, dpo.dpo.loss) == ("dpo", "causal_lm", "preference", "ipo")
+    reward = load_config("reward", ["reward.margin=0.5"])
+    assert (reward.objective, reward.task, reward.reward.margin) == ("reward", "sequence_classification", 0.5)
+    with pytest.raises(ConfigError, match=r"^dpo\.beta: dpo\.\* keys configure `persimmon-train dpo`"):
+        load_config("finetune", ["dpo.beta=0.5"])
+    with pytest.raises(ConfigError, match=r"^reward\.margin: "):
+        load_config("dpo", ["reward.margin=1.0"])
+    with pytest.raises(ConfigError, match=r"^strategy: objective=reward runs under"):
+        load_config("reward", ["strategy=deepspeed", "strategy.stage=2"])
