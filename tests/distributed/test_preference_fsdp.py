@@ -13,7 +13,8 @@ STEPS = 6
 DPO = [
     *[o for o in COMMON if not o.startswith("trainer.max_steps")],
     f"trainer.max_steps={STEPS}",
-    "data.eval_files=[]",  # the demo preference pairs (dpo.yaml), no eval
+    "data.seq_len=128",
+    "data.eval_files=[]",
 ]
 
 
@@ -42,7 +43,13 @@ def _run(tmp_path, name: str, overrides: list[str]):
 
 @pytest.mark.parametrize("peft", ["lora", "none"])
 def test_fsdp_dpo_matches_single(tmp_path, peft):
-    extra = [f"peft={peft}", "peft.dropout=0.0"] if peft == "lora" else ["peft=none"]
+    """LoRA: the reference is the model with adapters off; none: the stored reference (each run its own)."""
+    from persimmon_train.data import demo_assets
+
+    pairs = tmp_path / "pairs.jsonl"  # 200 demo pairs: the full-FT reference pass reads every row once
+    with open(demo_assets().preference_train_files[0], encoding="utf-8") as f:
+        pairs.write_text("".join(f.readlines()[:200]))
+    extra = [f"data.train_files=[{pairs}]", f"peft={peft}"] + (["peft.dropout=0.0"] if peft == "lora" else [])
     single = _run(tmp_path, "single", ["strategy=single", *extra, "trainer.micro_batch_size=8"])
     fsdp = _run(tmp_path, "fsdp", ["strategy=fsdp", *extra, "trainer.micro_batch_size=4"])
     assert sorted(single) == sorted(fsdp) == list(range(1, STEPS + 1))

@@ -99,6 +99,7 @@ RESUME = [
     "trainer.eval_every_n_steps=0",
     "trainer.eval_at_start=false",
     "trainer.eval_max_batches=1",
+    "trainer.micro_batch_size=4",
     "optim.lr=1e-3",
 ]
 
@@ -107,14 +108,20 @@ RESUME = [
 def test_full_ft_dpo_resumes_exactly_after_sigkill(tmp_path):
     """Full fine-tuning: the reference is stored before training; a resumed run reads it back (never
     the resumed weights), so its losses and final weights equal an uninterrupted run's."""
+    from persimmon_train.data import demo_assets
+
     env = recipe_env(tmp_path)
+    pairs = tmp_path / "pairs.jsonl"  # 200 demo pairs: the reference pass reads every row once
+    with open(demo_assets().preference_train_files[0], encoding="utf-8") as f:
+        pairs.write_text("".join(f.readlines()[:200]))
+    args = [*RESUME, f"data.train_files=[{pairs}]"]
     reference = tmp_path / "reference"
-    proc = run_recipe("dpo", *RESUME, f"output_dir={reference}", env=env)
+    proc = run_recipe("dpo", *args, f"output_dir={reference}", env=env)
     assert "reference: log-probs of the initial weights, stored" in proc.stderr
 
     killed = tmp_path / "killed"
     child = subprocess.Popen(
-        [sys.executable, str(REPO / "recipes" / "dpo.py"), *RESUME, f"output_dir={killed}"],
+        [sys.executable, str(REPO / "recipes" / "dpo.py"), *args, f"output_dir={killed}"],
         cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -128,7 +135,7 @@ def test_full_ft_dpo_resumes_exactly_after_sigkill(tmp_path):
     child.wait()
     assert child.returncode == -signal.SIGKILL and not (killed / "final").exists()
 
-    proc = run_recipe("dpo", *RESUME, f"output_dir={killed}", "resume=latest", env=env)
+    proc = run_recipe("dpo", *args, f"output_dir={killed}", "resume=latest", env=env)
     assert "reference_logps" in proc.stderr and "stored " in proc.stderr  # read back, not recomputed
     ours, theirs = (
         load_file(str(killed / "final" / "model.safetensors")),
