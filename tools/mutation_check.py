@@ -314,10 +314,10 @@ MUTANTS = [
         "if every and state.step % every == 0:",
         TRAINER_TESTS,
     ),
-    # ------------------------------------------------------------------ the features named in issue 11
+    # ------------------------------------------------------------------ features: generation, metrics, model
     Mutant(
         "features.sampling_is_greedy",
-        "persimmon_train/model/generation.py",
+        "persimmon_train/model/decoding.py",
         "if do_sample:",
         "if False:",
         [
@@ -328,7 +328,7 @@ MUTANTS = [
     ),
     Mutant(
         "features.temperature_ignored",
-        "persimmon_train/model/generation.py",
+        "persimmon_train/model/decoding.py",
         "logits = filter_logits(logits / max(temperature, 1e-5), top_k, top_p)",
         "logits = filter_logits(logits, top_k, top_p)",
         [
@@ -338,7 +338,7 @@ MUTANTS = [
     ),
     Mutant(
         "features.top_k_ignored",
-        "persimmon_train/model/generation.py",
+        "persimmon_train/model/decoding.py",
         "if top_k and top_k < logits.shape[-1]:",
         "if False:",
         [
@@ -349,7 +349,7 @@ MUTANTS = [
     ),
     Mutant(
         "features.top_p_ignored",
-        "persimmon_train/model/generation.py",
+        "persimmon_train/model/decoding.py",
         "if top_p < 1.0:",
         "if False:",
         [
@@ -422,7 +422,7 @@ MUTANTS = [
         'local.copy_(globals()["_FULL"][-1][index])',
         ["tests/distributed/test_meta_sharding.py::test_sharded_load_keeps_each_rank_near_its_share"],
     ),
-    # DeepSpeed resume at another world size / stage (issue 10): the resharding and its reader.
+    # DeepSpeed resume at another world size / stage: the resharding and its reader.
     Mutant(
         "features.reshard_lr_not_restored",
         RESHARD,
@@ -514,7 +514,7 @@ MUTANTS = [
         "        pass\n",
         ["tests/distributed/test_deepspeed_shm.py"],
     ),
-    # ------------------------------------------------------------------ issue 21: inputs and unpinned behaviours
+    # ------------------------------------------------------------------ inputs and unpinned behaviours
     Mutant(
         "inputs.num_threads_unchecked",
         "persimmon_train/training/config.py",
@@ -553,7 +553,7 @@ MUTANTS = [
     Mutant(
         "inputs.every_rank_prints",
         "persimmon_train/cli.py",
-        "if rank == 0 or not (every_rank_sees_it or error_file):",
+        "if (rank == 0 or not (every_rank_sees_it or error_file)) and not restarted:",
         "if True:",
         [INPUT_TESTS + "::test_other_ranks_stay_silent_on_config_errors_and_tell_torchrun"],
     ),
@@ -641,7 +641,7 @@ MUTANTS = [
         "if tokenizer.vocab_size >= model_vocab:",
         ["tests/cli/test_preflight.py::test_tokenizer_as_large_as_the_vocabulary_is_accepted_one_piece_more_is_not"],
     ),
-    # ------------------------------------------------------------------ preemption and restarts (issue 19)
+    # ------------------------------------------------------------------ preemption and restarts
     Mutant(
         "preempt.flag_never_polled",
         TRAINER,
@@ -673,7 +673,7 @@ MUTANTS = [
     Mutant(
         "preempt.no_checkpoint_on_stop",
         TRAINER,
-        '!= f"step_{state.step}":\n            self.save()\n        state.stopped_early = reason',
+        '!= f"step_{state.step}":\n            self.save(wait=True)\n        state.stopped_early = reason',
         '!= f"step_{state.step}":\n            pass\n        state.stopped_early = reason',
         [PREEMPT_RUN_TESTS],
     ),
@@ -701,8 +701,8 @@ MUTANTS = [
     Mutant(
         "preempt.torchrun_restart_trains_on",
         PREEMPTION,
-        'if stopped.get("torchelastic_run_id") == run_id:',
-        "if False:",
+        'and ended.get("torchelastic_run_id") == run_id:',
+        "and False:",
         [PREEMPT_UNIT_TESTS],
     ),
     Mutant(
@@ -768,7 +768,7 @@ MUTANTS = [
         'env["_UNPINNED"] = os.pathsep.join(',
         ["tests/recipes/test_import_path.py"],
     ),
-    # ------------------------------------------------------------------ a user's run survives (issue 21)
+    # ------------------------------------------------------------------ a user's run survives
     Mutant(
         "persist.rerun_not_refused",
         RUN_FOLDER,
@@ -827,7 +827,7 @@ MUTANTS = [
     ),
     Mutant(
         "persist.lock_kept_after_the_export",
-        "persimmon_train/export/run_outputs.py",
+        "persimmon_train/recipes/train.py",
         "        result.release_lock()",
         "        pass",
         [PERSISTENCE_TESTS + "test_overwrite_starts_over_and_keeps_files_that_are_not_the_runs"],

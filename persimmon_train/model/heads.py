@@ -178,8 +178,8 @@ class PersimmonForCausalLM(PersimmonPreTrainedModel):
         return ModelOutput(loss=loss, logits=logits)
 
     def generate(self, input_ids, **kwargs) -> torch.Tensor:
-        """Greedy or sampled decoding with a KV cache; see `persimmon_train.model.generation`."""
-        from .generation import generate
+        """Greedy or sampled decoding with a KV cache; see `persimmon_train.model.decoding`."""
+        from .decoding import generate
 
         return generate(self, input_ids, **kwargs)
 
