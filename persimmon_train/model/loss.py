@@ -161,8 +161,8 @@ def causal_token_logps(
     """log p(labels[t + 1] | tokens ..t) at every position t with a target, 0 elsewhere: [batch, seq] float32.
 
     For preference tuning (per-document sums of response log-probs). Only positions with a target
-    reach the head; chunks of them are activation-checkpointed, so at most one chunk of float32
-    logits is alive at a time, in forward and in backward.
+    reach the head; every chunk of them is activation-checkpointed, so no logits stay alive between
+    forward and backward and at most one chunk's exists at a time (bench/dpo_memory.py).
     """
     targets = shift_labels(labels)
     keep = targets != IGNORE_INDEX
@@ -176,7 +176,7 @@ def causal_token_logps(
     pieces = []
     for a in range(0, flat.shape[0], chunk):
         h, t = flat[a : a + chunk], tgt[a : a + chunk]
-        if torch.is_grad_enabled() and flat.shape[0] > chunk:
+        if torch.is_grad_enabled():  # keep no logits for backward: recomputed there, one chunk at a time
             pieces.append(torch.utils.checkpoint.checkpoint(_target_logps, h, lm_head_weight, t, use_reentrant=False))
         else:
             pieces.append(_target_logps(h, lm_head_weight, t))
