@@ -98,8 +98,9 @@ class PreferenceObjective:
                 "rewards/rejected": sr,
                 "rewards/margins": sc - sr,
             }
-        sums, counts = policy_logps(model, batch, docs)
+        # the reference first: its forward's transient logits never add to the policy's live activations
         ref = self._reference_logps(model, batch, docs)
+        sums, counts = policy_logps(model, batch, docs)
         if self.dpo.loss == "ipo":  # TRL: IPO on log-probs averaged over each response's tokens
             sums, ref = sums / counts.clamp(min=1), ref / counts.clamp(min=1)
         (pc, pr), (rc, rr) = pairs(sums), pairs(ref)
