@@ -7,7 +7,7 @@ Trains a ~870 MB (fp32) Persimmon for 1 step with `strategy=fsdp peft=none` on 2
 before the final model is written to just after (VmHWM reset there through /proc/self/clear_refs).
 
 - this checkout: the run ends with a checkpoint; rank 0 exports it from disk, tensor by tensor
-  (`persimmon_train.export.run_outputs.export_run_outputs`);
+  (`persimmon_train.export.exporter.export_run_outputs`);
 - `--old-checkout DIR` (e.g. a worktree of commit 1bb4e21): the end of the run gathers the full
   state dict onto rank 0 and merges in memory (`training.export.export_final_model`).
 Both runs use the same config and print one line each; compare them in one run (ratios).
@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 HOOKS = {  # module, function wrapped around the end-of-run write of final/
-    "new": ("persimmon_train.export.run_outputs", "export_run_outputs"),
+    "new": ("persimmon_train.export.exporter", "export_run_outputs"),
     "old": ("persimmon_train.training.run", "export_final_model"),  # run.py's own binding
 }
 

@@ -31,8 +31,8 @@ DRIVER = r"""
 import json, os, runpy, sys, time
 sys.path.insert(0, os.path.join(sys.argv[1], "bench"))
 from host_memory import reset_peak, status_kib
-import persimmon_train.export.run_outputs as run_outputs
-real = run_outputs.export_run_outputs
+import persimmon_train.export.exporter as exporter
+real = exporter.export_run_outputs
 
 def measured(result, cfg):
     train_peak = status_kib("VmHWM")
@@ -44,7 +44,7 @@ def measured(result, cfg):
     print("REPORT " + json.dumps(report), file=sys.stderr, flush=True)
     return out
 
-run_outputs.export_run_outputs = measured
+exporter.export_run_outputs = measured
 sys.argv = [os.path.join(sys.argv[1], "recipes", "finetune.py"), *sys.argv[2:]]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """

@@ -5,13 +5,11 @@ backward + AdamW step on packed rows (position_ids restart at each document) dra
 long-tailed document-length mix. Printed per variant: tokens/s, MFU (when the device's peak is
 known), peak memory, and the ratio against transformers+peft in the same mode.
 
-FLOPs per token (MFU): 6N for full fine-tuning, 4N for LoRA (no weight gradients), N = the
-parameters that multiply activations (layers + LM head, not the embedding lookup), plus
-document-masked attention only: 6 * hidden * layers * sum(doc_len**2) / tokens (forward 2 * 2 *
-hidden * L**2 / 2 per causal document and layer, backward twice that). Recomputation by
-activation checkpointing is not counted (torchtitan's convention). transformers' SDPA path
-attends across the documents of a packed row (causal over the whole row); it is credited with the
-same useful FLOPs.
+MFU: the trainer's own FLOPs count and peak table (persimmon_train/training/metrics.py): 6N per
+token for full fine-tuning, 4N for LoRA, N = the matmul parameters (decoder + LM head, not the
+embedding), plus document-masked attention, 6 * hidden * layers * sum(doc_len**2); recomputation
+by activation checkpointing is not counted. transformers' SDPA path attends across the documents
+of a packed row (causal over the whole row); it is credited with the same useful FLOPs.
 
 CPU (small shapes, interleaved round by round in one process; peak memory of one step of each
 variant measured in its own subprocess):
@@ -42,8 +40,8 @@ from host_memory import status_kib  # noqa: E402  (this folder is first on sys.p
 
 from persimmon_train.model import PersimmonConfig, PersimmonForCausalLM  # noqa: E402
 from persimmon_train.parallel.activation_checkpointing import apply_activation_checkpointing  # noqa: E402
+from persimmon_train.training.metrics import device_peak_flops, training_flops  # noqa: E402
 
-PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "B200": 2250.0}
 LORA_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
 
 
@@ -97,21 +95,14 @@ def document_mix(shape: Shape, seed: int = 0):
 
 
 def flops_per_step(shape: Shape, lengths: list[int], lora: bool) -> float:
-    h, i, v = shape.hidden, shape.intermediate, shape.vocab
-    per_layer = 4 * h * h + 2 * h * i  # qkv + dense + MLP weights (matmul parameters)
-    n = shape.layers * per_layer + v * h
-    tokens = shape.rows * shape.seq
-    attention = 6 * h * shape.layers * sum(L * L for L in lengths)
-    return (4 if lora else 6) * n * tokens + attention
+    """The trainer's own count (training/metrics.py): the same MFU the runs log."""
+    attention = sum(L * L for L in lengths)
+    return training_flops(shape.config(), shape.rows * shape.seq, attention, full_finetune=not lora)
 
 
 def peak_tflops(device: torch.device, override: float | None) -> float | None:
-    if override:
-        return override
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((p for key, p in PEAK_TFLOPS_BF16.items() if key in name), None)
+    peak = device_peak_flops(device, override)
+    return peak / 1e12 if peak else None
 
 
 # ---------------------------------------------------------------------------- models

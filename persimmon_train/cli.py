@@ -82,7 +82,13 @@ def _register_resolvers() -> None:
 
             assets = demo_assets()
             train = [str(f) for f in (train_files or [])]
-            return [str(v) for v in assets.eval_files] if train == [str(v) for v in assets.train_files] else []
+            for demo_train, demo_eval in (
+                (assets.train_files, assets.eval_files),
+                (assets.preference_train_files, assets.preference_eval_files),
+            ):
+                if train == [str(v) for v in demo_train]:
+                    return [str(v) for v in demo_eval]
+            return []
 
         OmegaConf.register_new_resolver("demo_eval_files", demo_eval_files)
 

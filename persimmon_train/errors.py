@@ -7,6 +7,13 @@ and keeps its traceback.
 """
 
 
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """The first line of `exc`'s message (its type's name when the message is empty), for one-line reports."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line[:limit] if limit else line
+
+
 class PersimmonTrainError(Exception):
     """Base class for errors caused by user input, reported without a traceback."""
 

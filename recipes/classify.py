@@ -1,8 +1,8 @@
 """Sequence classification: `python recipes/classify.py data.train_files=[...] [key=value ...]`
 (the same as `persimmon-train classify ...`).
 
-A thin entry point: the recipe lives in persimmon_train/recipes/classify.py, inside the package, so an
-installed wheel has it too.
+A thin entry point: every job lives inside the package (persimmon_train/recipes/__init__.py lists
+them), so an installed wheel has it too.
 """
 
 import sys
@@ -11,7 +11,7 @@ from pathlib import Path
 # Run this checkout's package, not whatever copy of persimmon_train is installed elsewhere.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from persimmon_train.recipes.classify import main, run  # noqa: E402,F401
+from persimmon_train.recipes.main import main  # noqa: E402
 
 if __name__ == "__main__":
-    run()
+    main(["classify", *sys.argv[1:]])

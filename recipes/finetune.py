@@ -1,8 +1,8 @@
 """Causal-LM fine-tuning, full or LoRA: `python recipes/finetune.py [key=value ...]`
 (the same as `persimmon-train finetune ...`).
 
-A thin entry point: the recipe lives in persimmon_train/recipes/finetune.py, inside the package, so an
-installed wheel has it too.
+A thin entry point: every job lives inside the package (persimmon_train/recipes/__init__.py lists
+them), so an installed wheel has it too.
 """
 
 import sys
@@ -11,7 +11,7 @@ from pathlib import Path
 # Run this checkout's package, not whatever copy of persimmon_train is installed elsewhere.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from persimmon_train.recipes.finetune import main, run  # noqa: E402,F401
+from persimmon_train.recipes.main import main  # noqa: E402
 
 if __name__ == "__main__":
-    run()
+    main(["finetune", *sys.argv[1:]])

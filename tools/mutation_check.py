@@ -1,7 +1,7 @@
 """Mutation check: does a test fail when the code it guards is broken on purpose?
 
     python tools/mutation_check.py                  # every mutant (a few minutes on 2 cores)
-    python tools/mutation_check.py --group loss     # loss|packing|trainer|features|inputs|persist|preempt|planner
+    python tools/mutation_check.py --group loss     # loss|packing|trainer|features|inputs|persist|preempt|planner|dpo
     python tools/mutation_check.py --only loss.no_shift packing.no_first_label_mask
     python tools/mutation_check.py --list
     python tools/mutation_check.py --only features.top_p_ignored --tests tests/export/test_generate.py
@@ -77,6 +77,12 @@ PLAN_TESTS = "tests/training/test_memory_plan.py::"
 INPUT_TESTS = "tests/cli/test_input_errors.py"
 DATA_KEY_TESTS = "tests/data/test_cache_key_and_splits.py"
 PREEMPTION = "persimmon_train/training/preemption.py"
+PREF_MODEL = "persimmon_train/model/preference.py"
+PREF_OBJ = "persimmon_train/training/preference.py"
+PREF_DATA = "persimmon_train/data/preference.py"
+PREF_LOSS_TESTS = "tests/model/test_preference_loss.py"
+PREF_OBJ_TESTS = "tests/training/test_preference_objective.py::"
+PREF_DATA_TESTS = "tests/data/test_preference.py"
 PREEMPT_UNIT_TESTS = "tests/training/test_preemption.py"
 PREEMPT_RUN_TESTS = "tests/recipes/test_preemption.py"  # in-process single runs, ~25 s
 
@@ -308,10 +314,10 @@ MUTANTS = [
         "if every and state.step % every == 0:",
         TRAINER_TESTS,
     ),
-    # ------------------------------------------------------------------ the features named in issue 11
+    # ------------------------------------------------------------------ features: generation, metrics, model
     Mutant(
         "features.sampling_is_greedy",
-        "persimmon_train/model/generation.py",
+        "persimmon_train/model/decoding.py",
         "if do_sample:",
         "if False:",
         [
@@ -322,7 +328,7 @@ MUTANTS = [
     ),
     Mutant(
         "features.temperature_ignored",
-        "persimmon_train/model/generation.py",
+        "persimmon_train/model/decoding.py",
         "logits = filter_logits(logits / max(temperature, 1e-5), top_k, top_p)",
         "logits = filter_logits(logits, top_k, top_p)",
         [
@@ -332,7 +338,7 @@ MUTANTS = [
     ),
     Mutant(
         "features.top_k_ignored",
-        "persimmon_train/model/generation.py",
+        "persimmon_train/model/decoding.py",
         "if top_k and top_k < logits.shape[-1]:",
         "if False:",
         [
@@ -343,7 +349,7 @@ MUTANTS = [
     ),
     Mutant(
         "features.top_p_ignored",
-        "persimmon_train/model/generation.py",
+        "persimmon_train/model/decoding.py",
         "if top_p < 1.0:",
         "if False:",
         [
@@ -416,7 +422,7 @@ MUTANTS = [
         'local.copy_(globals()["_FULL"][-1][index])',
         ["tests/distributed/test_meta_sharding.py::test_sharded_load_keeps_each_rank_near_its_share"],
     ),
-    # DeepSpeed resume at another world size / stage (issue 10): the resharding and its reader.
+    # DeepSpeed resume at another world size / stage: the resharding and its reader.
     Mutant(
         "features.reshard_lr_not_restored",
         RESHARD,
@@ -508,7 +514,7 @@ MUTANTS = [
         "        pass\n",
         ["tests/distributed/test_deepspeed_shm.py"],
     ),
-    # ------------------------------------------------------------------ issue 21: inputs and unpinned behaviours
+    # ------------------------------------------------------------------ inputs and unpinned behaviours
     Mutant(
         "inputs.num_threads_unchecked",
         "persimmon_train/training/config.py",
@@ -547,7 +553,7 @@ MUTANTS = [
     Mutant(
         "inputs.every_rank_prints",
         "persimmon_train/cli.py",
-        "if rank == 0 or not (every_rank_sees_it or error_file):",
+        "if (rank == 0 or not (every_rank_sees_it or error_file)) and not restarted:",
         "if True:",
         [INPUT_TESTS + "::test_other_ranks_stay_silent_on_config_errors_and_tell_torchrun"],
     ),
@@ -635,7 +641,7 @@ MUTANTS = [
         "if tokenizer.vocab_size >= model_vocab:",
         ["tests/cli/test_preflight.py::test_tokenizer_as_large_as_the_vocabulary_is_accepted_one_piece_more_is_not"],
     ),
-    # ------------------------------------------------------------------ preemption and restarts (issue 19)
+    # ------------------------------------------------------------------ preemption and restarts
     Mutant(
         "preempt.flag_never_polled",
         TRAINER,
@@ -667,7 +673,7 @@ MUTANTS = [
     Mutant(
         "preempt.no_checkpoint_on_stop",
         TRAINER,
-        '!= f"step_{state.step}":\n            self.save()\n        state.stopped_early = reason',
+        '!= f"step_{state.step}":\n            self.save(wait=True)\n        state.stopped_early = reason',
         '!= f"step_{state.step}":\n            pass\n        state.stopped_early = reason',
         [PREEMPT_RUN_TESTS],
     ),
@@ -695,8 +701,8 @@ MUTANTS = [
     Mutant(
         "preempt.torchrun_restart_trains_on",
         PREEMPTION,
-        'if stopped.get("torchelastic_run_id") == run_id:',
-        "if False:",
+        'and ended.get("torchelastic_run_id") == run_id:',
+        "and False:",
         [PREEMPT_UNIT_TESTS],
     ),
     Mutant(
@@ -797,7 +803,7 @@ MUTANTS = [
         'env["_UNPINNED"] = os.pathsep.join(',
         ["tests/recipes/test_import_path.py"],
     ),
-    # ------------------------------------------------------------------ a user's run survives (issue 21)
+    # ------------------------------------------------------------------ a user's run survives
     Mutant(
         "persist.rerun_not_refused",
         RUN_FOLDER,
@@ -856,7 +862,7 @@ MUTANTS = [
     ),
     Mutant(
         "persist.lock_kept_after_the_export",
-        "persimmon_train/export/run_outputs.py",
+        "persimmon_train/recipes/train.py",
         "        result.release_lock()",
         "        pass",
         [PERSISTENCE_TESTS + "test_overwrite_starts_over_and_keeps_files_that_are_not_the_runs"],
@@ -1024,6 +1030,107 @@ MUTANTS = [
         "    pass",
         [PLAN_TESTS + "test_the_refusal_comes_before_data_and_model_and_leaves_no_output"],
     ),
+    # -- preference tuning (issue 20): DPO / reward on packed pairs --------------------------------
+    Mutant(
+        "dpo.target_doc_unshifted",
+        PREF_MODEL,
+        "    target_doc = shift_labels(doc_ids)  # the document of the token a position predicts",
+        "    target_doc = doc_ids",
+        [PREF_LOSS_TESTS],
+        equivalent="a position whose document differs from its target's predicts a document's first token, "
+        "whose label is always -100 (data/preference.py), so `keep` drops it either way",
+    ),
+    Mutant(
+        "dpo.labels_unshifted",
+        PREF_MODEL,
+        "    keep = (shift_labels(labels) != IGNORE_INDEX) & (target_doc >= 0)",
+        "    keep = (labels != IGNORE_INDEX) & (target_doc >= 0)",
+        [PREF_LOSS_TESTS],
+    ),
+    Mutant(
+        "dpo.ipo_margin_sign",
+        PREF_MODEL,
+        "        losses = (logits - 1 / (2 * beta)) ** 2",
+        "        losses = (logits + 1 / (2 * beta)) ** 2",
+        [PREF_LOSS_TESTS],
+    ),
+    Mutant(
+        "dpo.label_smoothing_ignored",
+        PREF_MODEL,
+        " - F.logsigmoid(-beta * logits) * label_smoothing",
+        "",
+        [PREF_LOSS_TESTS],
+    ),
+    Mutant(
+        "dpo.reference_ratio_dropped",
+        PREF_MODEL,
+        "    logits = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)",
+        "    logits = policy_chosen - policy_rejected",
+        [PREF_LOSS_TESTS],
+    ),
+    Mutant(
+        "dpo.ipo_not_length_averaged",
+        PREF_OBJ,
+        '        if self.dpo.loss == "ipo":',
+        "        if False:",
+        [PREF_OBJ_TESTS + "test_dpo_loss_in_the_objective_counts_pairs_and_logs_trl_names"],
+    ),
+    Mutant(
+        "dpo.reference_with_adapters_on",
+        PREF_OBJ,
+        "        with torch.no_grad(), _adapters_off(model), _eval_mode(model):",
+        "        with torch.no_grad(), _eval_mode(model):",
+        [PREF_OBJ_TESTS + "test_lora_reference_is_the_model_with_adapters_disabled"],
+    ),
+    Mutant(
+        "dpo.stored_reference_ignored",
+        PREF_OBJ,
+        '        if self.reference == "stored":',
+        '        if self.reference == "never":',
+        [PREF_OBJ_TESTS + "test_stored_reference_equals_a_live_reference_model"],
+    ),
+    Mutant(
+        "dpo.reward_pooled_at_pad",
+        PREF_MODEL,
+        "        real = real & (input_ids != pad_token_id)",
+        "        pass",
+        [PREF_OBJ_TESTS + "test_reward_scores_at_each_documents_last_token_equal_transformers"],
+    ),
+    Mutant(
+        "dpo.pairs_split_across_rows",
+        PREF_DATA,
+        "    bins = best_fit_decreasing(np.array([len(c) + len(r) for c, r, _ in docs], dtype=np.int64), seq_len)",
+        "    bins = [[i] for i in range(len(docs))]",
+        [PREF_LOSS_TESTS + "::test_dpo_on_packed_rows_equals_transformers_by_hand"],
+    ),
+    Mutant(
+        "dpo.prompt_labelled",
+        PREF_DATA,
+        "                labels[r, col + p : col + n] = doc[p:]  # the response (the prompt is >= 1 token)",
+        "                labels[r, col + 1 : col + n] = doc[1:]",
+        [PREF_LOSS_TESTS],
+    ),
+    Mutant(
+        "dpo.long_pairs_not_truncated",
+        PREF_DATA,
+        "        prompt = prompt[len(prompt) - keep :]",
+        "        prompt = prompt[:keep]",
+        [PREF_DATA_TESTS],
+    ),
+    Mutant(
+        "dpo.same_responses_accepted",
+        PREF_DATA,
+        "    if chosen == rejected:",
+        "    if False:",
+        [PREF_DATA_TESTS],
+    ),
+    Mutant(
+        "dpo.keys_of_other_objectives_ignored",
+        "persimmon_train/training/config.py",
+        "        if cfg.objective != section and getattr(cfg, section) != defaults:",
+        "        if False:",
+        [PREF_OBJ_TESTS + "test_options_not_honoured_are_refused"],
+    ),
 ]
 
 GROUPS = {"loss": LOSS, "packing": PACKING, "trainer": TRAINER}  # "trainer" includes training/tasks.py
@@ -1105,7 +1212,7 @@ def failing_tests(report: Path) -> dict[str, str]:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--group", choices=[*GROUPS, "features", "inputs", "persist", "preempt", "planner"], action="append"
+        "--group", choices=[*GROUPS, "features", "inputs", "persist", "preempt", "planner", "dpo"], action="append"
     )
     parser.add_argument("--only", nargs="+", metavar="NAME")
     parser.add_argument("--list", action="store_true")

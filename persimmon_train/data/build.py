@@ -435,6 +435,12 @@ def build_data(cfg, tokenizer, *, micro_batch_size: int, seed: int, rank: int = 
     except OSError as e:
         key = "data.cache_dir" if cfg.cache_dir else "data.cache_dir (default: $PERSIMMON_TRAIN_CACHE/data)"
         raise ConfigError(f"{key}: cannot create {str(cache_root)!r} ({e.strerror or type(e).__name__})") from None
+    if cfg.format == "preference":
+        from persimmon_train.data.preference import build_preference_data
+
+        return build_preference_data(
+            cfg, tok, micro_batch_size=micro_batch_size, seed=seed, rank=rank, world_size=world_size
+        )
     train_sources = _load_sources(cfg.train_files, cfg, cache_root / "hf")
     eval_sources = _load_sources(cfg.eval_files, cfg, cache_root / "hf")
     if cfg.streaming:

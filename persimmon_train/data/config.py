@@ -7,7 +7,7 @@ from typing import Optional
 
 from persimmon_train.errors import ConfigError
 
-FORMATS = ("text", "chat", "classification", "token_classification")
+FORMATS = ("text", "chat", "classification", "token_classification", "preference")
 PACKED_FORMATS = ("text", "chat")
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 
@@ -24,7 +24,7 @@ class DataConfig:
     eval_files: Optional[list[str]] = field(default_factory=list)
     eval_fraction: float = 0.0  # held out of train_files when eval_files is empty
     split_seed: int = 0  # which rows the eval fraction takes (independent of the training seed)
-    format: str = "text"  # text | chat | classification | token_classification
+    format: str = "text"  # text | chat | classification | token_classification | preference (dpo, reward)
     seq_len: int = 16384  # packed row length (text/chat); max length for classification formats
 
     # Field names

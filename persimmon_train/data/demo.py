@@ -1,6 +1,7 @@
 """The embedded demo: a shipped chat corpus and a sentencepiece model trained from it.
 
-``demo/`` (package data) holds ``train.jsonl``, ``eval.jsonl`` and ``tokenizer.model``. If the
+``demo/`` (package data) holds ``train.jsonl``, ``eval.jsonl``, ``preference_train.jsonl``,
+``preference_eval.jsonl`` and ``tokenizer.model``. If the
 model file is absent (e.g. deleted to rebuild it), it is trained deterministically on first use
 into ``$PERSIMMON_TRAIN_CACHE/demo`` (default ``~/.cache/persimmon_train/demo``).
 """
@@ -20,6 +21,8 @@ class DemoAssets:
     tokenizer_path: str
     train_files: list
     eval_files: list
+    preference_train_files: list = ()  # {"prompt", "chosen", "rejected"} rows (dpo, reward)
+    preference_eval_files: list = ()
 
 
 def _cache_root(cache_dir) -> Path:
@@ -42,4 +45,5 @@ def demo_assets(cache_dir=None) -> DemoAssets:
             tmp = tok.with_suffix(f".tmp{os.getpid()}.model")
             train_tokenizer([train], tmp, vocab_size=DEMO_VOCAB_SIZE)
             os.replace(tmp, tok)
-    return DemoAssets(str(tok), [str(train)], [str(eval_)])
+    prefs = [str(DEMO_DIR / "preference_train.jsonl")], [str(DEMO_DIR / "preference_eval.jsonl")]
+    return DemoAssets(str(tok), [str(train)], [str(eval_)], *prefs)

@@ -188,9 +188,10 @@ class RowProcessor:
                 role = m.get("role")
                 if role not in ROLES:
                     raise BadRow(f"{field}.role", f"expected one of {', '.join(ROLES)}, got {role!r}")
-                content = get_string(m, "content") if "content" in m else None
-                if content is None:
-                    raise BadRow(f"{field}.content", "is missing")
+                try:
+                    content = get_string(m, "content")
+                except BadRow as e:
+                    raise BadRow(f"{field}.content", e.message) from None
                 if role == "system":
                     if k != 0:
                         raise BadRow(f"{field}.role", "a system message may only come first")

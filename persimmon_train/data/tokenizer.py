@@ -152,9 +152,6 @@ class Tokenizer:
         ids = self._sp.encode(text)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self._sp.encode(texts)
-
     def decode(self, ids) -> str:
         return self._sp.decode([int(i) for i in ids])
 

@@ -48,13 +48,13 @@ from typing import Any
 
 import torch
 
-from persimmon_train.errors import ConfigError, WeightsError
+from persimmon_train.data.tokenizer import ENDOFTEXT, Tokenizer
+from persimmon_train.errors import ConfigError, DataError, WeightsError, first_line
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE_NAMES = ("model_optim_rng.pt", "model_rng.pt")  # the latter: distributed optimizer
 TRACKER_FILE_NAME = "latest_checkpointed_iteration.txt"
-ENDOFTEXT = "|ENDOFTEXT|"
 _LIST_LIMIT = 10
 
 # Megatron names (under checkpoint["model"], flattened with ".") -> Hugging Face names.
@@ -159,11 +159,11 @@ def load_megatron_checkpoint(path: str | os.PathLike) -> dict:
             raise WeightsError(_refusal_message(path, error)) from None
         detail = re.search(r"Unsupported operand \S+|invalid load key[^\n]*", str(error))
         raise WeightsError(
-            f"{path} is not a readable PyTorch checkpoint ({detail.group(0) if detail else _first_line(error)})"
+            f"{path} is not a readable PyTorch checkpoint ({detail.group(0) if detail else first_line(error)})"
         ) from None
     except (RuntimeError, EOFError, KeyError, ValueError, OSError, zipfile.BadZipFile) as error:
         raise WeightsError(
-            f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {_first_line(error)})"
+            f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {first_line(error)})"
         ) from None
 
 
@@ -175,18 +175,13 @@ def _refusal_message(path: str, error: Exception) -> str:
         pass
     if not unsafe:  # legacy (non-zip) files: torch's message names the first refused global
         unsafe = re.findall(r"GLOBAL ([\w.]+)", str(error))[:1]
-    what = f"it references {', '.join(unsafe[:_LIST_LIMIT])}" if unsafe else _first_line(error)
+    what = f"it references {', '.join(unsafe[:_LIST_LIMIT])}" if unsafe else first_line(error)
     return (
         f"{path} was refused by the safe loader (torch.load weights_only=True): {what}. A "
         "Megatron checkpoint of Persimmon holds tensors, argparse.Namespace, Megatron enums "
         "and numpy RNG state only; this file needs more, and it will not be unpickled with "
         "full trust (that can run arbitrary code)"
     )
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
 
 
 # --------------------------------------------------------------------------- locating the file
@@ -414,30 +409,19 @@ def config_from_args(
 
 
 def special_token_ids(tokenizer_path: str) -> tuple[int | None, int | None, int]:
-    """(bos, eos, piece count): the ``|ENDOFTEXT|`` piece for both, as in the released config."""
-    import sentencepiece as spm
-
-    processor = spm.SentencePieceProcessor()
-    with open(tokenizer_path, "rb") as handle:
-        proto = handle.read()
+    """(bos, eos, piece count) as the training tokenizer reads them (persimmon_train.data.Tokenizer):
+    the ``|ENDOFTEXT|`` piece for both, as in the released config; a warning when it is absent."""
     try:
-        processor.LoadFromSerializedProto(proto)
-    except Exception as error:  # sentencepiece raises RuntimeError/OSError on a corrupt proto
-        raise WeightsError(f"tokenizer {tokenizer_path} is not a sentencepiece model ({error})") from None
-    piece_id = processor.piece_to_id(ENDOFTEXT)
-    if processor.id_to_piece(piece_id) == ENDOFTEXT:  # piece_to_id answers unk for unknown pieces
-        return piece_id, piece_id, processor.get_piece_size()
-    bos = processor.bos_id() if processor.bos_id() >= 0 else None
-    eos = processor.eos_id() if processor.eos_id() >= 0 else None
-    warnings.warn(
-        f"tokenizer {tokenizer_path} has no {ENDOFTEXT!r} piece (ADEPT's adept_vocab.model "
-        f"has it); using its own bos/eos ids {bos}/{eos}",
-        stacklevel=3,
-    )
-    return bos, eos, processor.get_piece_size()
-
-
-# --------------------------------------------------------------------------- mapping
+        tokenizer = Tokenizer(tokenizer_path)
+    except DataError as error:
+        raise WeightsError(str(error)) from None
+    if tokenizer.id_to_piece(tokenizer.eos_id) != ENDOFTEXT:
+        warnings.warn(
+            f"tokenizer {tokenizer_path} has no {ENDOFTEXT!r} piece (ADEPT's adept_vocab.model "
+            f"has it); using its own bos/eos ids {tokenizer.bos_id}/{tokenizer.eos_id}",
+            stacklevel=3,
+        )
+    return tokenizer.bos_id, tokenizer.eos_id, tokenizer.vocab_size
 
 
 def megatron_to_hf_names(config, tied: bool = False) -> dict[str, str]:
@@ -455,33 +439,12 @@ def megatron_to_hf_names(config, tied: bool = False) -> dict[str, str]:
 
 
 def expected_shapes(config) -> dict[str, tuple[int, ...]]:
-    """Hugging Face name -> shape, from the config alone."""
-    h, i, v, d = config.hidden_size, config.intermediate_size, config.vocab_size, config.head_dim
-    shapes = {
-        "model.embed_tokens.weight": (v, h),
-        "lm_head.weight": (v, h),
-        "model.final_layernorm.weight": (h,),
-        "model.final_layernorm.bias": (h,),
-    }
-    layer = {
-        "input_layernorm.weight": (h,),
-        "input_layernorm.bias": (h,),
-        "self_attn.query_key_value.weight": (3 * h, h),
-        "self_attn.query_key_value.bias": (3 * h,),
-        "self_attn.dense.weight": (h, h),
-        "self_attn.dense.bias": (h,),
-        "post_attention_layernorm.weight": (h,),
-        "post_attention_layernorm.bias": (h,),
-        "mlp.dense_h_to_4h.weight": (i, h),
-        "mlp.dense_h_to_4h.bias": (i,),
-        "mlp.dense_4h_to_h.weight": (h, i),
-        "mlp.dense_4h_to_h.bias": (h,),
-    }
-    if config.qk_layernorm:
-        layer.update({f"self_attn.{w}_layernorm.{p}": (d,) for w in "qk" for p in ("weight", "bias")})
-    for n in range(config.num_hidden_layers):
-        shapes.update({f"model.layers.{n}.{k}": s for k, s in layer.items()})
-    return shapes
+    """Hugging Face name -> shape: the causal LM of ``config`` built on the meta device (no memory)."""
+    from persimmon_train.model import PersimmonForCausalLM
+
+    with torch.device("meta"):
+        model = PersimmonForCausalLM(config)
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
 
 
 class ConvertedTensors(Mapping):

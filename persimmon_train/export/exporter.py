@@ -1,14 +1,17 @@
 """Checkpoint -> HF folder (merged) or PEFT adapter folder: what `persimmon-train export` and the end
-of every training run do.
+of every training run (`export_run_outputs`: the last checkpoint -> final/ + adapter/) do.
 
 Everything comes from the checkpoint itself (validated against its manifest first): the weights,
 the model config and head, the peft settings, the tokenizer. The merge is a stream -- one base
 tensor read, merged and written at a time -- so host memory stays near one shard at any model size
-and no process group is needed.
+and no process group is needed. At the end of a run rank 0 reads the last checkpoint back from
+disk after the process group is gone, so a run at any world size ends with no full gather onto one
+rank (for Persimmon-8B that gather would be ~19-37 GB on one host and a long collective).
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -142,3 +145,25 @@ def export_checkpoint(
     return ExportResult(
         os.path.abspath(output_dir), path, strategy, "merged" if peft else "full", name, dtype or "auto", files
     )
+
+
+def export_run_outputs(result, cfg):
+    """final/ (merged, cfg.export.dtype) and, for LoRA, adapter/ (PEFT, as trained); on rank 0 only."""
+    if not (result.is_main and cfg.export.enabled and result.last_checkpoint):
+        return result
+    from persimmon_train.storage import validate_checkpoint
+    from persimmon_train.storage.safetensors_io import release_free_memory
+
+    gc.collect()  # the trainer's model and optimizer are gone: hand their memory back before streaming
+    release_free_memory()
+    manifest = validate_checkpoint(result.last_checkpoint)  # once, for both exports below
+    final = os.path.join(result.output_dir, "final")
+    export_checkpoint(result.last_checkpoint, final, dtype=cfg.export.dtype, overwrite=True, manifest=manifest)
+    result.final_dir = final
+    log.info("final model (%s%s): %s", cfg.export.dtype, ", LoRA merged" if cfg.peft.method == "lora" else "", final)
+    if cfg.peft.method == "lora":
+        adapter = os.path.join(result.output_dir, "adapter")
+        export_checkpoint(result.last_checkpoint, adapter, dtype="auto", merge=False, overwrite=True, manifest=manifest)
+        result.adapter_dir = adapter
+        log.info("LoRA adapter (PEFT format, as trained): %s", adapter)
+    return result

@@ -27,10 +27,6 @@ class ModelSource:
     config: object  # PersimmonConfig
     tokenizer: object  # persimmon_train.data.Tokenizer
 
-    @property
-    def peft(self) -> dict | None:
-        return self.manifest.get("peft")
-
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         with torch.device("meta"):
             shell = self.model_class(self.config)

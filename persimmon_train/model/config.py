@@ -1,9 +1,10 @@
 """PersimmonConfig: the architecture numbers, read from and written to HF `config.json`.
 
-Defaults are the released Persimmon-8B. `from_dict` reads both transformers 4.x configs
-(top-level `rope_theta`, `rope_scaling`, `partial_rotary_factor`) and 5.x configs (one
-`rope_parameters` dict); `to_dict` writes both spellings so either transformers version loads it
-with the same numbers (5.x would otherwise fall back to its own rope_theta default of 10000).
+Defaults are the released Persimmon-8B; `PRESETS` names the architectures a run starts from
+(`model=<name>`). `from_dict` reads both transformers 4.x configs (top-level `rope_theta`,
+`rope_scaling`, `partial_rotary_factor`) and 5.x configs (one `rope_parameters` dict); `to_dict`
+writes both spellings so either transformers version loads it with the same numbers (5.x would
+otherwise fall back to its own rope_theta default of 10000).
 """
 
 from __future__ import annotations
@@ -253,3 +254,15 @@ class PersimmonConfig:
 
     def replace(self, **changes) -> PersimmonConfig:
         return dataclasses.replace(self, **changes)
+
+
+# Named architectures: `model=<name>` in a run's config (conf/model/<name>.yaml names one and may set
+# any key over it). PersimmonConfig's defaults are the released Persimmon-8B.
+PRESETS: dict[str, PersimmonConfig] = {
+    # A small random-init Persimmon for the embedded default run and tests (CPU, seconds per step).
+    "tiny": PersimmonConfig(
+        hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512
+    ),
+    "persimmon_8b": PersimmonConfig(),  # ADEPT's base release
+    "persimmon_8b_chat": PersimmonConfig(),  # ADEPT's chat release ("human: {prompt}\n\nadept:"): the same numbers
+}

@@ -49,11 +49,6 @@ class KVCache:
         self.keys[layer], self.values[layer] = k, v
         return k, v
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep only the batch rows in `index` (used when generation drops finished rows)."""
-        self.keys = [k.index_select(0, index) for k in self.keys]
-        self.values = [v.index_select(0, index) for v in self.values]
-
 
 class PersimmonAttention(nn.Module):
     def __init__(self, config: PersimmonConfig, layer_idx: int):

@@ -14,7 +14,7 @@ from persimmon_train.errors import ConfigError
 
 from .config import PersimmonConfig
 from .decoder import PersimmonModel
-from .loss import IGNORE_INDEX, chunked_causal_lm_loss
+from .loss import IGNORE_INDEX, causal_token_logps, chunked_causal_lm_loss
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 class ModelOutput:
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    token_logps: torch.Tensor | None = None  # causal LM, return_token_logps: [B, T], 0 where no target
 
 
 def init_weights(module: nn.Module, std: float) -> None:
@@ -138,9 +139,11 @@ class LMHead(nn.Linear):
     (loss.py); backward hands that gradient to the engine like any Linear's.
     """
 
-    def forward(self, hidden, labels=None, chunk_size: int = 1024, num_items_in_batch=None):
+    def forward(self, hidden, labels=None, chunk_size: int = 1024, num_items_in_batch=None, token_logps=False):
         if labels is None:
             return super().forward(hidden)
+        if token_logps:
+            return causal_token_logps(hidden, self.weight, labels, chunk_size)
         return chunked_causal_lm_loss(hidden, self.weight, labels, chunk_size, num_items_in_batch)
 
 
@@ -162,8 +165,11 @@ class PersimmonForCausalLM(PersimmonPreTrainedModel):
         num_items_in_batch=None,
         return_logits: bool = False,
         cache=None,
+        return_token_logps: bool = False,
     ) -> ModelOutput:
         hidden = self.model(input_ids, attention_mask, position_ids, cache=cache)
+        if return_token_logps:  # preference tuning: log p(labels[t+1] | ..t) per token, no loss
+            return ModelOutput(token_logps=self.lm_head(hidden, labels, self.loss_chunk_size, token_logps=True))
         loss = logits = None
         if labels is not None:
             loss = self.lm_head(hidden, labels, self.loss_chunk_size, num_items_in_batch)
@@ -172,8 +178,8 @@ class PersimmonForCausalLM(PersimmonPreTrainedModel):
         return ModelOutput(loss=loss, logits=logits)
 
     def generate(self, input_ids, **kwargs) -> torch.Tensor:
-        """Greedy or sampled decoding with a KV cache; see `persimmon_train.model.generation`."""
-        from .generation import generate
+        """Greedy or sampled decoding with a KV cache; see `persimmon_train.model.decoding`."""
+        from .decoding import generate
 
         return generate(self, input_ids, **kwargs)
 
@@ -225,8 +231,13 @@ class PersimmonForSequenceClassification(PersimmonPreTrainedModel):
         self.model = PersimmonModel(config)
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None, **_) -> ModelOutput:
+    def forward(
+        self, input_ids, attention_mask=None, position_ids=None, labels=None, doc_last=None, **_
+    ) -> ModelOutput:
         hidden = self.model(input_ids, attention_mask, position_ids)
+        if doc_last is not None:  # packed rows (reward models): scores at each document's last token
+            rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(-1)
+            return ModelOutput(logits=self.score(hidden[rows, doc_last.clamp(min=0)]))
         last = _last_token_index(input_ids, attention_mask, self.config.pad_token_id)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         logits = self.score(hidden[rows, last])

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 IGNORE_INDEX = -100
 
@@ -147,3 +148,36 @@ def chunked_causal_lm_loss(
         grad_on and flat.requires_grad,
         grad_on and lm_head_weight.requires_grad,
     )
+
+
+def _target_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(hidden, weight.to(_matmul_dtype(hidden, weight))).float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def causal_token_logps(
+    hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024
+) -> torch.Tensor:
+    """log p(labels[t + 1] | tokens ..t) at every position t with a target, 0 elsewhere: [batch, seq] float32.
+
+    For preference tuning (per-document sums of response log-probs). Only positions with a target
+    reach the head; every chunk of them is activation-checkpointed, so no logits stay alive between
+    forward and backward and at most one chunk's exists at a time (bench/dpo_memory.py).
+    """
+    targets = shift_labels(labels)
+    keep = targets != IGNORE_INDEX
+    out = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
+    index = keep.reshape(-1).nonzero().squeeze(-1)
+    if index.numel() == 0:
+        return out + hidden.sum().float() * 0.0  # connected to the graph, so backward() works
+    flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
+    tgt = targets.reshape(-1).index_select(0, index)
+    chunk = max(1, min(chunk_size, LOGITS_CHUNK_BYTES // (4 * lm_head_weight.shape[0])))
+    pieces = []
+    for a in range(0, flat.shape[0], chunk):
+        h, t = flat[a : a + chunk], tgt[a : a + chunk]
+        if torch.is_grad_enabled():  # keep no logits for backward: recomputed there, one chunk at a time
+            pieces.append(torch.utils.checkpoint.checkpoint(_target_logps, h, lm_head_weight, t, use_reentrant=False))
+        else:
+            pieces.append(_target_logps(h, lm_head_weight, t))
+    return out.reshape(-1).index_put((index,), torch.cat(pieces)).reshape(labels.shape)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -76,11 +76,14 @@ class Strategy(ABC):
 
     # ------------------------------------------------------------------ set-up
     @abstractmethod
-    def wrap(self, model: nn.Module, make_optimizer: OptimizerFactory) -> tuple[nn.Module, torch.optim.Optimizer]:
+    def wrap(
+        self, model: nn.Module, make_optimizer: OptimizerFactory | None
+    ) -> tuple[nn.Module, torch.optim.Optimizer | None]:
         """Place/shard `model`, then build its optimizer with `make_optimizer(model)`.
 
         A factory rather than an optimizer because sharding strategies (FSDP2) must build the
         optimizer over the sharded parameters, and DeepSpeed wraps the optimizer itself.
+        `make_optimizer=None` (evaluation): no optimizer; `load_state` then restores weights only.
         Returns (model to call forward on, optimizer to hand to the LR scheduler).
         """
 
@@ -150,9 +153,6 @@ class Strategy(ABC):
     def checkpoint_info(self) -> dict:
         """What a checkpoint's manifest records about the strategy (readers pick the weights reader by name)."""
         return {"name": self.name, "world_size": self.world_size}
-
-    def trainable_parameters(self) -> Iterable[nn.Parameter]:
-        return (p for p in self.unwrapped_model().parameters() if p.requires_grad)
 
     def close(self) -> None:
         """Tear down process groups etc."""

@@ -194,7 +194,11 @@ class DeepSpeedStrategy(DistributedStrategy):
                 from persimmon_train.parallel.sharded_load import load_into_meta_model
 
                 self.load_report = load_into_meta_model(model, self.model_path, device=self._device, seed=self.seed)
-        optimizer = make_optimizer(model)
+        if make_optimizer is None and self.stage < 3:
+            # Evaluation: ZeRO-1/2 engines need a client optimizer (ZeRO-3 runs without one); this
+            # AdamW allocates no state until a step, which evaluation never takes.
+            make_optimizer = lambda m: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad])  # noqa: E731
+        optimizer = make_optimizer(model) if make_optimizer else None
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False
         )
@@ -270,7 +274,7 @@ class DeepSpeedStrategy(DistributedStrategy):
             directory,
             tag=TAG,
             load_module_strict=not frozen,
-            load_optimizer_states=True,
+            load_optimizer_states=self.optimizer is not None,
             load_lr_scheduler_states=False,
         )
         if path is None:

@@ -32,7 +32,7 @@ import os
 import torch
 from torch import nn
 
-from persimmon_train.errors import CheckpointError, WeightsError
+from persimmon_train.errors import CheckpointError, WeightsError, first_line
 from persimmon_train.parallel.distributed import DistributedStrategy, GroupComm, launched_world, pick_device
 from persimmon_train.parallel.frozen_weights import hold_frozen_for
 from persimmon_train.parallel.nf4 import check_nf4_precision, quantize_frozen_linears
@@ -155,7 +155,7 @@ class FSDPStrategy(DistributedStrategy):
         self.model = self.parallelize(model)
         if on_meta:
             self._load_sharded(self.model)
-        self.optimizer = make_optimizer(self.model)
+        self.optimizer = make_optimizer(self.model) if make_optimizer else None
         return self.model, self.optimizer
 
     def _load_sharded(self, model: nn.Module) -> None:
@@ -202,7 +202,8 @@ class FSDPStrategy(DistributedStrategy):
     def _state(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._options())
+        optimizers = () if self.optimizer is None else self.optimizer  # evaluation: weights only
+        model_sd, optim_sd = get_state_dict(self.model, optimizers, options=self._options())
         return {MODEL_KEY: model_sd, OPTIM_KEY: optim_sd}
 
     def save_state(self, directory):
@@ -247,7 +248,7 @@ class FSDPStrategy(DistributedStrategy):
             dcp.load(state, checkpoint_id=path)
         except Exception as exc:  # noqa: BLE001 - DCP raises CheckpointException wrapping per-rank errors
             raise CheckpointError(
-                f"{path}: cannot load into the model being trained ({_first_line(exc)}); "
+                f"{path}: cannot load into the model being trained ({first_line(exc)}); "
                 f"was it written with another model/peft config?"
             ) from None
         # Not strict: the checkpoint holds trainable weights only (a LoRA run's frozen base comes
@@ -255,7 +256,7 @@ class FSDPStrategy(DistributedStrategy):
         # was in the template that dcp.load filled above, which fails on any key the files lack.
         set_state_dict(
             self.model,
-            self.optimizer,
+            () if self.optimizer is None else self.optimizer,
             model_state_dict=state[MODEL_KEY],
             optim_state_dict=state[OPTIM_KEY],
             options=self._options(strict=False),
@@ -263,8 +264,3 @@ class FSDPStrategy(DistributedStrategy):
 
     def checkpoint_info(self) -> dict:
         return {**super().checkpoint_info(), "replicate_degree": self.replicate_degree, "format": "dcp"}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

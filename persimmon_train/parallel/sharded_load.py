@@ -14,7 +14,6 @@ full tensor and keeps its slice, so the shards agree.
 from __future__ import annotations
 
 import math
-import os
 from collections import defaultdict
 
 import torch
@@ -210,7 +209,3 @@ def _read_rows(raw, offset: int, dtype: torch.dtype, shape, rows: slice, out: to
         raise WeightsError(f"{raw.name}: truncated tensor data")
     if buffer is not out:
         out.copy_(buffer)
-
-
-def model_path_exists(path: str | None) -> bool:
-    return bool(path) and os.path.isfile(os.path.join(path, "config.json"))

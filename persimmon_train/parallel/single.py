@@ -8,7 +8,7 @@ import os
 import torch
 from torch import nn
 
-from persimmon_train.errors import CheckpointError, WeightsError
+from persimmon_train.errors import CheckpointError, WeightsError, first_line
 from persimmon_train.parallel.base import OptimizerFactory, Strategy, available_device
 from persimmon_train.parallel.frozen_weights import hold_frozen_for
 from persimmon_train.parallel.nf4 import check_nf4_precision, quantize_frozen_linears
@@ -120,7 +120,7 @@ class SingleDeviceStrategy(Strategy):
             self.model = model.to(self._device)
             if self.quantize_base == "nf4":
                 quantize_frozen_linears(self.model)
-        self.optimizer = make_optimizer(self.model)
+        self.optimizer = make_optimizer(self.model) if make_optimizer else None
         return self.model, self.optimizer
 
     def unwrapped_model(self) -> nn.Module:
@@ -186,11 +186,13 @@ class SingleDeviceStrategy(Strategy):
         with torch.no_grad():
             for name, tensor in weights.items():
                 params[name].copy_(tensor)
+        if self.optimizer is None:  # evaluation
+            return
         opt_path = os.path.join(directory, SINGLE_OPTIMIZER_FILE)
         try:
             # weights_only: never unpickle arbitrary objects from a checkpoint folder.
             state = torch.load(opt_path, map_location=self._device, weights_only=True)
             self.optimizer.load_state_dict(state)
         except Exception as exc:  # noqa: BLE001 - torch raises several types for a damaged/foreign file
-            reason = str(exc).splitlines()[0][:200]
+            reason = first_line(exc, 200)
             raise CheckpointError(f"{opt_path}: cannot restore the optimizer ({reason})") from None

@@ -18,7 +18,7 @@ from persimmon_train.errors import ConfigError
 from persimmon_train.recipes import HYDRA_JOBS, JOBS
 
 # data.format -> the recipe that trains it (evaluate accepts every format).
-_FORMAT_JOB = {"text": "finetune", "chat": "finetune", "classification": "classify", "token_classification": "tag"}
+_FORMAT_JOB = {fmt: name for name, job in JOBS.items() for fmt in job.formats}
 
 
 def _options(group: str) -> list[str]:
@@ -43,8 +43,8 @@ def _job_of_experiment(option: str) -> str | None:
 
 def listing() -> str:
     lines = ["recipes (persimmon-train RECIPE [key=value ...]):"]
-    for name, (_, what) in JOBS.items():
-        lines.append(f"  {name:<14} {what}")
+    for name, job in JOBS.items():
+        lines.append(f"  {name:<14} {job.what}")
     lines += ["", f"configs ({config_dir()}), per Hydra recipe (group=option on the command line):"]
     groups = sorted(p.name for p in config_dir().iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
     for job in HYDRA_JOBS:

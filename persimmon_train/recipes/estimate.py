@@ -20,7 +20,7 @@ import sys
 
 from persimmon_train.cli import prog, run_recipe
 from persimmon_train.errors import ConfigError
-from persimmon_train.recipes import HYDRA_JOBS
+from persimmon_train.recipes import TRAINING_JOBS
 
 OPTIONS = ("--ranks", "--device", "--memory-gb")
 
@@ -82,7 +82,7 @@ def estimate(cfg, options: dict) -> int:
 def run(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     job = "finetune"
-    if argv and argv[0] in HYDRA_JOBS and argv[0] != "evaluate":
+    if argv and argv[0] in TRAINING_JOBS:
         job, argv = argv[0], argv[1:]
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__.strip().replace("persimmon-train estimate [finetune", f"{prog('estimate')} [finetune", 1))

@@ -37,8 +37,8 @@ OPTIONAL = {
 def main(argv: list[str]) -> None:
     import torch
 
+    from persimmon_train.export.chat import load_causal_lm, stream_generate
     from persimmon_train.export.exporter import export_dtype
-    from persimmon_train.export.generate import load_causal_lm, stream_generate
 
     values = parse_key_values(argv, REQUIRED, OPTIONAL, USAGE)
     options = dict(

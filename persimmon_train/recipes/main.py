@@ -1,18 +1,20 @@
-"""The `persimmon-train` console command: one sub-command per recipe, plus `ls` and `cp`.
+"""The `persimmon-train` console command: one sub-command per job (`JOBS`), plus `ls` and `cp`.
 
     persimmon-train finetune [key=value ...] [-m] [--config-path DIR --config-name NAME]
     persimmon-train ls                     recipes and the configs each accepts
     persimmon-train cp CONFIG DEST         copy a shipped config to edit
 
-Each sub-command is the module's `run(argv)`, exactly what `python recipes/<job>.py` runs.
+A Hydra job goes straight to `cli.run_recipe` with its function in recipes/train.py; another
+command to its module's `run(argv)`. `python recipes/<job>.py ...` is `main([<job>, ...])`.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
 
-from persimmon_train.cli import EXIT_USER_ERROR
+from persimmon_train.cli import EXIT_USER_ERROR, run_recipe
 from persimmon_train.recipes import JOBS
 
 USAGE = """usage: persimmon-train COMMAND [ARGS ...]
@@ -27,7 +29,7 @@ commands:
 
 
 def usage() -> str:
-    return USAGE.format(jobs="\n".join(f"  {name:<16} {what}" for name, (_, what) in JOBS.items()))
+    return USAGE.format(jobs="\n".join(f"  {name:<16} {job.what}" for name, job in JOBS.items()))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,11 +45,17 @@ def main(argv: list[str] | None = None) -> None:
 
         configs.run(command, rest)
         return
-    module = JOBS.get(command, (None,))[0] or JOBS.get(command.replace("_", "-"), (None,))[0]
-    if module is None:
+    job = JOBS.get(command) or JOBS.get(command.replace("_", "-"))
+    if job is None:
         print(f"error: unknown command {command!r}; one of {', '.join([*JOBS, 'ls', 'cp'])}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
-    importlib.import_module(f"persimmon_train.recipes.{module}").run(rest)
+    if job.runs in ("train", "evaluate"):
+        from persimmon_train.recipes import train
+        from persimmon_train.recipes.sweep import run_sweep
+
+        run_recipe(command, functools.partial(getattr(train, job.runs), job=command), rest, multirun=run_sweep)
+        return
+    importlib.import_module(f"persimmon_train.recipes.{job.runs}").run(rest)
 
 
 if __name__ == "__main__":

@@ -25,9 +25,9 @@ from pathlib import Path
 
 from persimmon_train.cli import load_config, override_key
 from persimmon_train.errors import ConfigError
+from persimmon_train.recipes import TRAINING_JOBS
 
 SUMMARY = "sweep_summary.csv"
-TRAINING_JOBS = ("finetune", "classify", "tag")
 
 
 def expand(overrides: list[str]) -> tuple[list[list[str]], list[str]]:

@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import torch
 
-from persimmon_train.errors import CheckpointError, ConfigError, PersimmonTrainError, StorageError
+from persimmon_train.errors import CheckpointError, ConfigError, PersimmonTrainError, StorageError, first_line
 from persimmon_train.storage.files import (
     atomic_write_text,
     describe_os_error,
@@ -205,8 +205,7 @@ def _one_line(exc: BaseException, where: str) -> str:
         return f"writing {exc.filename or where}: {describe_os_error(exc)} [errno {exc.errno}]"
     if (short_write := describe_torch_write_error(exc, where)) is not None:
         return f"writing {short_write}"  # a torch.save outside disk_errors (strategies' own writers)
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return first_line(exc)
 
 
 def remove_stale_temporaries(output_dir: str) -> None:
@@ -336,7 +335,7 @@ def load_trainer_state(folder: str, rank: int) -> dict:
         # weights_only: never unpickle arbitrary objects from a checkpoint folder.
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises several types for a damaged file
-        raise CheckpointError(f"{path}: cannot read the trainer state ({str(exc).splitlines()[0][:200]})") from None
+        raise CheckpointError(f"{path}: cannot read the trainer state ({first_line(exc, 200)})") from None
 
 
 def find_checkpoint(path: str) -> tuple[str, dict | None]:

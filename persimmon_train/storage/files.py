@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 
-from persimmon_train.errors import ConfigError, StorageError
+from persimmon_train.errors import ConfigError, StorageError, first_line
 
 _DISK_ERRNOS = {
     errno.ENOSPC: "the disk is full",
@@ -62,7 +62,7 @@ def describe_torch_write_error(exc: BaseException, path: str) -> str | None:
         free = None
     if free is not None and free < FULL_DISK_BYTES:
         return f"{path}: the disk is full ({free >> 20} MiB free on its file system)"
-    torch_said = str(exc).strip().splitlines()[0][:200]
+    torch_said = first_line(exc, 200)
     room = f"{free / 2**30:.1f} GiB free there, " if free is not None else ""
     return (
         f"{path}: the write stopped short ({room}so a disk quota or file size limit is likely "

@@ -35,7 +35,7 @@ import re
 
 import torch
 
-from persimmon_train.errors import CheckpointError
+from persimmon_train.errors import CheckpointError, first_line
 
 STATE_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 _OPTIM = "optimizer_state_dict"
@@ -49,7 +49,7 @@ def _load(file: str, *, mmap: bool) -> dict:
     except ImportError:
         raise CheckpointError(f"{file} is a DeepSpeed checkpoint; reading it needs the deepspeed package") from None
     except Exception as exc:  # noqa: BLE001 - torch raises several types for a damaged file
-        raise CheckpointError(f"{file}: cannot read ({str(exc).splitlines()[0][:200]})") from None
+        raise CheckpointError(f"{file}: cannot read ({first_line(exc, 200)})") from None
 
 
 def _rank_files(folder: str, pattern: str) -> list[str]:

@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 from persimmon_train.errors import ConfigError
-from persimmon_train.training.config import check_seq_len
 from persimmon_train.training.trackers import redact_secrets
 
 log = logging.getLogger("persimmon_train")
@@ -138,8 +137,7 @@ def build_tokenizer(cfg):
 def build_data_bundle(cfg, tokenizer, strategy):
     from persimmon_train.data import build_data
 
-    data_cfg = cfg.data
-    data_cfg.validate()
+    data_cfg = cfg.data  # validated by preflight (and again by build_data itself)
     # Rank 0 prepares (and caches) the data first; the other ranks then read its cache.
     if not strategy.is_main:
         strategy.barrier()
@@ -182,10 +180,12 @@ def _config_overrides(cfg, tokenizer, data) -> dict:
 
 
 def build_model(cfg, tokenizer, data=None, meta: bool = False):
-    """Random init from the architecture fields (seeded by the caller), or model.path's weights.
+    """A random init of the model config's architecture (seeded by the caller), or model.path's weights.
 
-    meta=True (with model.path): shapes only, on the meta device; a sharding strategy then loads
-    each rank's part of model.path itself (no process ever holds the whole model).
+    `preflight` has checked what would make it fail late: model.path is a model folder, data.seq_len
+    fits its positions, the tokenizer fits its vocabulary. meta=True (with model.path): shapes only,
+    on the meta device; a sharding strategy then loads each rank's part of model.path itself (no
+    process ever holds the whole model).
     """
     from persimmon_train.model import PersimmonConfig
 
@@ -193,50 +193,19 @@ def build_model(cfg, tokenizer, data=None, meta: bool = False):
     head = model_class(cfg.task)
     overrides = _config_overrides(cfg, tokenizer, data)
     if m.path:
-        if os.path.isfile(m.path):
-            raise ConfigError(f"model.path: {m.path!r} is a file; give the model folder (config.json + safetensors)")
-        if not os.path.isfile(os.path.join(m.path, "config.json")):
-            raise ConfigError(f"model.path: {m.path!r} is not a model folder (no config.json)")
         if m.rope_scaling:
             overrides["rope_scaling"] = dict(m.rope_scaling)
         if meta:
-            config = PersimmonConfig.from_json_file(m.path)
-            config = config.replace(**overrides) if overrides else config
             with torch.device("meta"):
-                model = head(config)
+                model = head(PersimmonConfig.from_json_file(m.path).replace(**overrides))
         else:
             model = head.from_pretrained(m.path, dtype=torch.float32, **overrides)
         if model.config.pad_token_id is None and tokenizer.pad_id is not None:
             model.config.pad_token_id = tokenizer.pad_id
-        check_seq_len(
-            cfg.data.seq_len, model.config.max_position_embeddings, model.config.rope_scaling, f"{m.path}/config.json"
-        )
     else:
-        vocab = m.vocab_size or tokenizer.vocab_size
-        config = PersimmonConfig(
-            vocab_size=vocab,
-            hidden_size=m.hidden_size,
-            intermediate_size=m.intermediate_size,
-            num_hidden_layers=m.num_hidden_layers,
-            num_attention_heads=m.num_attention_heads,
-            max_position_embeddings=m.max_position_embeddings,
-            rope_theta=m.rope_theta,
-            partial_rotary_factor=m.partial_rotary_factor,
-            rope_scaling=dict(m.rope_scaling) if m.rope_scaling else None,
-            qk_layernorm=m.qk_layernorm,
-            hidden_act=m.hidden_act,
-            layer_norm_eps=m.layer_norm_eps,
-            bos_token_id=tokenizer.bos_id,
-            eos_token_id=tokenizer.eos_id,
-            pad_token_id=tokenizer.pad_id,
-            **overrides,
-        )
+        ids = dict(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+        config = m.architecture(vocab_size=m.vocab_size or tokenizer.vocab_size, **ids, **overrides)
         model = head.from_config(config)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size: the model has {model.config.vocab_size} token embeddings but "
-            f"the tokenizer has {tokenizer.vocab_size} pieces; use the model's tokenizer"
-        )
     log.info(
         "model: %s (%s), %.2fM parameters; dropout: hidden=%s attention=%s (model.hidden_dropout / "
         "model.attention_dropout)",

@@ -8,14 +8,19 @@ that need more than a type (lora r > 0, seq_len within the model's positions, ..
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from persimmon_train.data.config import DataConfig
 from persimmon_train.errors import ConfigError
+from persimmon_train.model.config import PRESETS, PersimmonConfig
+from persimmon_train.training.tasks import TASKS as TASK_SPECS
 
-TASKS = ("causal_lm", "sequence_classification", "token_classification")
+TASKS = tuple(TASK_SPECS)  # causal_lm, sequence_classification, token_classification
 PRECISIONS = ("auto", "bf16", "fp32")
 EXPORT_DTYPES = ("bf16", "fp32")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -24,34 +29,86 @@ WANDB_MODES = ("online", "offline", "disabled")
 DEFAULT_LORA_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
 
 
-@dataclass
-class ModelConfig:
-    """Architecture numbers for a random init, or `path` to start from an HF model folder."""
-
-    name: str = "tiny"
-    path: Optional[str] = None  # HF folder (config.json + safetensors); architecture fields then ignored
-    allow_random_init: bool = True  # false for released sizes: without model.path that is a mistake
-    vocab_size: Optional[int] = None  # None: the tokenizer's vocab size
-    hidden_size: int = 4096
-    intermediate_size: int = 16384
-    num_hidden_layers: int = 36
-    num_attention_heads: int = 64
-    max_position_embeddings: int = 16384
-    rope_theta: float = 25000.0
-    partial_rotary_factor: float = 0.5
-    # {type: linear|dynamic, factor: f > 1}; also applied over model.path. Typed Any because
-    # OmegaConf 2.3 cannot merge a dict override into a None-valued Optional[Dict] field.
-    rope_scaling: Any = None
-    qk_layernorm: bool = True
-    hidden_act: str = "relu2"
-    layer_norm_eps: float = 1e-5
+# PersimmonConfig keys a run does not set: the tokenizer gives the special ids, the data the labels.
+_NOT_RUN_KEYS = (
+    "initializer_range",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "num_labels",
+    "id2label",
+    "label2id",
+    "problem_type",
+    "extra",
+)
+# Keys whose default is the run's own; every other key defaults to the preset's value.
+_RUN_DEFAULTS = {
+    "vocab_size": None,  # null: a random init takes the tokenizer's size (model.path: its config.json's)
     # Fine-tuning dropout is an explicit choice: the released config.json says 0.6 (pre-training).
-    # These values replace whatever config.json says; null keeps config.json's value.
-    hidden_dropout: Optional[float] = 0.0
-    attention_dropout: Optional[float] = 0.0
-    classifier_dropout: Optional[float] = None
-    # Attention kernel: auto | sdpa | segments | flex | varlen (docs/model.md "Attention backends").
-    attention: str = "auto"
+    # These values replace whatever config.json says; null keeps config.json's (or the preset's) value.
+    "hidden_dropout": 0.0,
+    "attention_dropout": 0.0,
+    "classifier_dropout": None,
+    "attention": "auto",  # the attention kernel: auto | sdpa | segments | flex | varlen (docs/model.md)
+}
+ARCHITECTURE_KEYS = tuple(
+    f.name for f in dataclasses.fields(PersimmonConfig) if f.name not in _NOT_RUN_KEYS and f.name not in _RUN_DEFAULTS
+)
+
+
+def _schema_type(hint):
+    """Optional[<the field's type>] for Hydra; a dict stays Any (OmegaConf 2.3 cannot merge a dict
+    override into a None-valued Optional[Dict] field)."""
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+    return Any if base is dict or typing.get_origin(base) is dict else Optional[base]
+
+
+_HINTS = typing.get_type_hints(PersimmonConfig)
+_ModelKeys = dataclasses.make_dataclass(
+    "_ModelKeys",
+    [
+        ("name", str, field(default="tiny")),  # a preset: persimmon_train.model.config.PRESETS
+        ("path", Optional[str], field(default=None)),  # an HF folder (config.json + safetensors) to start from
+        ("allow_random_init", bool, field(default=True)),  # false for released sizes: no model.path is a mistake
+        *[(key, _schema_type(_HINTS[key]), field(default=None)) for key in ARCHITECTURE_KEYS],
+        *[(key, _schema_type(_HINTS[key]), field(default=value)) for key, value in _RUN_DEFAULTS.items()],
+    ],
+)
+
+
+@dataclass
+class ModelConfig(_ModelKeys):
+    """`model=<preset>` with any PersimmonConfig key set over it, or `path` to start from an HF
+    model folder (its config.json is the architecture; rope_scaling, dropout and attention still apply).
+
+    The fields are PersimmonConfig's own (derived, never copied): an architecture key left null
+    takes the preset's value when the run config is validated (`with_preset`).
+    """
+
+    def with_preset(self) -> ModelConfig:
+        """Fill every unset architecture key from the preset `name`; the filled config is validated once."""
+        unset = [key for key in ARCHITECTURE_KEYS if getattr(self, key) is None]
+        if unset:
+            if self.name not in PRESETS:
+                raise ConfigError(
+                    f"model.{unset[0]}: not set, and model.name={self.name!r} is no preset to take it from "
+                    f"(presets: {', '.join(PRESETS)})"
+                )
+            for key in unset:
+                setattr(self, key, copy.deepcopy(getattr(PRESETS[self.name], key)))
+        self.architecture()  # validates every key (naming it model.<key>)
+        return self
+
+    def architecture(self, **changes) -> PersimmonConfig:
+        """The PersimmonConfig these keys describe (plus `changes`: special ids, labels), validated."""
+        keys = {key: getattr(self, key) for key in (*ARCHITECTURE_KEYS, *_RUN_DEFAULTS)}
+        keys = {key: value for key, value in keys.items() if value is not None}
+        if keys.get("rope_scaling") is not None:
+            keys["rope_scaling"] = dict(keys["rope_scaling"])
+        try:
+            return PRESETS.get(self.name, PersimmonConfig()).replace(**{**keys, **changes})
+        except ConfigError as error:
+            raise ConfigError(str(error).replace("config key '", "config key 'model.", 1)) from None
 
 
 @dataclass
@@ -164,8 +221,29 @@ class ExportConfig:
 
 
 @dataclass
+class DPOConfig:
+    """`persimmon-train dpo` (objective=dpo): TRL's DPO loss on packed preference pairs."""
+
+    beta: float = 0.1
+    loss: str = "sigmoid"  # sigmoid | ipo (IPO on log-probs averaged over response tokens)
+    label_smoothing: float = 0.0  # conservative DPO (sigmoid only)
+
+
+@dataclass
+class RewardConfig:
+    """`persimmon-train reward` (objective=reward): Bradley-Terry loss, one score per document."""
+
+    margin: float = 0.0  # -log sigmoid(s_chosen - s_rejected - margin)
+
+
+OBJECTIVES = ("sft", "dpo", "reward")
+
+
+@dataclass
 class RunConfig:
     task: str = "causal_lm"
+    # What the head is trained on: sft (labels: finetune/classify/tag), dpo or reward (preference pairs).
+    objective: str = "sft"
     output_dir: Optional[str] = None  # null: outputs/<job>/<timestamp>
     resume: Optional[str] = None  # auto | latest | PATH to checkpoints/step_N
     # An output_dir that holds a run is refused unless resumed or started over: overwrite=true
@@ -181,6 +259,8 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
 
 
 SCHEMA_NAME = "run_schema"
@@ -263,21 +343,7 @@ def validate_run_config(cfg: RunConfig) -> RunConfig:
     _at_least("checkpoint.every_n_steps", cfg.checkpoint.every_n_steps, 0)
     _at_least("checkpoint.keep_last", cfg.checkpoint.keep_last, 0)
     _one_of("export.dtype", cfg.export.dtype, EXPORT_DTYPES)
-    m = cfg.model
-    for key in ("hidden_dropout", "attention_dropout", "classifier_dropout"):
-        value = getattr(m, key)
-        if value is not None and not 0.0 <= value < 1.0:
-            raise ConfigError(f"model.{key}: must be in [0, 1), got {value!r}")
-    from persimmon_train.model.config import ATTENTION_BACKENDS
-
-    _one_of("model.attention", m.attention, ATTENTION_BACKENDS)
-    if m.rope_scaling is not None:
-        rs = m.rope_scaling
-        if not isinstance(rs, dict) or rs.get("type") not in ("linear", "dynamic"):
-            raise ConfigError(f"model.rope_scaling: expected {{type: linear|dynamic, factor: F}}, got {rs!r}")
-        factor = rs.get("factor")
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 1:
-            raise ConfigError(f"model.rope_scaling.factor: must be a number > 1, got {factor!r}")
+    m = cfg.model.with_preset()  # the architecture keys, validated once (rope_scaling, dropout, attention, ...)
     if m.path is None and not m.allow_random_init:
         raise ConfigError(
             f"model.path: model={m.name} needs model.path=DIR (an HF folder with the released "
@@ -285,12 +351,9 @@ def validate_run_config(cfg: RunConfig) -> RunConfig:
         )
     if m.path is None:
         check_seq_len(cfg.data.seq_len, m.max_position_embeddings, m.rope_scaling, "model")
-    expected_format = {
-        "causal_lm": ("text", "chat"),
-        "sequence_classification": ("classification",),
-        "token_classification": ("token_classification",),
-    }[cfg.task]
-    _one_of(f"data.format (task {cfg.task})", cfg.data.format, expected_format)
+    if cfg.objective == "sft":
+        _one_of(f"data.format (task {cfg.task})", cfg.data.format, TASK_SPECS[cfg.task].formats)
+    validate_preference(cfg)
     if cfg.overwrite and cfg.resume is not None:
         raise ConfigError(
             f"overwrite: overwrite=true starts the run over, resume={cfg.resume} continues it; pass one of them"
@@ -298,6 +361,42 @@ def validate_run_config(cfg: RunConfig) -> RunConfig:
     if cfg.resume is not None and cfg.output_dir is None and cfg.resume in ("latest", "auto"):
         raise ConfigError(f"resume: '{cfg.resume}' needs output_dir=DIR (the run folder to continue)")
     return cfg
+
+
+def validate_preference(cfg: RunConfig) -> None:
+    """objective=dpo|reward: preference data, the matching head, keys of the other objectives refused."""
+    _one_of("objective", cfg.objective, OBJECTIVES)
+    for section, defaults in (("dpo", DPOConfig()), ("reward", RewardConfig())):
+        if cfg.objective != section and getattr(cfg, section) != defaults:
+            changed = [
+                k for k in defaults.__dataclass_fields__ if getattr(getattr(cfg, section), k) != getattr(defaults, k)
+            ]
+            raise ConfigError(
+                f"{section}.{changed[0]}: {section}.* keys configure `persimmon-train {section}`; "
+                f"this run's objective is {cfg.objective}"
+            )
+    if cfg.objective == "sft":
+        if cfg.data.format == "preference":
+            raise ConfigError(
+                "data.format: preference pairs train with `persimmon-train dpo` or `persimmon-train reward`"
+            )
+        return
+    head = {"dpo": "causal_lm", "reward": "sequence_classification"}[cfg.objective]
+    if cfg.task != head:
+        raise ConfigError(f"task: objective={cfg.objective} trains the {head} head, got task={cfg.task}")
+    _one_of(f"data.format (objective {cfg.objective})", cfg.data.format, ("preference",))
+    if cfg.strategy.name == "deepspeed":
+        raise ConfigError(
+            f"strategy: objective={cfg.objective} runs under strategy=single or strategy=fsdp, not deepspeed"
+        )
+    d = cfg.dpo
+    _one_of("dpo.loss", d.loss, ("sigmoid", "ipo"))
+    if not d.beta > 0:
+        raise ConfigError(f"dpo.beta: must be > 0, got {d.beta!r}")
+    if not 0.0 <= d.label_smoothing < 0.5:
+        raise ConfigError(f"dpo.label_smoothing: must be in [0, 0.5), got {d.label_smoothing!r}")
+    if d.label_smoothing and d.loss != "sigmoid":
+        raise ConfigError(f"dpo.label_smoothing: conservative DPO smooths the sigmoid loss, not dpo.loss={d.loss}")
 
 
 STRATEGIES = ("single", "fsdp", "deepspeed")

@@ -546,16 +546,7 @@ def run_model_config(cfg, tokenizer_vocab: int | None = None):
         from persimmon_train.training.builders import build_tokenizer
 
         vocab = build_tokenizer(cfg).vocab_size
-    return PersimmonConfig(
-        vocab_size=vocab,
-        hidden_size=m.hidden_size,
-        intermediate_size=m.intermediate_size,
-        num_hidden_layers=m.num_hidden_layers,
-        num_attention_heads=m.num_attention_heads,
-        max_position_embeddings=max(m.max_position_embeddings, 1),
-        qk_layernorm=m.qk_layernorm,
-        hidden_act=m.hidden_act,
-    )
+    return m.architecture(vocab_size=vocab)
 
 
 def check_run(cfg, strategy) -> MemoryPlan:

@@ -1,4 +1,17 @@
-"""Evaluation metrics, each the textbook definition (docs/training.md names them):
+"""Metrics: model FLOPs utilisation (MFU) of training, and evaluation metrics.
+
+MFU = the model FLOPs a step does / (its seconds x the devices' dense bf16 peak). The FLOPs are
+counted from the batch (torchtitan's and PaLM's convention; activation checkpointing's recomputation
+is not counted):
+- weights: 2 FLOPs per multiply-add of each token with each matmul parameter (the decoder's
+  query_key_value, dense and MLP matrices and the head; not the embedding lookup, norms or
+  biases), x3 for forward + backward (6N per token), x2 when the base is frozen (LoRA: backward
+  computes input gradients but no weight gradients; the adapters' FLOPs are negligible);
+- attention: per document and layer, causal QK^T and AV over L tokens are 2 * hidden * L^2 FLOPs
+  forward, x3 with backward: 6 * hidden * layers * sum(L^2). A packed row's documents never attend
+  to each other, so a 16K row of short documents does far less attention work than one 16K document.
+
+Evaluation metrics, each the textbook definition (docs/training.md names them):
 
 - single-label classification: accuracy; macro-F1 = unweighted mean over classes of each class's F1;
 - multi-label classification: exact-match accuracy (every label of a row right); macro-F1 = the
@@ -13,6 +26,63 @@ F1 is 0 where it is undefined (no true positive), as sklearn's zero_division=0.
 """
 
 from __future__ import annotations
+
+import torch
+
+# Dense bf16 peak TFLOP/s per device (trainer.peak_tflops overrides). Matched as substrings of the
+# device name, in this order ("L40S" before "L4").
+PEAK_TFLOPS = {
+    "H100": 989.0,
+    "H200": 989.0,
+    "B200": 2250.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10G": 125.0,
+    "L4": 121.0,
+}
+
+
+def device_peak_flops(device: torch.device, configured_tflops: float | None = None) -> float | None:
+    """FLOP/s of one device: `configured_tflops`, else the table's entry for a known GPU, else None."""
+    if configured_tflops:
+        return configured_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+    return None
+
+
+def matmul_parameters(config, task: str = "causal_lm") -> int:
+    """Parameters that multiply activations: the decoder's matrices and the head (no embedding)."""
+    h, i = config.hidden_size, config.intermediate_size
+    head = config.vocab_size * h if task == "causal_lm" else config.num_labels * h
+    return config.num_hidden_layers * (4 * h * h + 2 * h * i) + head
+
+
+def attention_work(batch: dict) -> int:
+    """sum(L^2) over the documents of `batch`'s rows (padding, when masked, excluded).
+
+    A document of L tokens has positions 0..L-1 and sum(2p + 1 for p < L) = L^2, so this reads
+    the boundaries the batch already carries: position_ids (restarting at each packed document),
+    else each row's real tokens from attention_mask, else each whole row.
+    """
+    mask = batch.get("attention_mask")
+    positions = batch.get("position_ids")
+    if positions is None:
+        if mask is None:
+            rows, length = batch["input_ids"].shape
+            return rows * length * length
+        positions = mask.long().cumsum(-1) - 1
+    terms = 2 * positions.long() + 1
+    return int((terms * mask).sum() if mask is not None else terms.sum())
+
+
+def training_flops(config, tokens: float, attention: float, full_finetune: bool, task: str = "causal_lm") -> float:
+    """Model FLOPs of training on `tokens` tokens whose documents have sum(L^2) = `attention`."""
+    weights = (6.0 if full_finetune else 4.0) * matmul_parameters(config, task) * tokens
+    return weights + 6.0 * config.hidden_size * config.num_hidden_layers * attention
 
 
 def accuracy(preds: list[int], labels: list[int]) -> float:

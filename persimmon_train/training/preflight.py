@@ -6,8 +6,8 @@ check here reads a few small files (config.json, the tokenizer model, directory 
 raises a `ConfigError` / `DataError` naming the key or file. The launcher checks (WORLD_SIZE vs
 strategy, DeepSpeed JSON vs trainer.*) live with the strategies, which are built before the data.
 
-The same checks run again, later, where the objects are built (builders.build_model, build_data):
-this module only moves the failure earlier, it is not the only guard.
+Each check lives here once: the builders (builders.build_model, build_data_bundle) rely on it and
+do not repeat it. Train and evaluate both run it first.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ def check_model_and_tokenizer(cfg) -> None:
         key = "tokenizer.path" if cfg.tokenizer.path else "model.path"
         raise ConfigError(f"{key}: {tok_path!r} does not exist")
     if m.path:
+        if os.path.isfile(m.path):
+            raise ConfigError(f"model.path: {m.path!r} is a file; give the model folder (config.json + safetensors)")
         if not os.path.isfile(os.path.join(m.path, "config.json")):
             raise ConfigError(f"model.path: {m.path!r} is not a model folder (no config.json)")
         config = PersimmonConfig.from_json_file(m.path)
@@ -45,7 +47,11 @@ def check_model_and_tokenizer(cfg) -> None:
         model_vocab = config.vocab_size
     else:
         model_vocab = m.vocab_size  # None: sized to the tokenizer
-    if tok_path is not None and model_vocab is not None:
+    if model_vocab is not None:
+        if tok_path is None:
+            from persimmon_train.data import demo_assets
+
+            tok_path = str(demo_assets().tokenizer_path)
         tokenizer = Tokenizer(tok_path)  # a sentencepiece model: milliseconds, even at 262K pieces
         if tokenizer.vocab_size > model_vocab:
             raise ConfigError(

@@ -1,4 +1,4 @@
-"""One training run from a validated RunConfig: what `recipes/finetune.py` & co. call."""
+"""A run from a validated RunConfig: `train` (any task) and `evaluate`, over one `build`."""
 
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from persimmon_train.errors import StoppedEarly
+from persimmon_train.errors import ConfigError, StoppedEarly
 from persimmon_train.storage import checkpoints as store
 from persimmon_train.training import builders, checkpointing, memory_plan, preemption, run_folder
 from persimmon_train.training.optim import build_optimizer, build_scheduler
+from persimmon_train.training.preference import setup_objective
 from persimmon_train.training.preflight import preflight
 from persimmon_train.training.trackers import JsonlMetrics, build_tracker, plot_loss_curve, redact_secrets
-from persimmon_train.training.trainer import Trainer, flops_per_token
+from persimmon_train.training.trainer import Trainer, TrainState, format_metrics, resume_state
 
 log = logging.getLogger("persimmon_train")
 
@@ -28,7 +29,7 @@ class RunResult:
     output_dir: str
     steps: int
     seconds: float
-    final_dir: str | None = None  # set by the export layer (persimmon_train.export.run_outputs)
+    final_dir: str | None = None  # set by the export layer (export.exporter.export_run_outputs)
     adapter_dir: str | None = None
     first_eval: dict = field(default_factory=dict)
     final_eval: dict = field(default_factory=dict)
@@ -52,6 +53,41 @@ def write_resolved_config(cfg, output_dir: str) -> str:
     return path
 
 
+@dataclass
+class Built:
+    """What a run builds from its config, in this order; train and evaluate share it."""
+
+    tokenizer: Any
+    data: Any  # builders.build_data_bundle: loaders and labels
+    base_model: Any  # the task's head model before LoRA and wrapping
+    model: Any  # what forward runs on: LoRA / activation checkpointing applied, placed by the strategy
+    checkpoint_metadata: dict = field(default_factory=dict)  # what each checkpoint's manifest carries
+    optimizer: Any = None  # evaluation builds none
+    scheduler: Any = None
+
+
+def build(cfg, strategy, *, training: bool, resume: tuple[str, dict] | None = None) -> Built:
+    """Tokenizer -> data -> model (checked against the `resume` checkpoint's manifest before any
+    weight is read) -> LoRA, activation checkpointing, compile -> the strategy's wrap, which loads
+    model.path (and, when training, builds the optimizer and schedule)."""
+    tokenizer = builders.build_tokenizer(cfg)
+    data = builders.build_data_bundle(cfg, tokenizer, strategy)
+    if not training and data.eval_loader is None:
+        raise ConfigError("data.eval_files: no eval data to evaluate on (set data.eval_files or data.eval_fraction)")
+    builders.set_seed(cfg.trainer.seed)
+    base_model = builders.build_model(cfg, tokenizer, data, meta=strategy.loads_sharded_weights)
+    if resume:
+        checkpointing.check_resumable(*resume, cfg, base_model.config, type(base_model), strategy)
+    metadata = checkpointing.manifest_metadata(cfg, strategy, base_model)
+    model = builders.prepare_for_training(base_model, cfg, training=training)
+    if not training:
+        model, _ = strategy.wrap(model, None)
+        return Built(tokenizer, data, base_model, model, metadata)
+    model, optimizer = strategy.wrap(model, lambda m: build_optimizer(m, cfg.optim))
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.trainer.max_steps)
+    return Built(tokenizer, data, base_model, model, metadata, optimizer, scheduler)
+
+
 def train(cfg, job: str, keep_lock: bool = False) -> RunResult:
     """Build everything from `cfg`, train, evaluate, checkpoint. Returns where things went.
 
@@ -61,7 +97,7 @@ def train(cfg, job: str, keep_lock: bool = False) -> RunResult:
     output_dir is created, truncated or rewritten -- a command that fails leaves the folder
     byte-identical. From then on rank 0 holds output_dir's lock (run_folder); `keep_lock`: the
     result still holds it (the caller exports final/ under it, then calls result.release_lock()).
-    The run ends with a checkpoint of its last step, which `persimmon_train.export.run_outputs`
+    The run ends with a checkpoint of its last step, which `export.exporter.export_run_outputs`
     turns into final/ (and adapter/), reading it from disk: no full gather onto rank 0.
     """
     started, started_clock = time.perf_counter(), time.monotonic()
@@ -72,8 +108,7 @@ def train(cfg, job: str, keep_lock: bool = False) -> RunResult:
     builders.setup_logging(None, strategy.is_main)  # console only until the output folder may be touched
     output_dir = builders.resolve_output_dir(cfg, job, strategy)
     run_folder.agree(strategy, lambda: run_folder.check_start(cfg, output_dir))  # in use? an earlier run?
-    chosen = store.choose_resume(cfg.resume, output_dir, comm=strategy)  # validates manifest + checksums
-    resume_path, manifest = chosen if chosen else (None, None)
+    resume = store.choose_resume(cfg.resume, output_dir, comm=strategy)  # validates manifest + checksums
     cfg.output_dir = output_dir  # the saved config names the folder, so a resume command can be copied from it
     log.info(
         "%s: output_dir=%s strategy=%s precision=%s device=%s",
@@ -83,41 +118,22 @@ def train(cfg, job: str, keep_lock: bool = False) -> RunResult:
         f"{strategy.precision} (trainer.precision={cfg.trainer.precision})",
         strategy.device,
     )
-    if cfg.resume in ("latest", "auto") and resume_path is None:
+    if cfg.resume in ("latest", "auto") and resume is None:
         log.info("resume=%s: no complete checkpoint in %s yet; starting from scratch", cfg.resume, output_dir)
     elif cfg.resume == "auto":
-        log.info("resume=auto: resuming from %s", resume_path)
+        log.info("resume=auto: resuming from %s", resume[0])
     memory_plan.check_run(cfg, strategy)  # logs the estimate; refuses a run that cannot fit (trainer.check_memory)
-    start_step = int(manifest.get("step", -1)) if resume_path else 0
+    start_step = int(resume[1].get("step", -1)) if resume else 0
     restarts = preemption.check_restart(output_dir, start_step, cfg.trainer.max_restarts_without_progress)
 
-    tokenizer = builders.build_tokenizer(cfg)
-    data = builders.build_data_bundle(cfg, tokenizer, strategy)
-    builders.set_seed(cfg.trainer.seed)
-    base_model = builders.build_model(cfg, tokenizer, data, meta=strategy.loads_sharded_weights)
-    if resume_path:
-        checkpointing.check_resumable(resume_path, manifest, cfg, base_model.config, type(base_model), strategy)
-    metadata = checkpointing.manifest_metadata(cfg, strategy, base_model)
-    model = builders.prepare_for_training(base_model, cfg)
-    model, optimizer = strategy.wrap(model, lambda m: build_optimizer(m, cfg.optim))
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.trainer.max_steps)
-    trainer = Trainer(
-        cfg,
-        strategy=strategy,
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        train_loader=data.train_loader,
-        eval_loader=data.eval_loader,
-        tracker=None,
-        metrics_file=None,
-        output_dir=output_dir,
-        id2label=data.id2label,
-        flops_per_token=flops_per_token(base_model, base_model.config, cfg.data.seq_len, cfg.peft.method == "none"),
-        tokenizer=tokenizer,
-        checkpoint_metadata=metadata,
+    built = build(cfg, strategy, training=True, resume=resume)
+    objective = setup_objective(cfg, built.model, built.data, strategy)  # dpo / reward; before resumed weights
+    loader = built.data.train_loader
+    state = (
+        resume_state(resume[0], strategy=strategy, scheduler=built.scheduler, train_loader=loader)
+        if resume
+        else TrainState()
     )
-    saved_state = trainer.resume_from(resume_path) if resume_path else {}
 
     # Everything validated: from here on output_dir is ours to write.
     builders.create_output_dir(output_dir, strategy)
@@ -128,28 +144,40 @@ def train(cfg, job: str, keep_lock: bool = False) -> RunResult:
             write_resolved_config(cfg, output_dir)
             store.remove_stale_temporaries(output_dir)
             preemption.record_start(output_dir, start_step, restarts)
-        trainer.tracker = build_tracker(
+        tracker = build_tracker(
             cfg.tracker,
             config=config_dict(cfg),
             output_dir=output_dir,
             run_name=os.path.basename(output_dir),
-            run_id=saved_state.get("tracker_run_id"),
+            run_id=state.tracker_run_id,
             is_main=strategy.is_main,
         )
-        resume_step = trainer.state.step if resume_path else None
-        if strategy.is_main:
-            trainer.metrics_file = JsonlMetrics(os.path.join(output_dir, "metrics.jsonl"), resume_step)
-        result = RunResult(output_dir=output_dir, steps=0, seconds=0.0, is_main=strategy.is_main)
-        exit_code = 1
+        metrics_path = os.path.join(output_dir, "metrics.jsonl")
         # The time budget counts from the start of the run (setup included).
         stop_flag = preemption.StopFlag(cfg.trainer.max_minutes, strategy.is_main, started=started_clock)
-        trainer.stop_flag = stop_flag.install()
+        trainer = Trainer(
+            cfg,
+            strategy=strategy,
+            model=built.model,
+            optimizer=built.optimizer,
+            scheduler=built.scheduler,
+            train_loader=loader,
+            eval_loader=built.data.eval_loader,
+            tracker=tracker,
+            metrics_file=JsonlMetrics(metrics_path, state.step if resume else None) if strategy.is_main else None,
+            output_dir=output_dir,
+            id2label=built.data.id2label,
+            tokenizer=built.tokenizer,
+            checkpoint_metadata=built.checkpoint_metadata,
+            state=state,
+            stop_flag=stop_flag.install(),
+        )
+        trainer.objective = objective
+        result = RunResult(output_dir=output_dir, steps=0, seconds=0.0, is_main=strategy.is_main)
+        exit_code = 1
         try:
-            if not resume_path and cfg.trainer.eval_at_start and data.eval_loader is not None:
-                result.first_eval = trainer.evaluate()
-                trainer._log(result.first_eval)
-                log.info("step 0 eval: %s", _fmt(result.first_eval))
             state = trainer.fit()
+            result.first_eval = state.first_eval
             if state.stopped_early:
                 result.steps, result.last_checkpoint = state.step, state.last_checkpoint
                 if strategy.is_main:
@@ -166,9 +194,9 @@ def train(cfg, job: str, keep_lock: bool = False) -> RunResult:
         finally:
             if exit_code != preemption.EXIT_STOPPED_EARLY:
                 stop_flag.restore()
-            trainer.tracker.finish(exit_code=exit_code)
+            tracker.finish(exit_code=exit_code)
         if strategy.is_main:
-            plot_loss_curve(os.path.join(output_dir, "metrics.jsonl"), os.path.join(output_dir, "loss_curve.png"))
+            plot_loss_curve(metrics_path, os.path.join(output_dir, "loss_curve.png"))
         result.seconds = time.perf_counter() - started
         strategy.close()
         if state.stopped_early:  # not finished: no export; the exit code says "resumable"
@@ -186,10 +214,6 @@ def train(cfg, job: str, keep_lock: bool = False) -> RunResult:
     return result
 
 
-def _fmt(metrics: dict) -> str:
-    return " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
-
-
 def print_summary(result: RunResult, job: str) -> None:
     """Where things went, on stdout (rank 0)."""
     if not result.is_main:
@@ -199,7 +223,7 @@ def print_summary(result: RunResult, job: str) -> None:
     if result.first_eval.get("eval_loss") is not None and result.final_eval.get("eval_loss") is not None:
         lines.append(f"  eval loss:    {result.first_eval['eval_loss']:.4f} -> {result.final_eval['eval_loss']:.4f}")
     elif result.final_eval:
-        lines.append(f"  final eval:   {_fmt(result.final_eval)}")
+        lines.append(f"  final eval:   {format_metrics(result.final_eval)}")
     lines.append(f"  output_dir:   {d}")
     if result.final_dir:
         lines.append(f"  final model:  {result.final_dir}  (HF folder: transformers / from_pretrained)")
@@ -220,44 +244,31 @@ def print_summary(result: RunResult, job: str) -> None:
 
 def evaluate(cfg, job: str = "evaluate") -> dict:
     """Evaluate model.path (an HF folder, e.g. a run's final/) or a training checkpoint (resume=PATH)."""
+    if not cfg.data.train_files:  # build_data wants a train split; evaluation only reads eval data
+        cfg.data.train_files = list(cfg.data.eval_files)
+    preflight(cfg, job)
     strategy = builders.build_strategy(cfg)
     output_dir = builders.resolve_output_dir(cfg, job, strategy)
     builders.setup_logging(None, strategy.is_main)
-    if not cfg.data.train_files:  # build_data wants a train split; evaluation only reads eval data
-        cfg.data.train_files = list(cfg.data.eval_files)
-    tokenizer = builders.build_tokenizer(cfg)
-    data = builders.build_data_bundle(cfg, tokenizer, strategy)
-    if data.eval_loader is None:
-        from persimmon_train.errors import ConfigError
-
-        raise ConfigError("data.eval_files: no eval data to evaluate on (set data.eval_files or data.eval_fraction)")
-    builders.set_seed(cfg.trainer.seed)
-    base_model = builders.build_model(cfg, tokenizer, data, meta=strategy.loads_sharded_weights)
-    model = builders.prepare_for_training(base_model, cfg, training=False)
-    model, optimizer = strategy.wrap(model, lambda m: build_optimizer(m, cfg.optim))
-    if cfg.resume:
-        chosen = store.choose_resume(cfg.resume, output_dir, comm=strategy)
-        if chosen is None:
-            from persimmon_train.errors import ConfigError
-
-            raise ConfigError(f"resume: no complete checkpoint in {output_dir} to evaluate")
-        checkpointing.check_resumable(chosen[0], chosen[1], cfg, base_model.config, type(base_model), strategy)
-        strategy.load_state(chosen[0])
-        log.info("evaluating checkpoint %s", chosen[0])
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.trainer.max_steps)
+    resume = store.choose_resume(cfg.resume, output_dir, comm=strategy) if cfg.resume else None
+    if cfg.resume and resume is None:
+        raise ConfigError(f"resume: no complete checkpoint in {output_dir} to evaluate")
+    built = build(cfg, strategy, training=False, resume=resume)
+    if resume:
+        strategy.load_state(resume[0])
+        log.info("evaluating checkpoint %s", resume[0])
     trainer = Trainer(
         cfg,
         strategy=strategy,
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        train_loader=data.train_loader,
-        eval_loader=data.eval_loader,
+        model=built.model,
+        optimizer=None,
+        scheduler=None,
+        train_loader=None,
+        eval_loader=built.data.eval_loader,
         tracker=None,
         metrics_file=None,
         output_dir=output_dir,
-        id2label=data.id2label,
-        flops_per_token=0.0,
+        id2label=built.data.id2label,
     )
     metrics = trainer.evaluate()
     builders.create_output_dir(output_dir, strategy)

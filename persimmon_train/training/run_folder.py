@@ -33,7 +33,7 @@ from persimmon_train.storage.hf_folder import is_own_file
 log = logging.getLogger("persimmon_train")
 
 RUN_FILES = ("metrics.jsonl", "config.yaml", "train.log", "loss_curve.png")
-EXPORT_DIRS = ("final", "adapter")  # written at the end of a run by persimmon_train.export.run_outputs
+EXPORT_DIRS = ("final", "adapter")  # written at the end of a run by export.exporter.export_run_outputs
 LOCK_FILE = ".persimmon-train.lock"
 
 

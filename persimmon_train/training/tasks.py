@@ -1,8 +1,9 @@
-"""What differs between the three heads, in one place: what the loss averages over, how eval
-predictions are collected, which metrics are reported.
+"""What differs between the three heads, in one place: the data formats each trains on, what the
+loss averages over, how eval predictions are collected, which metrics are reported.
 
-The trainer asks `TASKS[cfg.task]` instead of branching on task names, so a new head is one entry
-here (next to its class in `persimmon_train.model.HEADS`), not edits scattered through the loop.
+The config check and the trainer ask `TASKS[cfg.task]` instead of branching on task names, so a new
+head is one entry here (next to its class in `persimmon_train.model.HEADS`), not edits scattered
+through the loop.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def _collect_tags(logits, labels, preds: list, golds: list, *, problem_type: str
 @dataclass(frozen=True)
 class Task:
     name: str
+    formats: tuple[str, ...]  # the data.format values it trains on
     count_items: Callable[[dict], int]  # what the loss averages over
     # True: the head returns a mean over its own rows (re-weighted by the trainer to the global
     # batch); False: it takes num_items_in_batch and returns sum / that count.
@@ -69,6 +71,7 @@ class Task:
 TASKS: dict[str, Task] = {
     "causal_lm": Task(
         "causal_lm",
+        ("text", "chat"),
         _shifted_targets,
         head_averages=False,
         collect=None,
@@ -76,6 +79,7 @@ TASKS: dict[str, Task] = {
     ),
     "sequence_classification": Task(
         "sequence_classification",
+        ("classification",),
         _rows,
         head_averages=True,
         collect=_collect_classes,
@@ -83,6 +87,7 @@ TASKS: dict[str, Task] = {
     ),
     "token_classification": Task(
         "token_classification",
+        ("token_classification",),
         _labelled_tokens,
         head_averages=False,
         collect=_collect_tags,

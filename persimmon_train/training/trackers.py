@@ -12,6 +12,8 @@ import logging
 import math
 import os
 
+from persimmon_train.errors import first_line
+
 log = logging.getLogger("persimmon_train")
 
 
@@ -63,8 +65,7 @@ INIT_TIMEOUT_S = 10.0
 
 
 def _first_line(exc: BaseException) -> str:
-    text = redact_secrets(str(exc)).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return redact_secrets(first_line(exc))
 
 
 class WandbTracker:

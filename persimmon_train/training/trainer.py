@@ -19,13 +19,11 @@ import torch
 
 from persimmon_train.errors import PersimmonTrainError
 from persimmon_train.training import checkpointing
+from persimmon_train.training.metrics import attention_work, device_peak_flops, training_flops
 from persimmon_train.training.tasks import TASKS, count_items
 
 log = logging.getLogger("persimmon_train")
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
-
-# Dense bf16 peak per device, for the MFU estimate on known GPUs (trainer.peak_tflops overrides).
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 
 
 class TrainingDivergedError(PersimmonTrainError):
@@ -39,8 +37,10 @@ class TrainState:
     consecutive_nonfinite: int = 0
     skipped_steps: int = 0
     last_checkpoint: str | None = None
+    first_eval: dict = field(default_factory=dict)  # trainer.eval_at_start, before step 1
     final_eval: dict = field(default_factory=dict)
     stopped_early: str | None = None  # the agreed reason (a signal's name, trainer.max_minutes)
+    tracker_run_id: str | None = None  # a resumed run's tracker run, continued
 
 
 def count_tokens(batch: dict) -> int:
@@ -54,24 +54,28 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
-def device_peak_flops(device: torch.device, configured_tflops: float | None) -> float | None:
-    if configured_tflops:
-        return configured_tflops * 1e12
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, tflops in PEAK_TFLOPS.items():
-            if key in name:
-                return tflops * 1e12
-    return None
+def format_metrics(metrics: dict) -> str:
+    return " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
 
 
-def flops_per_token(model: torch.nn.Module, model_config, seq_len: int, full_finetune: bool) -> float:
-    """~6N per token for full training (2N forward, 4N backward); ~4N when the base is frozen
-    (LoRA still back-propagates through it but computes no weight gradients); plus attention."""
-    embedding = model_config.vocab_size * model_config.hidden_size
-    n = sum(p.numel() for p in model.parameters()) - embedding
-    attention = 6 * model_config.num_hidden_layers * model_config.hidden_size * seq_len
-    return (6.0 if full_finetune else 4.0) * n + attention
+def resume_state(path: str, *, strategy, scheduler, train_loader) -> TrainState:
+    """Restore model, optimizer, schedule and loader from checkpoint `path`; return the loop's state.
+
+    The RNG is restored last, so nothing built before the loop starts can shift it.
+    """
+    saved = checkpointing.load_checkpoint(path, strategy=strategy)
+    scheduler.load_state_dict(saved["scheduler"])
+    train_loader.load_state_dict(checkpointing.adapt_loader_state(saved["loader"], train_loader))
+    state = TrainState(
+        step=int(saved["step"]),
+        tokens_seen=int(saved["tokens_seen"]),
+        skipped_steps=int(saved.get("skipped_steps", 0)),
+        last_checkpoint=path,
+        tracker_run_id=saved.get("tracker_run_id"),
+    )
+    checkpointing.restore_rng(saved["rng"])
+    log.info("resumed from %s at step %d", path, state.step)
+    return state
 
 
 def _rewind(loader) -> None:
@@ -98,10 +102,11 @@ class Trainer:
         metrics_file,
         output_dir: str,
         id2label: dict | None,
-        flops_per_token: float,
         on_checkpoint=None,
         tokenizer=None,
         checkpoint_metadata: dict | None = None,
+        state: TrainState | None = None,
+        stop_flag=None,
     ):
         self.cfg = cfg
         self.task = cfg.task
@@ -115,14 +120,14 @@ class Trainer:
         self.metrics_file = metrics_file
         self.output_dir = output_dir
         self.id2label = id2label or {}
-        self.flops_per_token = flops_per_token
-        self.peak_flops = device_peak_flops(strategy.device, cfg.trainer.peak_tflops)
-        self.state = TrainState()
+        self.peak_flops = device_peak_flops(strategy.device, cfg.trainer.peak_tflops)  # None: no MFU
+        self.state = state or TrainState()  # resume_state(...) for a resumed run
         self.on_checkpoint = on_checkpoint
         self.tokenizer = tokenizer  # saved into each checkpoint, so export needs no other file
         self.checkpoint_metadata = checkpoint_metadata or {}
-        self.stop_flag = None  # preemption.StopFlag: polled (collectively) at every step boundary
+        self.stop_flag = stop_flag  # preemption.StopFlag: polled (collectively) at every step boundary
         self.pending_save = None  # checkpointing.BackgroundSave in flight (checkpoint.async_save)
+        self.objective = None  # training/preference.py (dpo, reward): loss, items and metrics of a batch
 
     # ------------------------------------------------------------------ checkpoints
     def trainer_state_dict(self) -> dict:
@@ -136,18 +141,11 @@ class Trainer:
             "tracker_run_id": getattr(self.tracker, "run_id", None),
         }
 
-    def resume_from(self, path: str) -> dict:
-        """Restore everything; the RNG last, so nothing built afterwards can shift it."""
-        state = checkpointing.load_checkpoint(path, strategy=self.strategy)
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.train_loader.load_state_dict(checkpointing.adapt_loader_state(state["loader"], self.train_loader))
-        self.state.step = int(state["step"])
-        self.state.tokens_seen = int(state["tokens_seen"])
-        self.state.skipped_steps = int(state.get("skipped_steps", 0))
-        self.state.last_checkpoint = path
-        checkpointing.restore_rng(state["rng"])
-        log.info("resumed from %s at step %d", path, self.state.step)
-        return state
+    def resume_from(self, path: str) -> TrainState:
+        self.state = resume_state(
+            path, strategy=self.strategy, scheduler=self.scheduler, train_loader=self.train_loader
+        )
+        return self.state
 
     def save(self, wait: bool = False) -> str | None:
         """Checkpoint this step. With checkpoint.async_save the files are written in the background
@@ -185,6 +183,8 @@ class Trainer:
     def _forward_loss(self, batch: dict, global_items: torch.Tensor) -> torch.Tensor:
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
         with self.strategy.autocast():
+            if self.objective is not None:
+                return self.objective.loss(self.model, batch, global_items)
             if TASKS[self.task].head_averages:
                 # The head averages over its rows; re-weight so the step averages over all rows.
                 out = self.model(**inputs, labels=batch["labels"])
@@ -193,10 +193,12 @@ class Trainer:
 
     def train_step(self, micro_batches: list[dict]) -> dict:
         strategy = self.strategy
-        local_items = sum(count_items(b, self.task) for b in micro_batches)
+        count = self.objective.count_items if self.objective is not None else lambda b: count_items(b, self.task)
+        local_items = sum(count(b) for b in micro_batches)
         local_tokens = sum(count_tokens(b) for b in micro_batches)
+        local_attention = sum(attention_work(b) for b in micro_batches) if self.peak_flops else 0
         counts = strategy.reduce_sum(
-            torch.tensor([local_items, local_tokens], dtype=torch.float64, device=strategy.device)
+            torch.tensor([local_items, local_tokens, local_attention], dtype=torch.float64, device=strategy.device)
         )
         global_items = counts[0].clamp(min=1).to(torch.float32)
         self.model.train()
@@ -217,12 +219,15 @@ class Trainer:
             self.state.skipped_steps += 1
         strategy.zero_grad()
         self.scheduler.step()
+        extra = self.objective.train_metrics(global_items) if self.objective is not None else {}
         return {
+            "extra": extra,
             "loss": float(loss),
             "lr": lr,
             "grad_norm": float(grad_norm),
             "finite": finite,
             "tokens": int(counts[1]),
+            "attention": float(counts[2]),
         }
 
     # ------------------------------------------------------------------ eval
@@ -230,6 +235,8 @@ class Trainer:
     def evaluate(self) -> dict:
         if self.eval_loader is None:
             return {}
+        if self.objective is not None:
+            return self.objective.evaluate(self)
         task = TASKS[self.task]
         self.model.eval()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.strategy.device)
@@ -275,6 +282,11 @@ class Trainer:
         self.model.train()
         return metrics
 
+    def _flops(self, tokens: int, attention: float) -> float:
+        config = self.strategy.unwrapped_model().config
+        full = self.cfg.peft.method == "none"
+        return training_flops(config, tokens, attention, full_finetune=full, task=self.task)
+
     def _problem_type(self, labels: torch.Tensor) -> str:
         config = getattr(self.strategy.unwrapped_model(), "config", None)
         problem = getattr(config, "problem_type", None)
@@ -291,15 +303,19 @@ class Trainer:
     def fit(self) -> TrainState:
         t = self.cfg.trainer
         state = self.state
+        if t.eval_at_start and state.step == 0 and self.eval_loader is not None:
+            state.first_eval = self._eval_and_log()
         iterator = iter(self.train_loader)
         bar = self._progress_bar()
-        window_tokens, window_start = 0, time.perf_counter()
+        window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
         while state.step < t.max_steps:
             micro_batches = [next(iterator) for _ in range(t.grad_accum_steps)]
             result = self.train_step(micro_batches)
             state.step += 1
             state.tokens_seen += result["tokens"]
             window_tokens += result["tokens"]
+            if self.peak_flops:
+                window_flops += self._flops(result["tokens"], result["attention"])
             if not result["finite"]:
                 log.warning(
                     "step %d: non-finite loss/grad (loss=%s, grad_norm=%s); step skipped (%d in a row)",
@@ -329,9 +345,8 @@ class Trainer:
                     "peak_mem_gb": peak_memory_gb(self.strategy.device),
                 }
                 if self.peak_flops:
-                    metrics["mfu"] = (
-                        self.flops_per_token * window_tokens / elapsed / (self.peak_flops * self.strategy.world_size)
-                    )
+                    metrics["mfu"] = window_flops / elapsed / (self.peak_flops * self.strategy.world_size)
+                metrics.update(result["extra"])
                 if not result["finite"]:
                     metrics["skipped"] = 1
                 self._log(metrics)
@@ -339,9 +354,9 @@ class Trainer:
                     bar.set_postfix(
                         loss=f"{result['loss']:.4f}", lr=f"{result['lr']:.2e}", tok_s=f"{metrics['tokens_per_sec']:.0f}"
                     )
-                window_tokens, window_start = 0, time.perf_counter()
+                window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
             if t.eval_every_n_steps and state.step % t.eval_every_n_steps == 0 and state.step < t.max_steps:
-                self._eval_and_log(bar)
+                self._eval_and_log()
             every = self.cfg.checkpoint.every_n_steps
             # While losses are non-finite, keep the last good checkpoint rather than rotate it out.
             if every and state.step % every == 0 and state.consecutive_nonfinite == 0:
@@ -352,7 +367,7 @@ class Trainer:
             if bar is not None:
                 bar.close()
             return state
-        final_metrics = self._eval_and_log(bar) if self.eval_loader is not None else {}
+        final_metrics = self._eval_and_log() if self.eval_loader is not None else {}
         self.wait_for_save()
         if bar is not None:
             bar.close()
@@ -378,12 +393,11 @@ class Trainer:
         )
         return True
 
-    def _eval_and_log(self, bar) -> dict:
+    def _eval_and_log(self) -> dict:
         metrics = self.evaluate()
         if metrics:
             self._log(metrics)
-            text = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-            log.info("step %d eval: %s", self.state.step, text)
+            log.info("step %d eval: %s", self.state.step, format_metrics(metrics))
         return metrics
 
     def _progress_bar(self):

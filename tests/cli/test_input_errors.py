@@ -1,4 +1,4 @@
-"""Inputs that used to end in a traceback or be silently ignored (issue 21): each is one line
+"""Inputs a run refuses rather than ending in a traceback or ignoring them: each is one line
 naming the key, exit code 2, before any compute, with nothing written to output_dir.
 
 In-process: `cli.run_recipe` is the recipes' entry (the same code `python recipes/finetune.py`
@@ -7,6 +7,7 @@ runs), called with an argv list; only the torchrun test launches processes.
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -14,8 +15,10 @@ import torch
 
 from persimmon_train import cli
 from persimmon_train.errors import ConfigError
-from persimmon_train.recipes import finetune
+from persimmon_train.recipes.train import train
 from tests.recipes.conftest import FAST
+
+FINETUNE = functools.partial(train, job="finetune")  # what `persimmon-train finetune` runs
 
 
 def _run(argv, capsys, main=None):
@@ -86,7 +89,7 @@ def _no_gpu(monkeypatch):
 def test_cuda_device_without_a_gpu(device, capsys, tmp_path, monkeypatch, no_compute):
     _no_gpu(monkeypatch)
     out = tmp_path / "out"
-    code, lines, _ = _run(_train_argv(out, f"strategy.device={device}"), capsys, main=finetune.main)
+    code, lines, _ = _run(_train_argv(out, f"strategy.device={device}"), capsys, main=FINETUNE)
     assert code == cli.EXIT_USER_ERROR
     assert len(lines) == 1 and lines[0].startswith("error: strategy.device:") and "no CUDA GPU" in lines[0], lines
     assert not out.exists()
@@ -128,7 +131,7 @@ def test_cache_dir_that_cannot_be_created(capsys, tmp_path, monkeypatch, no_comp
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     out = tmp_path / "out"
-    code, lines, _ = _run(_train_argv(out, f"data.cache_dir={blocker}/cache"), capsys, main=finetune.main)
+    code, lines, _ = _run(_train_argv(out, f"data.cache_dir={blocker}/cache"), capsys, main=FINETUNE)
     assert code == cli.EXIT_USER_ERROR
     assert not any("Traceback" in line for line in lines), lines  # the rest is the run's INFO log
     errors = [line for line in lines if line.startswith("error:")]

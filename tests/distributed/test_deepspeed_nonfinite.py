@@ -72,7 +72,6 @@ def _trainer(strategies, *, stage, precision, grad_clip, extra=None):
         metrics_file=None,
         output_dir="unused",
         id2label=None,
-        flops_per_token=0.0,
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from persimmon_train.data import Tokenizer
-from persimmon_train.export.generate import IncrementalDecoder
+from persimmon_train.export.chat import IncrementalDecoder
 from persimmon_train.model import PersimmonForCausalLM
 from persimmon_train.recipes.generate import main
 from tests.export.conftest import run_script

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from persimmon_train.model import PersimmonConfig
-from persimmon_train.model.generation import generate
+from persimmon_train.model.decoding import generate
 
 from .helpers import tiny_config, twins
 

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from persimmon_train.parallel.fsdp import FSDPStrategy
-from persimmon_train.recipes import finetune
+from persimmon_train.recipes.main import main as command
 from persimmon_train.storage import checkpoints as store
 from tests.recipes.conftest import FAST, read_metrics
 
@@ -54,7 +54,7 @@ def test_async_files_equal_sync_and_training_goes_on_while_the_previous_checkpoi
     tmp_path, env, monkeypatch
 ):
     sync, background = tmp_path / "sync", tmp_path / "async"
-    finetune.run([*COMMON, f"output_dir={sync}"])
+    command(["finetune", *COMMON, f"output_dir={sync}"])
 
     real = FSDPStrategy.save_staged
     seen = {}
@@ -71,7 +71,7 @@ def test_async_files_equal_sync_and_training_goes_on_while_the_previous_checkpoi
         real(self, staged, directory, comm)
 
     monkeypatch.setattr(FSDPStrategy, "save_staged", slow_write)
-    finetune.run([*COMMON, f"output_dir={background}", "checkpoint.async_save=true"])
+    command(["finetune", *COMMON, f"output_dir={background}", "checkpoint.async_save=true"])
     assert seen["steps_meanwhile"] >= 5
     assert seen["newest_valid"] == str(background / "checkpoints" / "step_2")  # a kill now resumes from step_2
     assert seen["listed"] == ["step_2", "step_4.tmp"]

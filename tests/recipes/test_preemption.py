@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from persimmon_train import cli
-from persimmon_train.recipes import finetune
+from persimmon_train.recipes.main import main as command
 from persimmon_train.storage import validate_checkpoint
 from persimmon_train.training import checkpointing, preemption
 from tests.recipes.conftest import FAST, read_metrics
@@ -49,7 +49,7 @@ def env(tmp_path, monkeypatch):
 
 def _run(*argv) -> int:
     try:
-        finetune.run(list(argv))
+        command(["finetune", *argv])
     except SystemExit as exc:
         return exc.code
     return 0

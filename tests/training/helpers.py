@@ -116,7 +116,6 @@ def make_trainer(
         metrics_file=Metrics(),
         output_dir=str(output_dir),
         id2label=None,
-        flops_per_token=0.0,
     )
 
 

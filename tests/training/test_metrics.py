@@ -16,16 +16,50 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from persimmon_train.model import PersimmonForSequenceClassification
+from persimmon_train.model import PersimmonConfig, PersimmonForSequenceClassification
 from persimmon_train.parallel import SingleDeviceStrategy
 from persimmon_train.parallel.distributed import DistributedStrategy
 from persimmon_train.training.config import RunConfig
-from persimmon_train.training.metrics import classification_metrics, mean_squared_error, multi_label_macro_f1
+from persimmon_train.training.metrics import (
+    attention_work,
+    classification_metrics,
+    mean_squared_error,
+    multi_label_macro_f1,
+    training_flops,
+)
 from persimmon_train.training.trackers import NullTracker
 from persimmon_train.training.trainer import Trainer
 from tests.training.helpers import VOCAB, tiny_config
 
 # ------------------------------------------------------------------ hand computations
+
+
+def test_training_flops_count_attention_per_document_by_hand():
+    """MFU's FLOPs: weights 6N (full) / 4N (LoRA) per token, attention 6 * hidden * layers * sum(L^2)
+    over the documents the batch's position_ids (or attention_mask) mark, never across them."""
+    config = PersimmonConfig(
+        vocab_size=100, hidden_size=16, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
+    )
+    n = 2 * (4 * 16 * 16 + 2 * 16 * 64) + 100 * 16  # qkv + dense + MLP per layer, LM head: 7744
+    packed = {
+        "input_ids": torch.zeros(1, 10, dtype=torch.long),
+        "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3, 4]]),
+    }
+    assert attention_work(packed) == 3 * 3 + 2 * 2 + 5 * 5  # documents of 3, 2 and 5 tokens: 38, not 10 * 10
+    padded = {
+        "input_ids": torch.zeros(2, 4, dtype=torch.long),
+        "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]),
+    }
+    assert attention_work(padded) == 3 * 3 + 2 * 2  # padding does not count
+    assert attention_work({"input_ids": torch.zeros(2, 5, dtype=torch.long)}) == 2 * 5 * 5
+    attention = 6 * 16 * 2 * 38
+    assert training_flops(config, 10, 38, full_finetune=True) == 6 * n * 10 + attention == 471936
+    assert training_flops(config, 10, 38, full_finetune=False) == 4 * n * 10 + attention == 317056
+    classifier = config.replace(num_labels=3)
+    assert (
+        training_flops(classifier, 10, 38, True, task="sequence_classification") == 6 * (n - 1600 + 48) * 10 + attention
+    )
+
 
 GOLD = [[1, 0, 1], [0, 0, 1], [1, 1, 0], [0, 0, 0]]
 
@@ -109,7 +143,6 @@ def _evaluate(strategy, problem: str, rows: list[dict]) -> dict:
         metrics_file=_Sink(),
         output_dir="",
         id2label=None,
-        flops_per_token=0.0,
     )
     return trainer.evaluate()
 
