@@ -7,12 +7,13 @@ process under a profiler that sees only persimmon_train's own functions, and pri
 - the chain of calls from the command (`recipes/main.py: main`) to `Trainer.fit` and to the
   export that writes final/, one line a level;
 - the modules whose functions run within `--levels` levels of the command (default: the level of
-  `Trainer.fit`): what a newcomer reads to follow the run.
+  `Trainer.fit`; imports do not count): what a newcomer reads to follow the run.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 import tempfile
@@ -30,10 +31,15 @@ def trace(argv: list[str]):
 
     chains, levels = {}, {}
 
+    def own(frame) -> bool:
+        """A function of persimmon_train (not a module or class body run by an import)."""
+        return frame.f_code.co_filename.startswith(PACKAGE) and bool(frame.f_code.co_flags & inspect.CO_NEWLOCALS)
+
     def own_frames(frame):
+        """persimmon_train's function frames from the command down to `frame`."""
         out = []
         while frame is not None:
-            if frame.f_code.co_filename.startswith(PACKAGE):
+            if own(frame):
                 out.append(frame)
             frame = frame.f_back
         return out[::-1]
@@ -43,9 +49,11 @@ def trace(argv: list[str]):
         return f"{module}: {getattr(frame.f_code, 'co_qualname', frame.f_code.co_name)}"
 
     def profile(frame, event, arg):
-        if event != "call" or not frame.f_code.co_filename.startswith(PACKAGE):
+        if event != "call" or not own(frame):
             return
         stack = own_frames(frame)
+        if stack[0].f_code is not main.__code__:  # run by an import, not by the command
+            return
         module = os.path.relpath(frame.f_code.co_filename, REPO / "persimmon_train")
         levels[module] = min(levels.get(module, len(stack)), len(stack))
         qualname = getattr(frame.f_code, "co_qualname", frame.f_code.co_name)
@@ -69,7 +77,14 @@ def main() -> None:
     ap.add_argument("--levels", type=int, default=None, help="list the modules within this many levels")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as out:
-        argv = ["finetune", "peft=lora", "trainer.max_steps=2", "trainer.progress_bar=false", f"output_dir={out}/run"]
+        argv = [
+            "finetune",
+            "peft=lora",
+            "trainer.max_steps=2",
+            "trainer.eval_max_batches=2",
+            "trainer.progress_bar=false",
+        ]
+        argv.append(f"output_dir={out}/run")
         chains, levels = trace(argv)
     for label, chain in chains.items():
         print(f"to {label}: {len(chain)} levels")

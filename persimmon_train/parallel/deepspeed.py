@@ -22,7 +22,7 @@ How it meets the trainer's contract:
 Checkpoints: `engine.save_checkpoint(step_N, tag="deepspeed")`, every rank writing its own
 partition (frozen LoRA bases excluded). A resume with the same world size and stage is DeepSpeed's
 own `engine.load_checkpoint`; at another world size or stage each rank takes its new partition from
-the old ones (parallel/zero_reshard.py). `storage.ZeroCheckpoint` reads them in one process.
+the partitions the checkpoint holds (parallel/zero_reshard.py). `storage.ZeroCheckpoint` reads them in one process.
 
 Weights from model.path: ZeRO-3 builds the model on the meta device and fills it module by module,
 each rank keeping only its partitions (parallel/zero3_load.py); ZeRO-1/2 hold full parameters on

@@ -2,8 +2,9 @@
 
 A Hydra job (`runs` "train" or "evaluate") is its name, its config (persimmon_train/conf/<job>.yaml,
 which names the task) and the data formats it trains on: `persimmon-train <job>` composes that
-config with the command line and hands it to `persimmon_train.recipes.train.<runs>`, which trains
-any task and then exports (or evaluates). Adding such a job is one line here plus its config. The
+config with the command line and hands it to `persimmon_train.recipes.train.train`, which trains
+any task and then exports (or to `training.run.evaluate`). Adding such a job is one line here plus
+its config (and, for a new kind of head, its entry in training/tasks.py). The
 other commands are modules of this package with a `run(argv)`. The top-level `recipes/<job>.py`
 files run `persimmon_train.recipes.main.main([<job>, ...])`.
 """

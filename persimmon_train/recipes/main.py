@@ -4,8 +4,9 @@
     persimmon-train ls                     recipes and the configs each accepts
     persimmon-train cp CONFIG DEST         copy a shipped config to edit
 
-A Hydra job goes straight to `cli.run_recipe` with its function in recipes/train.py; another
-command to its module's `run(argv)`. `python recipes/<job>.py ...` is `main([<job>, ...])`.
+A Hydra job goes straight to `cli.run_recipe` with its function (recipes/train.py's train, or
+training/run.py's evaluate); another command to its module's `run(argv)`.
+`python recipes/<job>.py ...` is `main([<job>, ...])`.
 """
 
 from __future__ import annotations
@@ -50,10 +51,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: unknown command {command!r}; one of {', '.join([*JOBS, 'ls', 'cp'])}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     if job.runs in ("train", "evaluate"):
-        from persimmon_train.recipes import train
         from persimmon_train.recipes.sweep import run_sweep
+        from persimmon_train.recipes.train import train
+        from persimmon_train.training.run import evaluate
 
-        run_recipe(command, functools.partial(getattr(train, job.runs), job=command), rest, multirun=run_sweep)
+        entry = train if job.runs == "train" else evaluate
+        run_recipe(command, functools.partial(entry, job=command), rest, multirun=run_sweep)
         return
     importlib.import_module(f"persimmon_train.recipes.{job.runs}").run(rest)
 

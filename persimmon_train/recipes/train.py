@@ -1,7 +1,6 @@
-"""The Hydra jobs (`JOBS` in this package): train any task, then export; or evaluate.
+"""The training jobs (`JOBS` in this package): train any task, then export.
 
     persimmon-train finetune|classify|tag [key=value ...]   (conf/<job>.yaml; its `task` picks the head)
-    persimmon-train evaluate model.path=DIR data.eval_files=[...] [key=value ...]
 
 No overrides: `finetune` runs the embedded default (LoRA, tiny model, demo chat data, CPU, about a
 minute). Configs and keys: docs/training.md.
@@ -23,10 +22,3 @@ def train(cfg, job: str):
         result.release_lock()
     run.print_summary(result, job)
     return result
-
-
-def evaluate(cfg, job: str) -> dict:
-    """Evaluate model.path (e.g. a run's final/) or a checkpoint (resume=PATH); writes eval_metrics.json."""
-    from persimmon_train.training import run
-
-    return run.evaluate(cfg, job)

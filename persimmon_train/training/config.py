@@ -30,17 +30,8 @@ DEFAULT_LORA_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_t
 
 
 # PersimmonConfig keys a run does not set: the tokenizer gives the special ids, the data the labels.
-_NOT_RUN_KEYS = (
-    "initializer_range",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-    "num_labels",
-    "id2label",
-    "label2id",
-    "problem_type",
-    "extra",
-)
+_NOT_RUN_KEYS = ("initializer_range", "bos_token_id", "eos_token_id", "pad_token_id", "num_labels", "id2label")
+_NOT_RUN_KEYS += ("label2id", "problem_type", "extra")
 # Keys whose default is the run's own; every other key defaults to the preset's value.
 _RUN_DEFAULTS = {
     "vocab_size": None,  # null: a random init takes the tokenizer's size (model.path: its config.json's)

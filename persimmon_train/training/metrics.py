@@ -1,15 +1,11 @@
 """Metrics: model FLOPs utilisation (MFU) of training, and evaluation metrics.
 
-MFU = the model FLOPs a step does / (its seconds x the devices' dense bf16 peak). The FLOPs are
-counted from the batch (torchtitan's and PaLM's convention; activation checkpointing's recomputation
-is not counted):
-- weights: 2 FLOPs per multiply-add of each token with each matmul parameter (the decoder's
-  query_key_value, dense and MLP matrices and the head; not the embedding lookup, norms or
-  biases), x3 for forward + backward (6N per token), x2 when the base is frozen (LoRA: backward
-  computes input gradients but no weight gradients; the adapters' FLOPs are negligible);
-- attention: per document and layer, causal QK^T and AV over L tokens are 2 * hidden * L^2 FLOPs
-  forward, x3 with backward: 6 * hidden * layers * sum(L^2). A packed row's documents never attend
-  to each other, so a 16K row of short documents does far less attention work than one 16K document.
+MFU = a step's model FLOPs / (its seconds x the devices' dense bf16 peak), counted from the batch
+(PaLM's and torchtitan's convention: activation checkpointing's recomputation does not count):
+- weights: 2N per token forward (N: the decoder's and the head's matmul parameters), 6N with
+  backward, 4N when the base is frozen (LoRA: input gradients only; the adapters are negligible);
+- attention: 2 * hidden * L^2 forward per causal document of L tokens and layer, x3 with backward,
+  per document: a packed row's documents never attend to each other.
 
 Evaluation metrics, each the textbook definition (docs/training.md names them):
 

@@ -257,19 +257,8 @@ def evaluate(cfg, job: str = "evaluate") -> dict:
     if resume:
         strategy.load_state(resume[0])
         log.info("evaluating checkpoint %s", resume[0])
-    trainer = Trainer(
-        cfg,
-        strategy=strategy,
-        model=built.model,
-        optimizer=None,
-        scheduler=None,
-        train_loader=None,
-        eval_loader=built.data.eval_loader,
-        tracker=None,
-        metrics_file=None,
-        output_dir=output_dir,
-        id2label=built.data.id2label,
-    )
+    data = built.data
+    trainer = Trainer(cfg, strategy=strategy, model=built.model, eval_loader=data.eval_loader, id2label=data.id2label)
     metrics = trainer.evaluate()
     builders.create_output_dir(output_dir, strategy)
     if strategy.is_main:

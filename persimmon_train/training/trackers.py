@@ -64,10 +64,6 @@ class NullTracker:
 INIT_TIMEOUT_S = 10.0
 
 
-def _first_line(exc: BaseException) -> str:
-    return redact_secrets(first_line(exc))
-
-
 class WandbTracker:
     """W&B run; offline unless an API key is present (or tracker.mode says otherwise).
 
@@ -112,7 +108,9 @@ class WandbTracker:
                 self._warn("init", exc)
                 return
             log.warning(
-                "W&B did not answer within %gs (%s); logging offline instead", self.init_timeout(), _first_line(exc)
+                "W&B did not answer within %gs (%s); logging offline instead",
+                self.init_timeout(),
+                redact_secrets(first_line(exc)),
             )
             try:
                 self.mode = "offline"
@@ -150,10 +148,12 @@ class WandbTracker:
 
     def _warn(self, what: str, exc: BaseException) -> None:
         if not self._warned:
-            log.warning("W&B %s failed, training goes on (W&B may be incomplete): %s", what, _first_line(exc))
+            log.warning(
+                "W&B %s failed, training goes on (W&B may be incomplete): %s", what, redact_secrets(first_line(exc))
+            )
             self._warned = True
         else:
-            log.debug("W&B %s failed again: %s", what, _first_line(exc))
+            log.debug("W&B %s failed again: %s", what, redact_secrets(first_line(exc)))
 
     def log(self, metrics: dict, step: int) -> None:
         evals = {k: v for k, v in metrics.items() if k.startswith("eval_")}
