@@ -785,7 +785,7 @@ MUTANTS = [
     ),
     Mutant(
         "features.recipe_env_not_pinned",
-        "tests/recipes/conftest.py",
+        "tests/helpers.py",
         'env["PYTHONPATH"] = os.pathsep.join(',
         'env["_UNPINNED"] = os.pathsep.join(',
         ["tests/recipes/test_import_path.py"],

@@ -10,7 +10,7 @@ import pytest
 from persimmon_train import cli
 from persimmon_train.recipes import JOBS
 from persimmon_train.recipes.main import main
-from tests.cli.conftest import REPO
+from tests.helpers import REPO
 
 CONF = REPO / "persimmon_train" / "conf"
 

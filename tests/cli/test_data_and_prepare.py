@@ -9,7 +9,7 @@ import pytest
 
 from persimmon_train import cli
 from persimmon_train.data import demo_assets
-from tests.cli.conftest import FAST, persimmon_train, recipe_env
+from tests.helpers import FAST, persimmon_train, recipe_env
 
 
 def _text_rows(path, n=60):

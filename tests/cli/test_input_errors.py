@@ -15,7 +15,7 @@ import torch
 from persimmon_train import cli
 from persimmon_train.errors import ConfigError
 from persimmon_train.recipes import finetune
-from tests.recipes.conftest import FAST
+from tests.helpers import FAST
 
 
 def _run(argv, capsys, main=None):

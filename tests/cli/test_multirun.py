@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from persimmon_train.recipes.sweep import expand
-from tests.cli.conftest import FAST, persimmon_train, read_metrics, recipe_env
+from tests.helpers import FAST, persimmon_train, read_metrics, recipe_env
 
 SHORT = [
     *FAST,

@@ -10,8 +10,7 @@ import pytest
 
 from persimmon_train import cli
 from persimmon_train.errors import PersimmonTrainError
-from tests.cli.conftest import persimmon_train, recipe_env
-from tests.tiny_base import demo_tokenizer, save_tiny_base, tiny_base_config
+from tests.helpers import demo_tokenizer, persimmon_train, recipe_env, save_tiny_base, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +18,7 @@ def small_base(tmp_path_factory):
     """A tiny HF folder whose config.json allows 512 positions, with the demo tokenizer beside it."""
     folder = tmp_path_factory.mktemp("base512")
     tokenizer = demo_tokenizer()
-    config = tiny_base_config(
+    config = tiny_config(
         tokenizer,
         hidden_size=32,
         intermediate_size=64,

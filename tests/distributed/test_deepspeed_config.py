@@ -14,7 +14,7 @@ import pytest
 from persimmon_train.errors import ConfigError
 from persimmon_train.parallel.ds_config import check_user_config, fill_model_autos, read_user_config
 from persimmon_train.training.config import OptimConfig
-from tests.recipes.conftest import FAST, REPO, recipe_env
+from tests.helpers import FAST, REPO, recipe_env
 
 # The shape of a typical HF-Trainer DeepSpeed JSON: everything the trainer decides is "auto".
 HF_STYLE = {

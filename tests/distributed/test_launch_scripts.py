@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from tests.distributed.conftest import REPO
+from tests.helpers import REPO
 
 SCRIPTS = ["launch/torchrun.sh", "launch/deepspeed.sh", "launch/slurm/torchrun.sbatch", "launch/slurm/deepspeed.sbatch"]
 

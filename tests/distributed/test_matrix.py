@@ -29,8 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.conftest import launch, launch_command, read_metrics, wait_for
-from tests.recipes.conftest import FAST, REPO, recipe_env
+from tests.helpers import FAST, REPO, launch, launch_command, read_metrics, recipe_env, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 

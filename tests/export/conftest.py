@@ -6,15 +6,11 @@ model at the same step, so an export of the checkpoint must reproduce `final/` e
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from tests.recipes.conftest import FAST, REPO, classification_files, recipe_env, run_recipe  # noqa: F401
-from tests.tiny_base import demo_tokenizer, save_tiny_base, tiny_base_config
+from tests.helpers import FAST, demo_tokenizer, recipe_env, run_recipe, save_tiny_base, tiny_config
 
 STEPS = 3
 QUICK = [
@@ -37,7 +33,7 @@ def base_dir(tmp_path_factory, export_env) -> Path:
     """A random tiny causal LM saved as an HF folder: the `model.path` of the LoRA runs."""
     tokenizer = demo_tokenizer(Path(export_env["PERSIMMON_TRAIN_CACHE"]) / "demo")
     path = tmp_path_factory.mktemp("base") / "tiny-base"
-    save_tiny_base(path, tokenizer, tiny_base_config(tokenizer), seed=1234)
+    save_tiny_base(path, tokenizer, tiny_config(tokenizer), seed=1234)
     return path
 
 
@@ -86,7 +82,7 @@ def lora_random_run(tmp_path_factory, export_env) -> Path:
 
 
 @pytest.fixture(scope="session")
-def classify_run(tmp_path_factory, export_env, base_dir, classification_files) -> Path:  # noqa: F811
+def classify_run(tmp_path_factory, export_env, base_dir, classification_files) -> Path:
     """LoRA classifier over a causal-LM base: lm_head is dropped, the trained score head comes along."""
     train, evals = classification_files
     return _train(
@@ -105,20 +101,3 @@ def classify_run(tmp_path_factory, export_env, base_dir, classification_files) -
 
 def checkpoint_of(run: Path) -> Path:
     return run / "checkpoints" / f"step_{STEPS}"
-
-
-def run_script(script: str, *args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "recipes" / script), *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def load_tensors(folder) -> dict[str, torch.Tensor]:
-    from persimmon_train.storage import iter_weights_folder
-
-    return {name: tensor.clone() for name, tensor in iter_weights_folder(folder)}

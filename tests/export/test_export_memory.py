@@ -17,8 +17,7 @@ import sys
 import pytest
 import torch
 
-from tests.export.conftest import REPO
-from tests.tiny_base import save_tiny_base, tiny_base_config
+from tests.helpers import REPO, save_tiny_base, tiny_config
 
 SHARD_MB = 20
 DRIVER = r"""
@@ -45,7 +44,7 @@ def _big_base(folder, tokenizer_dir) -> tuple[dict, int]:
     from persimmon_train.data import Tokenizer
 
     tokenizer = Tokenizer(tokenizer_dir)
-    config = tiny_base_config(
+    config = tiny_config(
         tokenizer, hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8
     )
     model = save_tiny_base(folder, tokenizer, config, seed=0, max_shard_size=f"{SHARD_MB}MB")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.recipes.conftest import recipe_env, run_recipe
+from tests.helpers import recipe_env, run_recipe
 
 
 @pytest.mark.parametrize(

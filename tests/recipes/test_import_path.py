@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.recipes.conftest import REPO, recipe_env
+from tests.helpers import REPO, recipe_env
 
 PROBE = "import persimmon_train; print(persimmon_train.__file__)"
 

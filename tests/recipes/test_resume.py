@@ -11,7 +11,7 @@ import time
 import torch
 from safetensors.torch import load_file
 
-from tests.recipes.conftest import FAST, REPO, read_metrics, recipe_env, run_recipe
+from tests.helpers import FAST, REPO, read_metrics, recipe_env, run_recipe
 
 # LoRA (adapter-only checkpoints over a seeded random base) with dropout on, so the restored RNG
 # state matters; bigger batches so a step takes long enough to kill the run between checkpoints.

@@ -23,7 +23,7 @@ from persimmon_train.storage import (
     safetensors_io,
     save_safetensors,
 )
-from tests.recipes.conftest import REPO
+from tests.helpers import REPO
 
 HIDDEN, VOCAB, LAYERS = 16, 64, 3
 

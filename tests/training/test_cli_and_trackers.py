@@ -319,7 +319,7 @@ def test_real_wandb_unreachable_gives_up_fast_and_logs_offline(monkeypatch, tmp_
 
 
 def _tiny_run_config(tmp_path, *extra):
-    from tests.recipes.conftest import FAST
+    from tests.helpers import FAST
 
     return cli.load_config(
         "finetune",

@@ -217,7 +217,7 @@ def test_the_command_refuses_a_model_no_machine_holds_in_one_line(tmp_path):
     import subprocess
     import sys
 
-    from tests.recipes.conftest import REPO
+    from tests.helpers import REPO
 
     out = tmp_path / "run"
     huge = [

@@ -23,7 +23,7 @@ from persimmon_train.training.config import RunConfig
 from persimmon_train.training.metrics import classification_metrics, mean_squared_error, multi_label_macro_f1
 from persimmon_train.training.trackers import NullTracker
 from persimmon_train.training.trainer import Trainer
-from tests.training.helpers import VOCAB, tiny_config
+from tests.helpers import VOCAB, tiny_config
 
 # ------------------------------------------------------------------ hand computations
 
