@@ -1,6 +1,7 @@
 import json
 import os
 import random
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,48 @@ if "TORCH_EXTENSIONS_DIR" not in os.environ:
     _lock = os.path.join(os.environ["TORCH_EXTENSIONS_DIR"], "deepspeed_shm_comm", "lock")
     if os.path.exists(_lock) and time.time() - os.path.getmtime(_lock) > 45 * 60:
         os.remove(_lock)
+
+
+# ------------------------------------------------------------------ the fast tier starts no process
+#
+# `-m "not slow and not distributed"` is the tier a developer runs before each commit: a test that
+# starts a process (a recipe run, a launcher, a script, a wheel build) is marked `slow` (one
+# process) or `distributed` (several ranks). An unmarked test that starts one fails here, in its
+# set-up (a session fixture's run counts) or its body, naming the mark it needs (docs/testing.md).
+
+_REAL_EXECUTE_CHILD = subprocess.Popen._execute_child
+
+
+def _refuse_processes(nodeid: str):
+    def execute_child(self, args, *rest, **kwargs):
+        program = args[0] if isinstance(args, (list, tuple)) else str(args).split()[0]
+        raise AssertionError(
+            f"{nodeid} starts a process ({os.path.basename(str(program))}) but is not marked: "
+            f"mark it @pytest.mark.slow (or distributed for several ranks); see docs/testing.md"
+        )
+
+    return execute_child
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    yield from _unmarked_start_no_process(item)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    yield from _unmarked_start_no_process(item)
+
+
+def _unmarked_start_no_process(item):
+    if item.get_closest_marker("slow") or item.get_closest_marker("distributed"):
+        yield
+        return
+    subprocess.Popen._execute_child = _refuse_processes(item.nodeid)
+    try:
+        yield
+    finally:
+        subprocess.Popen._execute_child = _REAL_EXECUTE_CHILD
 
 
 # ------------------------------------------------- toy learnable data (recipe and export tests)
