@@ -351,14 +351,18 @@ class Ran:
     stderr: str
 
 
-def run_in_process(command: str, *args: str, capsys) -> Ran:
+def run_in_process(command: str, *args: str, environ: dict | None = None) -> Ran:
     """`persimmon-train COMMAND ARGS` in this process (the console command's `main`, the code every
     recipe file runs): its exit code and what it printed. For what happens before any compute (an
-    error message, a refusal); what the process itself does (a launcher, a file limit) needs a child.
+    error message, a refusal) and for short runs that tests read; what the process itself does (a
+    launcher, a file limit, a kill) needs a child.
 
-    The run's side effects on this process are undone: torch's thread count, the signal handlers
-    a run installs, and the `persimmon_train` logger's handlers.
+    `environ`: variables set while it runs (e.g. PERSIMMON_TRAIN_CACHE), then restored. The run's
+    side effects on this process are undone: torch's thread count, the signal handlers a run
+    installs, and the `persimmon_train` logger's handlers.
     """
+    import contextlib
+    import io
     import logging
 
     from persimmon_train.recipes.main import main
@@ -367,13 +371,21 @@ def run_in_process(command: str, *args: str, capsys) -> Ran:
     signals = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     logger = logging.getLogger("persimmon_train")
     handlers, propagate, level = list(logger.handlers), logger.propagate, logger.level
-    capsys.readouterr()
+    saved = {key: os.environ.get(key) for key in environ or {}}
+    out, err = io.StringIO(), io.StringIO()
     try:
-        main([command, *args])
+        os.environ.update(environ or {})
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main([command, *args])
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         torch.set_num_threads(threads)
         for number, handler in signals.items():
             signal.signal(number, handler)
@@ -385,8 +397,7 @@ def run_in_process(command: str, *args: str, capsys) -> Ran:
             if handler not in logger.handlers:
                 logger.addHandler(handler)
         logger.propagate, logger.level = propagate, level
-    captured = capsys.readouterr()
-    return Ran(code, captured.out, captured.err)
+    return Ran(code, out.getvalue(), err.getvalue())
 
 
 def assert_one_line_error(proc, *needles: str) -> str:

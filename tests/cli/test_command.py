@@ -98,6 +98,7 @@ def test_every_command_dispatches_to_its_recipe(job, monkeypatch):
     assert seen == [["a=1", "b=2"]]
 
 
+@pytest.mark.slow
 def test_top_level_recipe_files_are_the_packaged_recipes():
     """`python recipes/x.py` runs the package's recipe (same module), pinned to this checkout."""
     code = (

@@ -100,7 +100,7 @@ def test_cheap_mistakes_stop_the_run_before_data_preparation(
     assert not out.exists()
 
 
-def test_issue_command_exits_2_before_tokenizing(small_base, corpus, tmp_path, capsys, monkeypatch):
+def test_issue_command_exits_2_before_tokenizing(small_base, corpus, tmp_path, monkeypatch):
     """`experiment=lora_chat_16k` over a 512-position base: one line, exit 2, nothing cached or written."""
     monkeypatch.setenv("PERSIMMON_TRAIN_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
@@ -110,7 +110,6 @@ def test_issue_command_exits_2_before_tokenizing(small_base, corpus, tmp_path, c
         f"model.path={small_base}",
         f"data.train_files=[{corpus}]",
         f"output_dir={out}",
-        capsys=capsys,
     )
     line = assert_one_line_error(ran, "error: data.seq_len: 16384 is above", "max_position_embeddings=512")
     assert line.startswith("error: data.seq_len: 16384 is above") and "tokenizing" not in ran.stderr

@@ -183,7 +183,7 @@ def test_json_syntax_error_names_line_and_column(tmp_path):
         read_user_config(str(tmp_path / "missing.json"))
 
 
-def test_recipe_refuses_a_conflicting_json_in_one_line_exit_2(tmp_path, capsys, monkeypatch):
+def test_recipe_refuses_a_conflicting_json_in_one_line_exit_2(tmp_path, monkeypatch):
     """The recipe's command (in-process: the refusal comes before DeepSpeed starts)."""
     monkeypatch.setenv("PERSIMMON_TRAIN_CACHE", str(tmp_path / "cache"))
     path = tmp_path / "ds.json"
@@ -196,6 +196,5 @@ def test_recipe_refuses_a_conflicting_json_in_one_line_exit_2(tmp_path, capsys, 
         f"strategy.config_file={path}",
         "trainer.max_steps=1",
         f"output_dir={out}",
-        capsys=capsys,
     )
     assert_one_line_error(ran, "ds.json: train_micro_batch_size_per_gpu: 3 but trainer.micro_batch_size gives 8")

@@ -9,6 +9,8 @@ import pytest
 
 from tests.helpers import REPO
 
+pytestmark = pytest.mark.slow  # the launch scripts run under bash
+
 SCRIPTS = ["launch/torchrun.sh", "launch/deepspeed.sh", "launch/slurm/torchrun.sbatch", "launch/slurm/deepspeed.sbatch"]
 
 

@@ -1,4 +1,4 @@
-"""Real training checkpoints for the export tests, made once per session by the real recipes.
+"""Real training checkpoints for the export tests, made once per session by the real recipes (in-process).
 
 Each run stops at step 3 with a checkpoint at step 3 and `final/` (fp32) written from the live
 model at the same step, so an export of the checkpoint must reproduce `final/` exactly.
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import FAST, demo_tokenizer, recipe_env, run_recipe, save_tiny_base, tiny_config
+from tests.helpers import FAST, demo_tokenizer, recipe_env, run_in_process, save_tiny_base, tiny_config
 
 STEPS = 3
 QUICK = [
@@ -38,8 +38,11 @@ def base_dir(tmp_path_factory, export_env) -> Path:
 
 
 def _train(tmp_path_factory, env, job: str, name: str, *overrides: str) -> Path:
+    """The recipe's command in this process (a child would add seconds of start-up for each run)."""
     out = tmp_path_factory.mktemp("runs") / name
-    run_recipe(job, *QUICK, *overrides, f"output_dir={out}", env=env)
+    environ = {key: env[key] for key in ("PERSIMMON_TRAIN_CACHE", "WANDB_DIR", "WANDB_MODE")}
+    ran = run_in_process(job, *QUICK, *overrides, f"output_dir={out}", environ=environ)
+    assert ran.returncode == 0, ran.stderr[-5000:]
     assert (out / "checkpoints" / f"step_{STEPS}").is_dir() and (out / "final").is_dir()
     return out
 

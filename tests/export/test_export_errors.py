@@ -48,11 +48,11 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_export_user_errors(case, lora_run, tmp_path, capsys):
+def test_export_user_errors(case, lora_run, tmp_path):
     make, extra, message = CASES[case]
     checkpoint = make(lora_run, tmp_path)
     out = tmp_path / "out"
-    ran = run_in_process("export", f"checkpoint={checkpoint}", f"output_dir={out}", *extra, capsys=capsys)
+    ran = run_in_process("export", f"checkpoint={checkpoint}", f"output_dir={out}", *extra)
     line = assert_one_line_error(ran, message)
     names = {
         "not_a_checkpoint": str(tmp_path),
@@ -63,18 +63,19 @@ def test_export_user_errors(case, lora_run, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_export_needs_only_the_checkpoint(lora_run, tmp_path, capsys):
+def test_export_needs_only_the_checkpoint(lora_run, tmp_path):
     """Moved away from its run (no config.yaml beside it) the checkpoint still exports: all it needs
     is in its manifest; the result equals the run's own final/."""
     step = _moved_checkpoint(lora_run, tmp_path)
     out = tmp_path / "out"
-    ran = run_in_process("export", f"checkpoint={step}", f"output_dir={out}", "dtype=fp32", capsys=capsys)
+    ran = run_in_process("export", f"checkpoint={step}", f"output_dir={out}", "dtype=fp32")
     assert ran.returncode == 0, ran.stderr[-2000:]
     exported, final = load_tensors(out), load_tensors(lora_run / "final")
     assert sorted(exported) == sorted(final)
     assert all(torch.equal(exported[k], final[k]) for k in final)
 
 
+@pytest.mark.slow
 def test_full_disk_during_export_is_one_line_and_leaves_nothing(lora_run, tmp_path, export_env):
     import resource
 

@@ -32,6 +32,8 @@ with torch.device("meta"):  # building the model class the first time imports ~7
 sys.path.insert(0, sys.argv[1])
 from bench.host_memory import reset_peak, status_kib
 
+pytestmark = pytest.mark.slow  # the export's peak memory is measured in a child process
+
 recipe = runpy.run_path(os.path.join(sys.argv[1], "recipes", "export.py"), run_name="export_recipe")
 assert reset_peak(), "/proc/self/clear_refs refused: VmHWM would hold the imports' peak"
 before = status_kib("VmRSS") * 1024

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from persimmon_train.data import Tokenizer
@@ -23,17 +24,17 @@ def _expected_greedy_text(folder, max_new_tokens: int) -> str:
     return tokenizer.decode(generated)
 
 
-def test_generate_from_export_and_from_checkpoint(lora_run, capsys):
+def test_generate_from_export_and_from_checkpoint(lora_run):
     expected = _expected_greedy_text(lora_run / "final", 24)
     for model in (lora_run / "final", lora_run):  # an HF folder; a run folder (its newest checkpoint)
         ran = run_in_process(
-            "generate", f"model={model}", f"prompt={PROMPT}", "max_new_tokens=24", "dtype=fp32", "greedy=true",
-            capsys=capsys,
+            "generate", f"model={model}", f"prompt={PROMPT}", "max_new_tokens=24", "dtype=fp32", "greedy=true"
         )  # fmt: skip
         assert ran.returncode == 0, ran.stderr[-3000:]
         assert ran.stdout == expected + "\n", (model, ran.stdout, expected)
 
 
+@pytest.mark.slow
 def test_generate_sampling_is_seeded_and_errors_are_one_line(base_dir, export_env, capsys):
     """greedy=false samples (seeded); temperature / top_k / top_p reach the sampler: each alone,
     pushed to its limit, turns sampling into greedy decoding, which hot sampling is not. The recipe's
@@ -68,7 +69,7 @@ def test_generate_sampling_is_seeded_and_errors_are_one_line(base_dir, export_en
     )
     universal_newlines = first.replace("\r\n", "\n").replace("\r", "\n")  # as text=True reads stdout
     assert proc.returncode == 0 and proc.stdout == universal_newlines, proc.stderr[-3000:]
-    bad = run_in_process("generate", f"model={base_dir.parent / 'nope'}", "prompt=hi", capsys=capsys)
+    bad = run_in_process("generate", f"model={base_dir.parent / 'nope'}", "prompt=hi")
     assert_one_line_error(bad, "error: model:", "nope")
 
 

@@ -9,6 +9,8 @@ import torch
 
 from tests.helpers import FAST, eval_losses, read_metrics, recipe_env, run_recipe
 
+pytestmark = pytest.mark.slow  # real recipe runs, one process each
+
 
 def _final_eval(out) -> dict:
     return [r for r in read_metrics(out) if "eval_loss" in r][-1]

@@ -21,16 +21,16 @@ from tests.helpers import assert_one_line_error, run_in_process
         ("finetune", ["resume=/does/not/exist", "output_dir=OUT"], "resume"),
     ],
 )
-def test_config_error_is_one_line(tmp_path, job, overrides, key, capsys, monkeypatch):
+def test_config_error_is_one_line(tmp_path, job, overrides, key, monkeypatch):
     monkeypatch.setenv("PERSIMMON_TRAIN_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("RANK", raising=False)
     overrides = [o.replace("OUT", str(tmp_path / "out")) for o in overrides]
-    assert_one_line_error(run_in_process(job, *overrides, capsys=capsys), key)
+    assert_one_line_error(run_in_process(job, *overrides), key)
 
 
-def test_local_rank_argument_is_accepted(capsys, monkeypatch):
+def test_local_rank_argument_is_accepted(monkeypatch):
     """The deepspeed launcher appends --local_rank=N; it must not reach Hydra (it becomes LOCAL_RANK)."""
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    ran = run_in_process("finetune", "--print-config", "--local_rank=0", "trainer.max_steps=7", capsys=capsys)
+    ran = run_in_process("finetune", "--print-config", "--local_rank=0", "trainer.max_steps=7")
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert "max_steps: 7" in ran.stdout and os.environ["LOCAL_RANK"] == "0"

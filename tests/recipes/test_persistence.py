@@ -38,6 +38,9 @@ JOB = [
     "trainer.eval_at_start=false",
     "trainer.eval_max_batches=1",
     "optim.lr=3e-3",
+    # Bit-identity needs a fixed reduction order: one thread (MKL's default MKL_DYNAMIC lets it use
+    # fewer threads than asked when the machine is busy; seen: a resume that differed only under load).
+    "trainer.num_threads=1",
 ]
 
 
@@ -52,26 +55,26 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    # Bit-identity needs a fixed reduction order: MKL's default MKL_DYNAMIC lets it use fewer threads
-    # than asked when the machine is busy (seen: a resume that differed only under load).
     return recipe_env(tmp_path_factory.mktemp("persist_env"), MKL_DYNAMIC="FALSE", OMP_NUM_THREADS="1")
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, env) -> Path:
-    """One finished LoRA run: checkpoints at steps 2, 4, 6, final/ and adapter/."""
+    """One finished LoRA run (in this process): checkpoints at steps 2, 4, 6, final/ and adapter/."""
     out = tmp_path_factory.mktemp("persist") / "run"
-    run_recipe("finetune", *JOB, f"output_dir={out}", env=env)
+    environ = {key: env[key] for key in ("PERSIMMON_TRAIN_CACHE", "WANDB_DIR", "WANDB_MODE")}
+    ran = run_in_process("finetune", *JOB, f"output_dir={out}", environ=environ)
+    assert ran.returncode == 0, ran.stderr[-5000:]
     return out
 
 
 @pytest.fixture
-def here(env, monkeypatch, capsys):
+def here(env, monkeypatch):
     """Run a command in this process, with the module's cache and wandb folder (what `env` gives a child)."""
     for key in ("PERSIMMON_TRAIN_CACHE", "WANDB_DIR", "WANDB_MODE"):
         monkeypatch.setenv(key, env[key])
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    return lambda *args: run_in_process("finetune", *JOB, *args, capsys=capsys)
+    return lambda *args: run_in_process("finetune", *JOB, *args)
 
 
 def _copy(run: Path, tmp_path: Path) -> Path:
@@ -80,7 +83,7 @@ def _copy(run: Path, tmp_path: Path) -> Path:
     return copy
 
 
-def test_failed_commands_leave_output_dir_byte_identical(run, tmp_path, here, capsys):
+def test_failed_commands_leave_output_dir_byte_identical(run, tmp_path, here):
     copy = _copy(run, tmp_path)
     before = snapshot(copy)
     typo = here(f"output_dir={copy}", "resume=latest", "peft.alpha=64", f"data.train_files=[{tmp_path / 'typo.jsonl'}]")
@@ -93,7 +96,7 @@ def test_failed_commands_leave_output_dir_byte_identical(run, tmp_path, here, ca
 
     # Export reads the checkpoint's manifest, not the (untouched anyway) config.yaml: equals final/.
     out = tmp_path / "export"
-    ran = run_in_process("export", f"checkpoint={copy}", f"output_dir={out}", "dtype=fp32", capsys=capsys)
+    ran = run_in_process("export", f"checkpoint={copy}", f"output_dir={out}", "dtype=fp32")
     assert ran.returncode == 0, ran.stderr[-3000:]
     exported, final = load_file(str(out / "model.safetensors")), load_file(str(copy / "final" / "model.safetensors"))
     assert exported.keys() == final.keys()
@@ -136,11 +139,12 @@ def test_resume_latest_with_every_checkpoint_damaged_is_refused_and_changes_noth
     assert snapshot(copy) == before  # metrics.jsonl and the damaged checkpoints included
 
 
-def test_overwrite_starts_over_and_keeps_files_that_are_not_the_runs(run, tmp_path, env):
+def test_overwrite_starts_over_and_keeps_files_that_are_not_the_runs(run, tmp_path, here):
     copy = _copy(run, tmp_path)
     (copy / "notes.txt").write_text("mine")
     (copy / "final" / "README.md").write_text("my model card")
-    run_recipe("finetune", *JOB, "trainer.max_steps=2", f"output_dir={copy}", "overwrite=true", env=env)
+    ran = here("trainer.max_steps=2", f"output_dir={copy}", "overwrite=true")
+    assert ran.returncode == 0, ran.stderr[-3000:]
     assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["step_2"]  # no step_4/6 left to resume
     assert [r["step"] for r in read_metrics(copy) if "loss" in r] == [1, 2]
     assert (copy / "notes.txt").read_text() == "mine"
@@ -161,7 +165,7 @@ def test_resume_from_a_damaged_checkpoint_names_the_file(damaged, run, tmp_path,
     assert snapshot(copy) == before  # metrics.jsonl, config.yaml, train.log: untouched
 
 
-def test_resume_latest_falls_back_past_a_damaged_checkpoint(run, tmp_path, env):
+def test_resume_latest_falls_back_past_a_damaged_checkpoint(run, tmp_path, here):
     """Newest checkpoint gone, the one before damaged: resume=latest takes step_2, logs why it skipped
     step_4, and the final weights are bit-identical to the uninterrupted run's."""
     copy = _copy(run, tmp_path)
@@ -171,7 +175,8 @@ def test_resume_latest_falls_back_past_a_damaged_checkpoint(run, tmp_path, env):
     data = bytearray(optimizer.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, one flipped byte: only the checksum can tell
     optimizer.write_bytes(bytes(data))
-    proc = run_recipe("finetune", *JOB, f"output_dir={copy}", "resume=latest", env=env)
+    proc = here(f"output_dir={copy}", "resume=latest")
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert "skipping damaged checkpoint step_4" in proc.stderr and "checksum" in proc.stderr
     assert "resumed from" in proc.stderr and "step_2 at step 2" in proc.stderr
     resumed = load_file(str(copy / "final" / "model.safetensors"))
@@ -188,6 +193,7 @@ def _limit_file_size(limit: int):
     return preexec
 
 
+@pytest.mark.slow
 def test_full_disk_during_a_checkpoint_is_one_line_and_keeps_earlier_ones(run, tmp_path, env):
     copy = _copy(run, tmp_path)
     for step in (4, 6):
@@ -246,6 +252,7 @@ def test_nan_in_model_path_weights_names_the_tensor(tmp_path, env, here):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_one_rank_fsdp_lora_writes_an_adapter_peft_loads(tmp_path, env):
     """The run's adapter/ at any strategy and world size (here FSDP2 on one rank), in the dtype it
     was trained in, giving in peft the logits of the run's merged final/."""

@@ -504,11 +504,10 @@ def test_folder_without_checkpoint(tmp_path, adept_vocab):
 # --------------------------------------------------------------------------- tests: recipe
 
 
-def test_recipe_converts_and_reports(release, adept_vocab, tmp_path, capsys):
+def test_recipe_converts_and_reports(release, adept_vocab, tmp_path):
     out = tmp_path / "recipe_out"
     run = run_in_process(
-        "convert-adept", f"checkpoint={release}", f"tokenizer={adept_vocab}", f"output_dir={out}", "dtype=fp32",
-        capsys=capsys,
+        "convert-adept", f"checkpoint={release}", f"tokenizer={adept_vocab}", f"output_dir={out}", "dtype=fp32"
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert f"wrote {out}" in run.stdout
@@ -516,10 +515,9 @@ def test_recipe_converts_and_reports(release, adept_vocab, tmp_path, capsys):
     assert (out / "model.safetensors").is_file()
 
 
-def test_recipe_user_error_is_one_line(tmp_path, adept_vocab, capsys):
+def test_recipe_user_error_is_one_line(tmp_path, adept_vocab):
     run = run_in_process(
-        "convert-adept", f"checkpoint={tmp_path / 'nope'}", f"tokenizer={adept_vocab}", f"output_dir={tmp_path / 'o'}",
-        capsys=capsys,
+        "convert-adept", f"checkpoint={tmp_path / 'nope'}", f"tokenizer={adept_vocab}", f"output_dir={tmp_path / 'o'}"
     )  # fmt: skip
     assert assert_one_line_error(run, "nope") == run.stderr.strip()  # the only line
 

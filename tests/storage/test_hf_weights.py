@@ -561,6 +561,7 @@ MEMORY_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
 def test_meta_load_holds_about_one_copy(tmp_path):
     """Peak RSS growth while loading 384 MiB into a meta model stays near one copy of the weights."""

@@ -212,7 +212,7 @@ def test_estimate_prints_the_8b_breakdown_from_config_json_alone(tmp_path, capsy
     assert "does NOT fit" in capsys.readouterr().out
 
 
-def test_the_command_refuses_a_model_no_machine_holds_in_one_line(tmp_path, capsys, monkeypatch):
+def test_the_command_refuses_a_model_no_machine_holds_in_one_line(tmp_path, monkeypatch):
     """A 200B-parameter random init: exit 2, one line naming the total and the key, nothing built or written."""
     from persimmon_train.training import builders
     from tests.helpers import assert_one_line_error, run_in_process
@@ -229,6 +229,6 @@ def test_the_command_refuses_a_model_no_machine_holds_in_one_line(tmp_path, caps
         "model.num_hidden_layers=64",
         "model.num_attention_heads=128",
     ]
-    ran = run_in_process("finetune", *huge, f"output_dir={out}", capsys=capsys)
+    ran = run_in_process("finetune", *huge, f"output_dir={out}")
     assert_one_line_error(ran, "trainer.check_memory", "per rank but MemAvailable is")
     assert not out.exists()

@@ -133,6 +133,7 @@ time.sleep(120)
 """
 
 
+@pytest.mark.slow
 def test_the_lock_dies_with_its_process(tmp_path):
     """SIGKILL: no cleanup runs, the lock file stays, and the kernel releases the lock."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
