@@ -12,7 +12,7 @@ import pytest
 from persimmon_train.errors import ConfigError
 from persimmon_train.parallel.ds_config import check_user_config, fill_model_autos, read_user_config
 from persimmon_train.training.config import OptimConfig
-from tests.helpers import FAST, assert_one_line_error, run_in_process
+from tests.helpers import FAST, assert_one_line_error, recipe_env, run_recipe
 
 # The shape of a typical HF-Trainer DeepSpeed JSON: everything the trainer decides is "auto".
 HF_STYLE = {
@@ -183,18 +183,19 @@ def test_json_syntax_error_names_line_and_column(tmp_path):
         read_user_config(str(tmp_path / "missing.json"))
 
 
-def test_recipe_refuses_a_conflicting_json_in_one_line_exit_2(tmp_path, monkeypatch):
-    """The recipe's command (in-process: the refusal comes before DeepSpeed starts)."""
-    monkeypatch.setenv("PERSIMMON_TRAIN_CACHE", str(tmp_path / "cache"))
+@pytest.mark.slow  # a child: the strategy starts DeepSpeed (its CPU op, built with ninja) before this check
+def test_recipe_refuses_a_conflicting_json_in_one_line_exit_2(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({**HF_STYLE, "train_micro_batch_size_per_gpu": 3}))
     out = tmp_path / "out"
-    ran = run_in_process(
+    proc = run_recipe(
         "finetune",
         *FAST,
         "strategy=deepspeed",
         f"strategy.config_file={path}",
         "trainer.max_steps=1",
         f"output_dir={out}",
+        env=recipe_env(tmp_path),
+        check=False,
     )
-    assert_one_line_error(ran, "ds.json: train_micro_batch_size_per_gpu: 3 but trainer.micro_batch_size gives 8")
+    assert_one_line_error(proc, "ds.json: train_micro_batch_size_per_gpu: 3 but trainer.micro_batch_size gives 8")

@@ -19,6 +19,8 @@ import torch
 
 from tests.helpers import REPO, save_tiny_base, tiny_config
 
+pytestmark = pytest.mark.slow  # the export's peak memory is measured in a child process
+
 SHARD_MB = 20
 DRIVER = r"""
 import json, os, runpy, sys
@@ -32,7 +34,6 @@ with torch.device("meta"):  # building the model class the first time imports ~7
 sys.path.insert(0, sys.argv[1])
 from bench.host_memory import reset_peak, status_kib
 
-pytestmark = pytest.mark.slow  # the export's peak memory is measured in a child process
 
 recipe = runpy.run_path(os.path.join(sys.argv[1], "recipes", "export.py"), run_name="export_recipe")
 assert reset_peak(), "/proc/self/clear_refs refused: VmHWM would hold the imports' peak"
