@@ -610,8 +610,8 @@ MUTANTS = [
     Mutant(
         "inputs.lora_merged_in_bf16",
         "persimmon_train/export/merge.py",
-        "return merge_lora_weight(base.float(), lora.a[name]",
-        "return merge_lora_weight(base, lora.a[name]",
+        "return merge_lora_weight(materialize(base.float()), lora.a[name]",
+        "return merge_lora_weight(materialize(base), lora.a[name]",
         ["tests/export/test_bf16_base_merge.py"],
     ),
     Mutant(
