@@ -56,7 +56,7 @@ def write_base(folder: Path, layers: int) -> int:
     sys.path.insert(0, str(REPO))
     from persimmon_train.model import PersimmonConfig, PersimmonForCausalLM
     from persimmon_train.storage.hf_folder import write_hf_folder
-    from tests.tiny_base import demo_tokenizer
+    from tests.helpers import demo_tokenizer
 
     tokenizer = demo_tokenizer()
     config = PersimmonConfig(

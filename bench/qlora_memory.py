@@ -57,10 +57,10 @@ def write_base(folder: Path) -> int:
     import torch
 
     sys.path.insert(0, str(REPO))
-    from tests.tiny_base import demo_tokenizer, save_tiny_base, tiny_base_config
+    from tests.helpers import demo_tokenizer, save_tiny_base, tiny_config
 
     tokenizer = demo_tokenizer()
-    config = tiny_base_config(
+    config = tiny_config(
         tokenizer,
         hidden_size=HIDDEN,
         intermediate_size=INTERMEDIATE,

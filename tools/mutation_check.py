@@ -616,8 +616,8 @@ MUTANTS = [
     Mutant(
         "inputs.lora_merged_in_bf16",
         "persimmon_train/export/merge.py",
-        "return merge_lora_weight(base.float(), lora.a[name]",
-        "return merge_lora_weight(base, lora.a[name]",
+        "return merge_lora_weight(materialize(base.float()), lora.a[name]",
+        "return merge_lora_weight(materialize(base), lora.a[name]",
         ["tests/export/test_bf16_base_merge.py"],
     ),
     Mutant(
@@ -798,7 +798,7 @@ MUTANTS = [
     ),
     Mutant(
         "features.recipe_env_not_pinned",
-        "tests/recipes/conftest.py",
+        "tests/helpers.py",
         'env["PYTHONPATH"] = os.pathsep.join(',
         'env["_UNPINNED"] = os.pathsep.join(',
         ["tests/recipes/test_import_path.py"],

@@ -10,7 +10,7 @@ import pytest
 from persimmon_train import cli
 from persimmon_train.recipes import JOBS
 from persimmon_train.recipes.main import main
-from tests.cli.conftest import REPO
+from tests.helpers import REPO
 
 CONF = REPO / "persimmon_train" / "conf"
 
@@ -107,6 +107,7 @@ def test_every_command_dispatches_to_its_recipe(job, monkeypatch):
     assert seen == [["a=1", "b=2"]]
 
 
+@pytest.mark.slow
 def test_top_level_recipe_files_are_the_packaged_recipes():
     """`python recipes/x.py` runs the package's recipe (same module), pinned to this checkout."""
     code = (

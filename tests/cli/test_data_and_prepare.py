@@ -9,7 +9,7 @@ import pytest
 
 from persimmon_train import cli
 from persimmon_train.data import demo_assets
-from tests.cli.conftest import FAST, persimmon_train, recipe_env
+from tests.helpers import FAST, persimmon_train, recipe_env
 
 
 def _text_rows(path, n=60):
@@ -36,6 +36,7 @@ def test_eval_files_null_or_empty_mean_none(value):
     assert cli.load_config("finetune", [f"data.train_files={value}"]).data.train_files == []
 
 
+@pytest.mark.slow
 def test_issue_command_trains_on_the_users_text_with_an_eval_fraction(tmp_path):
     """The issue's command stopped on "demo/eval.jsonl row 1, field 'text': is missing"."""
     env = recipe_env(tmp_path)
@@ -54,6 +55,7 @@ def test_issue_command_trains_on_the_users_text_with_an_eval_fraction(tmp_path):
     assert "train:" in none.stdout and "eval:" not in none.stdout
 
 
+@pytest.mark.slow
 def test_prepare_fills_the_cache_that_the_run_reads(tmp_path):
     env = recipe_env(tmp_path)
     common = [

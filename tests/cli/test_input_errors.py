@@ -16,7 +16,7 @@ import torch
 from persimmon_train import cli
 from persimmon_train.errors import ConfigError
 from persimmon_train.recipes.train import train
-from tests.recipes.conftest import FAST
+from tests.helpers import FAST
 
 FINETUNE = functools.partial(train, job="finetune")  # what `persimmon-train finetune` runs
 

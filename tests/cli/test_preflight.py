@@ -10,8 +10,7 @@ import pytest
 
 from persimmon_train import cli
 from persimmon_train.errors import PersimmonTrainError
-from tests.cli.conftest import persimmon_train, recipe_env
-from tests.tiny_base import demo_tokenizer, save_tiny_base, tiny_base_config
+from tests.helpers import assert_one_line_error, demo_tokenizer, run_in_process, save_tiny_base, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +18,7 @@ def small_base(tmp_path_factory):
     """A tiny HF folder whose config.json allows 512 positions, with the demo tokenizer beside it."""
     folder = tmp_path_factory.mktemp("base512")
     tokenizer = demo_tokenizer()
-    config = tiny_base_config(
+    config = tiny_config(
         tokenizer,
         hidden_size=32,
         intermediate_size=64,
@@ -101,23 +100,19 @@ def test_cheap_mistakes_stop_the_run_before_data_preparation(
     assert not out.exists()
 
 
-def test_issue_command_exits_2_before_tokenizing(small_base, corpus, tmp_path):
+def test_issue_command_exits_2_before_tokenizing(small_base, corpus, tmp_path, monkeypatch):
     """`experiment=lora_chat_16k` over a 512-position base: one line, exit 2, nothing cached or written."""
-    env = recipe_env(tmp_path)
+    monkeypatch.setenv("PERSIMMON_TRAIN_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
-    proc = persimmon_train(
+    ran = run_in_process(
         "finetune",
         "experiment=lora_chat_16k",
         f"model.path={small_base}",
         f"data.train_files=[{corpus}]",
         f"output_dir={out}",
-        env=env,
-        check=False,
     )
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = proc.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: data.seq_len: 16384 is above") and "max_position_embeddings=512" in lines[-1]
-    assert "Traceback" not in proc.stderr and "tokenizing" not in proc.stderr
+    line = assert_one_line_error(ran, "error: data.seq_len: 16384 is above", "max_position_embeddings=512")
+    assert line.startswith("error: data.seq_len: 16384 is above") and "tokenizing" not in ran.stderr
     assert not out.exists() and not list((tmp_path / "cache").glob("data/*/meta.json"))
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.conftest import REPO, read_metrics, recipe_env
+from tests.helpers import REPO, read_metrics, recipe_env
 
 
 def _run(cmd, **kwargs):

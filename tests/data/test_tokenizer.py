@@ -59,6 +59,7 @@ def test_missing_and_corrupt_tokenizer_files_name_the_file(tmp_path):
         Tokenizer(tmp_path)
 
 
+@pytest.mark.slow
 def test_train_tokenizer_is_deterministic_and_has_command(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("".join(f"line {i} about the quick brown fox number {i * 7}\n" for i in range(300)))

@@ -15,7 +15,7 @@ import torch
 
 import persimmon_train.parallel.fsdp as fsdp
 from persimmon_train.parallel.fsdp import FSDPStrategy
-from tests.training.helpers import lora_steps_from_folder
+from tests.helpers import lora_steps_from_folder
 
 
 def main(out_dir: str, folder: str) -> None:

@@ -11,7 +11,7 @@ import torch
 from persimmon_train.errors import CheckpointError
 from persimmon_train.storage import iter_checkpoint_weights
 from persimmon_train.storage.zero_checkpoint import ZeroCheckpoint
-from tests.distributed.conftest import JOBS, LORA, STEPS, ZERO3, launch, strategy_json, train_losses
+from tests.helpers import JOBS, LORA, STEPS, ZERO3, launch, strategy_json, train_losses
 
 pytestmark = pytest.mark.slow
 RESUME_AT = 5

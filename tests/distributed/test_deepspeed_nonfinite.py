@@ -17,7 +17,7 @@ from persimmon_train.training.config import RunConfig
 from persimmon_train.training.optim import build_optimizer, build_scheduler
 from persimmon_train.training.trackers import NullTracker
 from persimmon_train.training.trainer import Trainer
-from tests.training.helpers import ListLoader, causal_rows, tiny_model
+from tests.helpers import ListLoader, causal_rows, tiny_model
 
 MICRO, ACCUM = 2, 2
 pytestmark = pytest.mark.slow  # ~5 s a case (DeepSpeed engine start-up)

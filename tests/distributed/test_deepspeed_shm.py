@@ -14,8 +14,7 @@ import subprocess
 
 import pytest
 
-from tests.distributed.conftest import launch_command, wait_for
-from tests.recipes.conftest import REPO
+from tests.helpers import REPO, launch_command, wait_for
 
 pytestmark = [pytest.mark.distributed, pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm")]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.distributed.conftest import STEPS, train_losses
+from tests.helpers import STEPS, train_losses
 
 TOLERANCE = 1e-4
 

@@ -14,9 +14,7 @@ import subprocess
 import pytest
 import torch
 
-from tests.distributed.conftest import VENV_BIN
-from tests.recipes.conftest import REPO
-from tests.training.helpers import tiny_model
+from tests.helpers import REPO, VENV_BIN, tiny_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 

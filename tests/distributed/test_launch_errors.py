@@ -8,8 +8,7 @@ import subprocess
 
 import pytest
 
-from tests.distributed.conftest import REPO, launch_command
-from tests.recipes.conftest import recipe_env
+from tests.helpers import REPO, launch_command, recipe_env
 
 pytestmark = pytest.mark.distributed  # one 2-rank torchrun launch restarted once, ~15 s
 

@@ -7,7 +7,9 @@ import subprocess
 
 import pytest
 
-from tests.distributed.conftest import REPO
+from tests.helpers import REPO
+
+pytestmark = pytest.mark.slow  # the launch scripts run under bash
 
 SCRIPTS = ["launch/torchrun.sh", "launch/deepspeed.sh", "launch/slurm/torchrun.sbatch", "launch/slurm/deepspeed.sbatch"]
 

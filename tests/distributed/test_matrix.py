@@ -29,8 +29,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.conftest import launch, launch_command, read_metrics, wait_for
-from tests.recipes.conftest import FAST, REPO, recipe_env
+from tests.helpers import (
+    FAST,
+    REPO,
+    demo_tokenizer,
+    launch,
+    launch_command,
+    read_metrics,
+    recipe_env,
+    save_tiny_base,
+    tiny_config,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -136,16 +146,12 @@ class MatrixRuns:
         self.json_path.write_text(json.dumps(USER_JSON, indent=1))
 
     def _model_folder(self) -> Path:
-        """An HF folder (config.json + model.safetensors) written by the recipe's own export."""
+        """An HF folder (config.json + model.safetensors + the demo tokenizer) of a seeded random model
+        of the FAST sizes, written in this process."""
+        tokenizer = demo_tokenizer(Path(self.env["PERSIMMON_TRAIN_CACHE"]) / "demo")
         out = self.root / "seed_model"
-        launch(
-            out,
-            ["strategy=single", *FP32, *FULL, "trainer.max_steps=1", "export.enabled=true"],
-            self.env,
-            nproc=1,
-            common=[x for x in BASE if not x.startswith(("trainer.max_steps", "export.enabled"))],
-        )
-        return out / "final"
+        save_tiny_base(out, tokenizer, tiny_config(tokenizer), seed=0)
+        return out
 
     def overrides(self, name: str) -> list[str]:
         nproc, overrides, _, _ = JOBS[name]

@@ -21,7 +21,7 @@ from persimmon_train.parallel import single
 from persimmon_train.parallel.fsdp import FSDPStrategy
 from persimmon_train.training import builders
 from persimmon_train.training.config import RunConfig
-from tests.training.helpers import tiny_model
+from tests.helpers import tiny_model
 
 SAPPHIRE_RAPIDS = {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8"}
 ZEN4 = {"avx512f", "avx512_bf16"}  # AVX512-BF16, no AMX

@@ -14,8 +14,7 @@ import psutil
 import pytest
 
 from persimmon_train.storage import validate_checkpoint
-from tests.distributed.conftest import JOBS, STEPS, launch, launch_command, train_losses, wait_for
-from tests.recipes.conftest import REPO
+from tests.helpers import JOBS, REPO, STEPS, launch, launch_command, train_losses, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 

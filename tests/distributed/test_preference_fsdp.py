@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.distributed.conftest import COMMON, launch_command
-from tests.recipes.conftest import read_metrics
+from tests.helpers import COMMON, launch_command, read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 TOLERANCE = 1e-4
@@ -23,7 +22,7 @@ def _run(tmp_path, name: str, overrides: list[str]):
     import signal
     import subprocess
 
-    from tests.recipes.conftest import REPO, recipe_env
+    from tests.helpers import REPO, recipe_env
 
     out = tmp_path / name
     cmd, env = launch_command(out, overrides, recipe_env(tmp_path), common=DPO)

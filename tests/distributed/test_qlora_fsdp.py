@@ -10,9 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.conftest import launch, train_losses
-from tests.recipes.conftest import recipe_env
-from tests.tiny_base import demo_tokenizer, save_tiny_base, tiny_base_config
+from tests.helpers import demo_tokenizer, launch, recipe_env, save_tiny_base, tiny_config, train_losses
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -49,7 +47,7 @@ def runs(tmp_path_factory):
     tokenizer = demo_tokenizer(Path(env["PERSIMMON_TRAIN_CACHE"]) / "demo")
     base = root / "base"
     # hidden 256: each rank's half of every decoder matrix holds a multiple of 64 x 256 values.
-    save_tiny_base(base, tokenizer, tiny_base_config(tokenizer, hidden_size=256, intermediate_size=1024), seed=7)
+    save_tiny_base(base, tokenizer, tiny_config(tokenizer, hidden_size=256, intermediate_size=1024), seed=7)
     fsdp = root / "fsdp"
     launch(fsdp, ["strategy=fsdp", "trainer.micro_batch_size=4", f"model.path={base}"], env, common=QLORA)
 

@@ -11,11 +11,11 @@ import torch
 from persimmon_train.errors import WeightsError
 from persimmon_train.model import PersimmonForSequenceClassification
 from persimmon_train.parallel.sharded_load import LoadPlan
-from tests.tiny_base import demo_tokenizer, tiny_base_config
+from tests.helpers import demo_tokenizer, tiny_config
 
 
 def _classifier(num_labels: int, seed: int = 0):
-    config = tiny_base_config(demo_tokenizer(), hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    config = tiny_config(demo_tokenizer(), hidden_size=32, intermediate_size=64, num_hidden_layers=1)
     config.num_labels = num_labels
     torch.manual_seed(seed)
     return PersimmonForSequenceClassification.from_config(config)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from persimmon_train.model import PersimmonConfig, PersimmonForCausalLM
-from tests.distributed.conftest import REPO, VENV_BIN
+from tests.helpers import REPO, VENV_BIN
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 

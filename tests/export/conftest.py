@@ -1,4 +1,4 @@
-"""Real training checkpoints for the export tests, made once per session by the real recipes.
+"""Real training checkpoints for the export tests, made once per session by the real recipes (in-process).
 
 Each run stops at step 3 with a checkpoint at step 3 and `final/` (fp32) written from the live
 model at the same step, so an export of the checkpoint must reproduce `final/` exactly.
@@ -6,15 +6,11 @@ model at the same step, so an export of the checkpoint must reproduce `final/` e
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from tests.recipes.conftest import FAST, REPO, classification_files, recipe_env, run_recipe  # noqa: F401
-from tests.tiny_base import demo_tokenizer, save_tiny_base, tiny_base_config
+from tests.helpers import FAST, demo_tokenizer, recipe_env, run_in_process, save_tiny_base, tiny_config
 
 STEPS = 3
 QUICK = [
@@ -37,13 +33,16 @@ def base_dir(tmp_path_factory, export_env) -> Path:
     """A random tiny causal LM saved as an HF folder: the `model.path` of the LoRA runs."""
     tokenizer = demo_tokenizer(Path(export_env["PERSIMMON_TRAIN_CACHE"]) / "demo")
     path = tmp_path_factory.mktemp("base") / "tiny-base"
-    save_tiny_base(path, tokenizer, tiny_base_config(tokenizer), seed=1234)
+    save_tiny_base(path, tokenizer, tiny_config(tokenizer), seed=1234)
     return path
 
 
 def _train(tmp_path_factory, env, job: str, name: str, *overrides: str) -> Path:
+    """The recipe's command in this process (a child would add seconds of start-up for each run)."""
     out = tmp_path_factory.mktemp("runs") / name
-    run_recipe(job, *QUICK, *overrides, f"output_dir={out}", env=env)
+    environ = {key: env[key] for key in ("PERSIMMON_TRAIN_CACHE", "WANDB_DIR", "WANDB_MODE")}
+    ran = run_in_process(job, *QUICK, *overrides, f"output_dir={out}", environ=environ)
+    assert ran.returncode == 0, ran.stderr[-5000:]
     assert (out / "checkpoints" / f"step_{STEPS}").is_dir() and (out / "final").is_dir()
     return out
 
@@ -86,7 +85,7 @@ def lora_random_run(tmp_path_factory, export_env) -> Path:
 
 
 @pytest.fixture(scope="session")
-def classify_run(tmp_path_factory, export_env, base_dir, classification_files) -> Path:  # noqa: F811
+def classify_run(tmp_path_factory, export_env, base_dir, classification_files) -> Path:
     """LoRA classifier over a causal-LM base: lm_head is dropped, the trained score head comes along."""
     train, evals = classification_files
     return _train(
@@ -105,20 +104,3 @@ def classify_run(tmp_path_factory, export_env, base_dir, classification_files) -
 
 def checkpoint_of(run: Path) -> Path:
     return run / "checkpoints" / f"step_{STEPS}"
-
-
-def run_script(script: str, *args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "recipes" / script), *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def load_tensors(folder) -> dict[str, torch.Tensor]:
-    from persimmon_train.storage import iter_weights_folder
-
-    return {name: tensor.clone() for name, tensor in iter_weights_folder(folder)}

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from persimmon_train.export import export_checkpoint
-from tests.export.conftest import _train, checkpoint_of, load_tensors
-from tests.tiny_base import demo_tokenizer, tiny_base_config
+from tests.export.conftest import _train, checkpoint_of
+from tests.helpers import demo_tokenizer, load_tensors, tiny_config
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -24,7 +24,7 @@ def bf16_base(tmp_path_factory, export_env) -> Path:
     tokenizer = demo_tokenizer(Path(export_env["PERSIMMON_TRAIN_CACHE"]) / "demo")
     path = tmp_path_factory.mktemp("base") / "tiny-bf16"
     torch.manual_seed(4321)
-    model = PersimmonForCausalLM.from_config(tiny_base_config(tokenizer)).to(torch.bfloat16)
+    model = PersimmonForCausalLM.from_config(tiny_config(tokenizer)).to(torch.bfloat16)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -13,7 +13,8 @@ import sys
 import pytest
 import torch
 
-from tests.export.conftest import QUICK, REPO, STEPS, load_tensors, run_recipe, run_script
+from tests.export.conftest import QUICK, STEPS
+from tests.helpers import REPO, load_tensors, run_recipe
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -65,7 +66,9 @@ def test_sharded_checkpoint_exports_like_single(strategy, overrides, single_fina
     step = out / "checkpoints" / f"step_{STEPS}"
     assert json.loads((step / "manifest.json").read_text())["strategy"]["name"] == strategy
     exported = tmp_path / "export"
-    proc = run_script("export.py", f"checkpoint={step}", f"output_dir={exported}", "dtype=fp32", env=export_env)
+    proc = run_recipe(
+        "export", f"checkpoint={step}", f"output_dir={exported}", "dtype=fp32", env=export_env, check=False
+    )
     assert proc.returncode == 0, proc.stderr
     assert f"({strategy} checkpoint" in proc.stdout
     weights = load_tensors(exported)

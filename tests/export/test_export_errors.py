@@ -9,7 +9,8 @@ import shutil
 import pytest
 import torch
 
-from tests.export.conftest import checkpoint_of, load_tensors, run_script
+from tests.export.conftest import checkpoint_of
+from tests.helpers import assert_one_line_error, load_tensors, run_in_process, run_recipe
 
 
 def _moved_checkpoint(run, tmp_path):
@@ -47,42 +48,36 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_export_user_errors(case, lora_run, tmp_path, export_env):
+def test_export_user_errors(case, lora_run, tmp_path):
     make, extra, message = CASES[case]
     checkpoint = make(lora_run, tmp_path)
     out = tmp_path / "out"
-    proc = run_script("export.py", f"checkpoint={checkpoint}", f"output_dir={out}", *extra, env=export_env)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: ") and message in lines[-1], proc.stderr
-    assert "Traceback" not in proc.stderr
+    ran = run_in_process("export", f"checkpoint={checkpoint}", f"output_dir={out}", *extra)
+    line = assert_one_line_error(ran, message)
     names = {
         "not_a_checkpoint": str(tmp_path),
         "base_gone": str(tmp_path / "deleted-base"),
         "truncated": "step_3/model.safetensors",
     }.get(case, "")
-    assert names in lines[-1], lines[-1]  # the path at fault
+    assert names in line, line  # the path at fault
     assert not out.exists()
 
 
-def test_export_needs_only_the_checkpoint(lora_run, tmp_path, export_env):
+def test_export_needs_only_the_checkpoint(lora_run, tmp_path):
     """Moved away from its run (no config.yaml beside it) the checkpoint still exports: all it needs
     is in its manifest; the result equals the run's own final/."""
     step = _moved_checkpoint(lora_run, tmp_path)
     out = tmp_path / "out"
-    proc = run_script("export.py", f"checkpoint={step}", f"output_dir={out}", "dtype=fp32", env=export_env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    ran = run_in_process("export", f"checkpoint={step}", f"output_dir={out}", "dtype=fp32")
+    assert ran.returncode == 0, ran.stderr[-2000:]
     exported, final = load_tensors(out), load_tensors(lora_run / "final")
     assert sorted(exported) == sorted(final)
     assert all(torch.equal(exported[k], final[k]) for k in final)
 
 
+@pytest.mark.slow
 def test_full_disk_during_export_is_one_line_and_leaves_nothing(lora_run, tmp_path, export_env):
     import resource
-    import subprocess
-    import sys
-
-    from tests.export.conftest import REPO
 
     out = tmp_path / "out"
     limit = 200_000  # below the merged model's weights file
@@ -90,22 +85,14 @@ def test_full_disk_during_export_is_one_line_and_leaves_nothing(lora_run, tmp_pa
     def small_files():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # CPython ignores SIGXFSZ: EFBIG
 
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "recipes" / "export.py"),
-            f"checkpoint={checkpoint_of(lora_run)}",
-            f"output_dir={out}",
-            "dtype=fp32",
-        ],
-        cwd=REPO,
+    proc = run_recipe(
+        "export",
+        f"checkpoint={checkpoint_of(lora_run)}",
+        f"output_dir={out}",
+        "dtype=fp32",
         env=export_env,
-        capture_output=True,
-        text=True,
+        check=False,
         preexec_fn=small_files,
     )
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: writing ") and "model" in line and "larger than this system allows" in line, line
-    assert "Traceback" not in proc.stderr
+    assert_one_line_error(proc, "error: writing ", "model", "larger than this system allows")
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []  # no staging folder left

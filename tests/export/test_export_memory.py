@@ -17,8 +17,9 @@ import sys
 import pytest
 import torch
 
-from tests.export.conftest import REPO
-from tests.tiny_base import save_tiny_base, tiny_base_config
+from tests.helpers import REPO, save_tiny_base, tiny_config
+
+pytestmark = pytest.mark.slow  # the export's peak memory is measured in a child process
 
 SHARD_MB = 20
 DRIVER = r"""
@@ -33,6 +34,7 @@ with torch.device("meta"):  # building the model class the first time imports ~7
 sys.path.insert(0, sys.argv[1])
 from bench.host_memory import reset_peak, status_kib
 
+
 recipe = runpy.run_path(os.path.join(sys.argv[1], "recipes", "export.py"), run_name="export_recipe")
 assert reset_peak(), "/proc/self/clear_refs refused: VmHWM would hold the imports' peak"
 before = status_kib("VmRSS") * 1024
@@ -45,7 +47,7 @@ def _big_base(folder, tokenizer_dir) -> tuple[dict, int]:
     from persimmon_train.data import Tokenizer
 
     tokenizer = Tokenizer(tokenizer_dir)
-    config = tiny_base_config(
+    config = tiny_config(
         tokenizer, hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8
     )
     model = save_tiny_base(folder, tokenizer, config, seed=0, max_shard_size=f"{SHARD_MB}MB")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from persimmon_train.data import Tokenizer
 from persimmon_train.export.chat import IncrementalDecoder
 from persimmon_train.model import PersimmonForCausalLM
 from persimmon_train.recipes.generate import main
-from tests.export.conftest import run_script
+from tests.helpers import assert_one_line_error, run_in_process, run_recipe
 
 PROMPT = "What is the capital of France?"
 
@@ -23,22 +24,17 @@ def _expected_greedy_text(folder, max_new_tokens: int) -> str:
     return tokenizer.decode(generated)
 
 
-def test_generate_from_export_and_from_checkpoint(lora_run, export_env):
+def test_generate_from_export_and_from_checkpoint(lora_run):
     expected = _expected_greedy_text(lora_run / "final", 24)
     for model in (lora_run / "final", lora_run):  # an HF folder; a run folder (its newest checkpoint)
-        proc = run_script(
-            "generate.py",
-            f"model={model}",
-            f"prompt={PROMPT}",
-            "max_new_tokens=24",
-            "dtype=fp32",
-            "greedy=true",
-            env=export_env,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert proc.stdout == expected + "\n", (model, proc.stdout, expected)
+        ran = run_in_process(
+            "generate", f"model={model}", f"prompt={PROMPT}", "max_new_tokens=24", "dtype=fp32", "greedy=true"
+        )  # fmt: skip
+        assert ran.returncode == 0, ran.stderr[-3000:]
+        assert ran.stdout == expected + "\n", (model, ran.stdout, expected)
 
 
+@pytest.mark.slow
 def test_generate_sampling_is_seeded_and_errors_are_one_line(base_dir, export_env, capsys):
     """greedy=false samples (seeded); temperature / top_k / top_p reach the sampler: each alone,
     pushed to its limit, turns sampling into greedy decoding, which hot sampling is not. The recipe's
@@ -60,8 +56,8 @@ def test_generate_sampling_is_seeded_and_errors_are_one_line(base_dir, export_en
     assert generate(*hot, "seed=3", "top_k=1") == greedy
     assert generate(*hot, "seed=3", "top_p=0.0001") == greedy
     assert generate(*hot, "seed=3", "temperature=0.00001") == greedy
-    proc = run_script(
-        "generate.py",
+    proc = run_recipe(
+        "generate",
         f"model={base_dir}",
         "prompt=hello",
         "max_new_tokens=12",
@@ -73,9 +69,8 @@ def test_generate_sampling_is_seeded_and_errors_are_one_line(base_dir, export_en
     )
     universal_newlines = first.replace("\r\n", "\n").replace("\r", "\n")  # as text=True reads stdout
     assert proc.returncode == 0 and proc.stdout == universal_newlines, proc.stderr[-3000:]
-    bad = run_script("generate.py", f"model={base_dir.parent / 'nope'}", "prompt=hi", env=export_env)
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: model:")
-    assert "nope" in bad.stderr and "Traceback" not in bad.stderr
+    bad = run_in_process("generate", f"model={base_dir.parent / 'nope'}", "prompt=hi")
+    assert_one_line_error(bad, "error: model:", "nope")
 
 
 def test_incremental_decoding_keeps_multibyte_characters_whole(base_dir):

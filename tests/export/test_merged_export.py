@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from persimmon_train.export import export_checkpoint
-from tests.export.conftest import checkpoint_of, load_tensors
+from tests.export.conftest import checkpoint_of
+from tests.helpers import load_tensors
 
 RUNS = ["full_run", "lora_run", "lora_random_run", "classify_run"]
 

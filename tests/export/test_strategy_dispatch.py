@@ -11,7 +11,8 @@ import torch
 from persimmon_train.errors import CheckpointError
 from persimmon_train.export import export_checkpoint
 from persimmon_train.storage import checkpoint_weights
-from tests.export.conftest import checkpoint_of, load_tensors
+from tests.export.conftest import checkpoint_of
+from tests.helpers import load_tensors
 
 
 def _renamed_strategy(run, tmp_path, name: str):

@@ -10,8 +10,7 @@ import torch
 from persimmon_train.errors import ConfigError
 from persimmon_train.model import PersimmonConfig, PersimmonForCausalLM
 from persimmon_train.model.attention import SEGMENT_TILE, build_layout, resolve_backend
-
-from .helpers import randomize, tiny_config
+from tests.helpers import parity_config, randomize
 
 CPU = torch.device("cpu")
 
@@ -53,7 +52,7 @@ def loss_and_grads(model, ids, pos, backend):
 @pytest.mark.parametrize("rows", sorted(ROWS))
 def test_segments_equals_sdpa_forward_and_gradients(rows):
     ids, pos = packed_rows(ROWS[rows])
-    model = model_pair(tiny_config(max_position_embeddings=512))
+    model = model_pair(parity_config(max_position_embeddings=512))
     ref_logits, ref_grads = loss_and_grads(model, ids, pos, "sdpa")
     logits, grads = loss_and_grads(model, ids, pos, "segments")
     assert (logits - ref_logits).abs().max().item() <= 1e-5
@@ -77,7 +76,7 @@ def test_segments_layout_groups_short_documents_and_reorders():
 def test_flex_forward_equals_sdpa():
     pytest.importorskip("torch.nn.attention.flex_attention")
     ids, pos = packed_rows(ROWS["mixed"])
-    model = model_pair(tiny_config(max_position_embeddings=512)).eval()
+    model = model_pair(parity_config(max_position_embeddings=512)).eval()
     with torch.no_grad():
         model.config.attention = "sdpa"
         ref = model(ids, position_ids=pos).logits
@@ -123,7 +122,7 @@ def test_varlen_plumbing_with_a_reference_kernel(monkeypatch, spelling):
     attention._varlen_signature.cache_clear()
     try:
         ids, pos = packed_rows(ROWS["mixed"])
-        model = model_pair(tiny_config(max_position_embeddings=512))
+        model = model_pair(parity_config(max_position_embeddings=512))
         ref_logits, ref_grads = loss_and_grads(model, ids, pos, "sdpa")
         logits, grads = loss_and_grads(model, ids, pos, "varlen")
     finally:
@@ -141,7 +140,7 @@ def test_auto_picks_per_device_and_packing():
     assert resolve_backend("auto", torch.device("cuda"), torch.float32, packed=True) in ("flex", "sdpa")
     # auto on CPU trains packed rows through segments: same numbers as sdpa.
     ids, pos = packed_rows(ROWS["equal"])
-    model = model_pair(tiny_config(max_position_embeddings=512))
+    model = model_pair(parity_config(max_position_embeddings=512))
     ref, _ = loss_and_grads(model, ids, pos, "sdpa")
     got, _ = loss_and_grads(model, ids, pos, "auto")
     assert (got - ref).abs().max().item() <= 1e-5
@@ -163,13 +162,13 @@ def test_bad_backend_names_the_key():
 
 
 def test_attention_choice_is_not_saved(tmp_path):
-    config = tiny_config(attention="segments")
+    config = parity_config(attention="segments")
     assert "attention" not in config.to_dict()
 
 
 def test_flex_refuses_attention_dropout():
     ids, pos = packed_rows(ROWS["equal"])
-    model = model_pair(tiny_config(max_position_embeddings=512, attention_dropout=0.1))
+    model = model_pair(parity_config(max_position_embeddings=512, attention_dropout=0.1))
     model.config.attention = "flex"
     with pytest.raises(ConfigError, match="attention_dropout"):
         model(ids, position_ids=pos, labels=ids)

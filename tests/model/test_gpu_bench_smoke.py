@@ -42,6 +42,7 @@ def test_gpu_script_cpu_smoke_without_training_stack(tmp_path):
         assert section in text, section
 
 
+@pytest.mark.slow
 def test_gpu_script_usage_error():
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], capture_output=True, text=True)
     assert proc.returncode == 2 and "usage" in proc.stderr

@@ -72,9 +72,9 @@ def test_model_loss_does_not_materialise_full_logits():
 
 def test_fused_loss_and_grads_equal_transformers():
     """Whole model, fused loss vs transformers' full-logits loss: loss and every gradient (fp32)."""
-    from .helpers import tiny_config, twins
+    from tests.helpers import parity_config, twins
 
-    ours, hf = twins(tiny_config())
+    ours, hf = twins(parity_config())
     ids = torch.randint(1, 160, (2, 30), generator=torch.Generator().manual_seed(5))
     labels = ids.clone()
     labels[0, :7] = -100

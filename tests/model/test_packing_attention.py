@@ -3,8 +3,7 @@
 import torch
 
 from persimmon_train.model.attention import build_layout, document_ids
-
-from .helpers import tiny_config, twins
+from tests.helpers import parity_config, twins
 
 
 def pack(docs, pad_to=None, pad_id=0):
@@ -18,7 +17,7 @@ def pack(docs, pad_to=None, pad_id=0):
 
 
 def test_packed_row_equals_documents_alone():
-    model, _ = twins(tiny_config(max_position_embeddings=128))
+    model, _ = twins(parity_config(max_position_embeddings=128))
     g = torch.Generator().manual_seed(0)
     docs = [torch.randint(1, 160, (n,), generator=g) for n in (13, 1, 30, 7, 21)]
     ids, pos = pack(docs, pad_to=80)
@@ -35,7 +34,7 @@ def test_packed_row_equals_documents_alone():
 
 
 def test_packed_batch_rows_are_independent():
-    model, _ = twins(tiny_config(max_position_embeddings=128))
+    model, _ = twins(parity_config(max_position_embeddings=128))
     g = torch.Generator().manual_seed(1)
     rows = [[torch.randint(1, 160, (n,), generator=g) for n in lens] for lens in ((10, 20, 18), (48,))]
     packed = [pack(docs, pad_to=48) for docs in rows]
@@ -49,7 +48,7 @@ def test_packed_batch_rows_are_independent():
 
 def test_packed_gradients_do_not_cross_documents():
     """The loss of document B must not depend on document A's tokens (checked via gradients)."""
-    model, _ = twins(tiny_config(max_position_embeddings=128))
+    model, _ = twins(parity_config(max_position_embeddings=128))
     ids, pos = pack([torch.arange(1, 11), torch.arange(20, 35)])
     embeds = model.model.embed_tokens
     captured = {}

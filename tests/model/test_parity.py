@@ -5,8 +5,7 @@ import torch
 
 from persimmon_train.model import PersimmonConfig
 from persimmon_train.model.decoding import generate
-
-from .helpers import tiny_config, twins
+from tests.helpers import parity_config, twins
 
 transformers = pytest.importorskip("transformers")
 ATOL = 1e-5
@@ -28,7 +27,7 @@ def max_diff(a, b):
     ],
 )
 def test_causal_lm_logits_match(overrides):
-    ours, hf = twins(tiny_config(**overrides))
+    ours, hf = twins(parity_config(**overrides))
     ids = torch.randint(1, 160, (3, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert max_diff(ours(ids).logits, hf(ids).logits) <= ATOL
@@ -37,7 +36,7 @@ def test_causal_lm_logits_match(overrides):
 @pytest.mark.parametrize("kind", ["linear", "dynamic"])
 @pytest.mark.parametrize("length", [48, 100])  # max_position_embeddings is 64: 100 runs past it
 def test_rope_scaling_past_max_positions(kind, length):
-    ours, hf = twins(tiny_config(rope_scaling={"type": kind, "factor": 2.0}))
+    ours, hf = twins(parity_config(rope_scaling={"type": kind, "factor": 2.0}))
     ids = torch.randint(1, 160, (2, length), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert max_diff(ours(ids).logits, hf(ids).logits) <= ATOL
@@ -45,7 +44,7 @@ def test_rope_scaling_past_max_positions(kind, length):
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padding(side):
-    ours, hf = twins(tiny_config())
+    ours, hf = twins(parity_config())
     ids = torch.randint(1, 160, (3, 24), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
     for row, n_pad in enumerate([0, 5, 11]):
@@ -62,7 +61,7 @@ def test_padding(side):
 
 
 def test_explicit_position_ids():
-    ours, hf = twins(tiny_config())
+    ours, hf = twins(parity_config())
     ids = torch.randint(1, 160, (2, 16), generator=torch.Generator().manual_seed(4))
     pos = torch.arange(5, 21).expand(2, 16)
     with torch.no_grad():
@@ -70,7 +69,7 @@ def test_explicit_position_ids():
 
 
 def test_causal_lm_loss_matches():
-    ours, hf = twins(tiny_config())
+    ours, hf = twins(parity_config())
     ids = torch.randint(1, 160, (2, 30), generator=torch.Generator().manual_seed(5))
     labels = ids.clone()
     labels[0, :7] = -100
@@ -84,7 +83,7 @@ def test_causal_lm_loss_matches():
 @pytest.mark.parametrize("problem", ["regression", "single_label_classification", "multi_label_classification", None])
 def test_sequence_classification(side, problem):
     num_labels = 1 if problem == "regression" else 3
-    config = tiny_config(num_labels=num_labels, problem_type=problem)
+    config = parity_config(num_labels=num_labels, problem_type=problem)
     ours, hf = twins(config, head="sequence_classification")
     ids = torch.randint(1, 160, (4, 20), generator=torch.Generator().manual_seed(6))
     for row, n_pad in enumerate([0, 3, 9, 15]):
@@ -110,7 +109,7 @@ def test_sequence_classification(side, problem):
 
 
 def test_token_classification():
-    ours, hf = twins(tiny_config(num_labels=5), head="token_classification")
+    ours, hf = twins(parity_config(num_labels=5), head="token_classification")
     ids = torch.randint(1, 160, (2, 18), generator=torch.Generator().manual_seed(8))
     labels = torch.randint(0, 5, (2, 18), generator=torch.Generator().manual_seed(9))
     labels[:, ::3] = -100
@@ -121,7 +120,7 @@ def test_token_classification():
 
 
 def test_greedy_generation_matches_transformers():
-    ours, hf = twins(tiny_config(eos_token_id=None, bos_token_id=None))
+    ours, hf = twins(parity_config(eos_token_id=None, bos_token_id=None))
     prompt = torch.randint(1, 160, (1, 7), generator=torch.Generator().manual_seed(10))
     expected = hf.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0)
     got = ours.generate(prompt, max_new_tokens=20, eos_token_id=None)
@@ -129,7 +128,7 @@ def test_greedy_generation_matches_transformers():
 
 
 def test_greedy_generation_stops_at_eos():
-    ours, _ = twins(tiny_config(eos_token_id=None))
+    ours, _ = twins(parity_config(eos_token_id=None))
     prompt = torch.randint(1, 160, (1, 7), generator=torch.Generator().manual_seed(10))
     free = ours.generate(prompt, max_new_tokens=12, eos_token_id=None)
     eos = int(free[0, 7 + 3])
@@ -139,7 +138,7 @@ def test_greedy_generation_stops_at_eos():
 
 
 def test_left_padded_batch_generates_like_single_rows():
-    ours, _ = twins(tiny_config(eos_token_id=None))
+    ours, _ = twins(parity_config(eos_token_id=None))
     g = torch.Generator().manual_seed(11)
     a, b = torch.randint(1, 160, (1, 9), generator=g), torch.randint(1, 160, (1, 5), generator=g)
     batch = torch.zeros(2, 9, dtype=torch.long)
@@ -151,7 +150,7 @@ def test_left_padded_batch_generates_like_single_rows():
 
 
 def test_sampling_is_seeded_and_respects_top_k():
-    ours, _ = twins(tiny_config(eos_token_id=None))
+    ours, _ = twins(parity_config(eos_token_id=None))
     prompt = torch.randint(1, 160, (1, 5), generator=torch.Generator().manual_seed(12))
     kw = dict(max_new_tokens=10, do_sample=True, top_k=1, eos_token_id=None)
     # top_k=1 sampling is greedy decoding.
@@ -254,7 +253,9 @@ def test_sampling_draws_differ_by_seed_and_repeat_by_seed():
 
 
 def test_config_json_loads_in_transformers_both_spellings():
-    config = tiny_config(rope_theta=1234.0, partial_rotary_factor=0.25, rope_scaling={"type": "dynamic", "factor": 3.0})
+    config = parity_config(
+        rope_theta=1234.0, partial_rotary_factor=0.25, rope_scaling={"type": "dynamic", "factor": 3.0}
+    )
     d = config.to_dict()
     hf = transformers.PersimmonConfig.from_dict(config.to_dict())
     assert hf.rope_parameters["rope_theta"] == 1234.0

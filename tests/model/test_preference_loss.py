@@ -17,7 +17,7 @@ from persimmon_train.model.preference import (
     pairs,
 )
 
-from .helpers import tiny_config, twins
+from tests.helpers import parity_config, twins
 
 BETA, SMOOTH = 0.5, 0.1
 
@@ -62,7 +62,7 @@ def _by_pair(items, c, r, nc, nr, hf_lengths):
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 def test_dpo_on_packed_rows_equals_transformers_by_hand(loss_type):
     torch.manual_seed(0)
-    config = tiny_config()
+    config = parity_config()
     policy, hf_policy = twins(config, seed=0)
     ref, hf_ref = twins(config, seed=1)
     policy.loss_chunk_size = 4  # several checkpointed chunks of the head
@@ -121,7 +121,7 @@ def test_dpo_on_packed_rows_equals_transformers_by_hand(loss_type):
 
 
 def test_packed_equals_unpacked_per_pair():
-    policy, _ = twins(tiny_config(), seed=0)
+    policy, _ = twins(parity_config(), seed=0)
     items = [p for p in _pairs(6, seed=3) if len(p[1]) != len(p[2])]
     lengths = [(len(c), len(r)) for _, c, r in items]
     with torch.no_grad():

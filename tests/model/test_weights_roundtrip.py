@@ -12,8 +12,7 @@ from persimmon_train.model import (
     PersimmonForSequenceClassification,
     PersimmonForTokenClassification,
 )
-
-from .helpers import tiny_config, twins
+from tests.helpers import parity_config, twins
 
 transformers = pytest.importorskip("transformers")
 IDS = torch.randint(1, 160, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -21,7 +20,7 @@ IDS = torch.randint(1, 160, (2, 12), generator=torch.Generator().manual_seed(0))
 
 @pytest.mark.parametrize("max_shard_size", ["5GB", "40KB"])
 def test_ours_to_transformers(tmp_path, max_shard_size):
-    ours, _ = twins(tiny_config())
+    ours, _ = twins(parity_config())
     ours.save_pretrained(tmp_path, max_shard_size=max_shard_size)
     sharded = os.path.exists(tmp_path / "model.safetensors.index.json")
     assert sharded == (max_shard_size == "40KB")
@@ -37,7 +36,7 @@ def test_ours_to_transformers(tmp_path, max_shard_size):
 
 @pytest.mark.parametrize("max_shard_size", ["5GB", "40KB"])
 def test_transformers_to_ours(tmp_path, max_shard_size):
-    _, hf = twins(tiny_config(), seed=3)
+    _, hf = twins(parity_config(), seed=3)
     hf.save_pretrained(tmp_path, max_shard_size=max_shard_size)
     ours = PersimmonForCausalLM.from_pretrained(tmp_path).eval()
     assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in ours.parameters())
@@ -55,7 +54,7 @@ def test_transformers_to_ours(tmp_path, max_shard_size):
     ],
 )
 def test_heads_round_trip_with_labels(tmp_path, cls, auto):
-    config = tiny_config(id2label={0: "neg", 1: "neu", 2: "pos"})
+    config = parity_config(id2label={0: "neg", 1: "neu", 2: "pos"})
     head = "sequence_classification" if cls is PersimmonForSequenceClassification else "token_classification"
     ours, _ = twins(config, head=head)
     ours.save_pretrained(tmp_path)
@@ -69,7 +68,7 @@ def test_heads_round_trip_with_labels(tmp_path, cls, auto):
 
 
 def test_classifier_from_causal_lm_checkpoint_gets_fresh_head(tmp_path):
-    ours, _ = twins(tiny_config())
+    ours, _ = twins(parity_config())
     ours.save_pretrained(tmp_path)
     clf = PersimmonForSequenceClassification.from_pretrained(tmp_path, num_labels=4)
     assert clf.score.weight.shape == (4, 64) and clf.score.weight.device.type == "cpu"
@@ -77,14 +76,14 @@ def test_classifier_from_causal_lm_checkpoint_gets_fresh_head(tmp_path):
 
 
 def test_causal_lm_from_classifier_checkpoint_is_refused(tmp_path):
-    clf, _ = twins(tiny_config(), head="sequence_classification")
+    clf, _ = twins(parity_config(), head="sequence_classification")
     clf.save_pretrained(tmp_path)
     with pytest.raises(WeightsError, match="lm_head.weight"):
         PersimmonForCausalLM.from_pretrained(tmp_path)
 
 
 def test_from_pretrained_errors_name_file_and_tensor(tmp_path):
-    ours, _ = twins(tiny_config())
+    ours, _ = twins(parity_config())
     ours.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     config["intermediate_size"] = 96

@@ -13,7 +13,7 @@ import pytest
 from persimmon_train.parallel.fsdp import FSDPStrategy
 from persimmon_train.recipes.main import main as command
 from persimmon_train.storage import checkpoints as store
-from tests.recipes.conftest import FAST, read_metrics
+from tests.helpers import FAST, read_metrics
 
 COMMON = [
     *FAST,

@@ -7,7 +7,9 @@ import json
 import pytest
 import torch
 
-from tests.recipes.conftest import FAST, eval_losses, read_metrics, recipe_env, run_recipe
+from tests.helpers import FAST, eval_losses, read_metrics, recipe_env, run_recipe
+
+pytestmark = pytest.mark.slow  # real recipe runs, one process each
 
 
 def _final_eval(out) -> dict:

@@ -1,10 +1,12 @@
-"""Config errors exit 2 with ONE line naming the key and no traceback (real recipe processes)."""
+"""Config errors exit 2 with ONE line naming the key and no traceback (the recipe's command, in-process)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from tests.recipes.conftest import recipe_env, run_recipe
+from tests.helpers import assert_one_line_error, run_in_process
 
 
 @pytest.mark.parametrize(
@@ -19,19 +21,16 @@ from tests.recipes.conftest import recipe_env, run_recipe
         ("finetune", ["resume=/does/not/exist", "output_dir=OUT"], "resume"),
     ],
 )
-def test_config_error_is_one_line(tmp_path, job, overrides, key):
+def test_config_error_is_one_line(tmp_path, job, overrides, key, monkeypatch):
+    monkeypatch.setenv("PERSIMMON_TRAIN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("RANK", raising=False)
     overrides = [o.replace("OUT", str(tmp_path / "out")) for o in overrides]
-    proc = run_recipe(job, *overrides, env=recipe_env(tmp_path), check=False, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, proc.stderr
-    assert key in errors[0], errors[0]
+    assert_one_line_error(run_in_process(job, *overrides), key)
 
 
-def test_local_rank_argument_is_accepted(tmp_path):
-    """The deepspeed launcher appends --local_rank=N; it must not reach Hydra."""
-    proc = run_recipe(
-        "finetune", "--print-config", "--local_rank=0", "trainer.max_steps=7", env=recipe_env(tmp_path), timeout=120
-    )
-    assert "max_steps: 7" in proc.stdout
+def test_local_rank_argument_is_accepted(monkeypatch):
+    """The deepspeed launcher appends --local_rank=N; it must not reach Hydra (it becomes LOCAL_RANK)."""
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    ran = run_in_process("finetune", "--print-config", "--local_rank=0", "trainer.max_steps=7")
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert "max_steps: 7" in ran.stdout and os.environ["LOCAL_RANK"] == "0"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.recipes.conftest import eval_losses, recipe_env, run_recipe
+from tests.helpers import eval_losses, recipe_env, run_recipe
 
 
 @pytest.mark.slow

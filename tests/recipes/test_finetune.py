@@ -10,8 +10,10 @@ import os
 import pytest
 import torch
 
+from tests.helpers import FAST, eval_losses, read_metrics, recipe_env, run_recipe
 from tests.recipes import wandb_reader
-from tests.recipes.conftest import FAST, eval_losses, read_metrics, recipe_env, run_recipe
+
+pytestmark = pytest.mark.slow  # real recipe runs, one process each
 
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.recipes.conftest import REPO, recipe_env
+import pytest
+
+from tests.helpers import REPO, recipe_env
+
+pytestmark = pytest.mark.slow  # a child process's import path
 
 PROBE = "import persimmon_train; print(persimmon_train.__file__)"
 

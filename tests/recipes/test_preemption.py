@@ -18,7 +18,7 @@ from persimmon_train import cli
 from persimmon_train.recipes.main import main as command
 from persimmon_train.storage import validate_checkpoint
 from persimmon_train.training import checkpointing, preemption
-from tests.recipes.conftest import FAST, read_metrics
+from tests.helpers import FAST, read_metrics
 
 # LoRA with dropout: the restored RNG state matters.
 COMMON = [

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.recipes.conftest import FAST, REPO, read_metrics, recipe_env, run_recipe
+from tests.helpers import FAST, REPO, read_metrics, recipe_env, run_recipe
 
 # eval on the first 6 batches of held-out pairs (~130 pairs)
 SMALL = [

@@ -8,10 +8,13 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.recipes.conftest import FAST, REPO, read_metrics, recipe_env, run_recipe
+from tests.helpers import FAST, REPO, read_metrics, recipe_env, run_recipe
+
+pytestmark = pytest.mark.slow  # a real run SIGKILLed and resumed
 
 # LoRA (adapter-only checkpoints over a seeded random base) with dropout on, so the restored RNG
 # state matters; bigger batches so a step takes long enough to kill the run between checkpoints.

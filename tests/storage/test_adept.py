@@ -15,7 +15,6 @@ import enum
 import json
 import os
 import random
-import subprocess
 import sys
 import types
 import warnings
@@ -29,8 +28,8 @@ from persimmon_train.errors import ConfigError, WeightsError
 from persimmon_train.export.adept import convert_adept_checkpoint, find_checkpoint_file
 from persimmon_train.model import PersimmonForCausalLM
 from persimmon_train.storage import iter_weights_folder
+from tests.helpers import REPO, assert_one_line_error, run_in_process
 
-REPO = Path(__file__).resolve().parents[2]
 ITERATION = 1251
 HIDDEN, HEADS, FFN, LAYERS = 64, 4, 256, 2
 PADDED_VOCAB = 384  # the sentencepiece model has ~300 pieces; Megatron pads to a multiple of 128
@@ -505,19 +504,11 @@ def test_folder_without_checkpoint(tmp_path, adept_vocab):
 # --------------------------------------------------------------------------- tests: recipe
 
 
-def _recipe(*args):
-    return subprocess.run(
-        [sys.executable, str(REPO / "recipes" / "convert_adept.py"), *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-    )
-
-
 def test_recipe_converts_and_reports(release, adept_vocab, tmp_path):
     out = tmp_path / "recipe_out"
-    run = _recipe(f"checkpoint={release}", f"tokenizer={adept_vocab}", f"output_dir={out}", "dtype=fp32")
+    run = run_in_process(
+        "convert-adept", f"checkpoint={release}", f"tokenizer={adept_vocab}", f"output_dir={out}", "dtype=fp32"
+    )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert f"wrote {out}" in run.stdout
     assert json.loads((out / "config.json").read_text())["rope_theta"] == ROTARY_BASE
@@ -525,10 +516,10 @@ def test_recipe_converts_and_reports(release, adept_vocab, tmp_path):
 
 
 def test_recipe_user_error_is_one_line(tmp_path, adept_vocab):
-    run = _recipe(f"checkpoint={tmp_path / 'nope'}", f"tokenizer={adept_vocab}", f"output_dir={tmp_path / 'o'}")
-    assert run.returncode == 2
-    assert run.stderr.startswith("error: ") and "nope" in run.stderr
-    assert len(run.stderr.strip().splitlines()) == 1 and "Traceback" not in run.stderr
+    run = run_in_process(
+        "convert-adept", f"checkpoint={tmp_path / 'nope'}", f"tokenizer={adept_vocab}", f"output_dir={tmp_path / 'o'}"
+    )  # fmt: skip
+    assert assert_one_line_error(run, "nope") == run.stderr.strip()  # the only line
 
 
 def test_recipe_argument_errors_name_the_key():

@@ -23,7 +23,7 @@ from persimmon_train.storage import (
     safetensors_io,
     save_safetensors,
 )
-from tests.recipes.conftest import REPO
+from tests.helpers import REPO
 
 HIDDEN, VOCAB, LAYERS = 16, 64, 3
 
@@ -561,6 +561,7 @@ MEMORY_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
 def test_meta_load_holds_about_one_copy(tmp_path):
     """Peak RSS growth while loading 384 MiB into a meta model stays near one copy of the weights."""

@@ -289,6 +289,7 @@ def test_wandb_init_failure_never_stops_training(monkeypatch, tmp_path, pt_log):
     assert len(_warnings(pt_log)) == 1 and "network down" in pt_log.text
 
 
+@pytest.mark.slow  # the real wandb starts its service process (wandb-core)
 def test_real_wandb_unreachable_gives_up_fast_and_logs_offline(monkeypatch, tmp_path, pt_log):
     """A compute node without internet: API key set, the server a closed port. No 90 s of retries."""
     from tests.recipes import wandb_reader
@@ -319,7 +320,7 @@ def test_real_wandb_unreachable_gives_up_fast_and_logs_offline(monkeypatch, tmp_
 
 
 def _tiny_run_config(tmp_path, *extra):
-    from tests.recipes.conftest import FAST
+    from tests.helpers import FAST
 
     return cli.load_config(
         "finetune",
@@ -355,6 +356,7 @@ def test_trainer_with_wandb_whose_log_fails_trains_to_the_end(monkeypatch, tmp_p
     assert run.summary["output_dir"] == result.output_dir
 
 
+@pytest.mark.slow  # the real wandb starts its service process (wandb-core)
 def test_resume_continues_the_same_wandb_run(monkeypatch, tmp_path):
     """Real wandb, offline: the resumed run writes under the first run's id; its summary has the end."""
     import torch

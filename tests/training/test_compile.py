@@ -8,12 +8,11 @@ import torch
 from persimmon_train.model import PersimmonForCausalLM
 from persimmon_train.parallel.activation_checkpointing import apply_activation_checkpointing
 from persimmon_train.parallel.compile import compile_decoder_layers
-
-from ..model.helpers import randomize, tiny_config
+from tests.helpers import parity_config, randomize
 
 
 def _pair(attention="sdpa"):
-    config = tiny_config(num_hidden_layers=3, max_position_embeddings=128, attention=attention)
+    config = parity_config(num_hidden_layers=3, max_position_embeddings=128, attention=attention)
     eager = PersimmonForCausalLM.from_config(config)
     randomize(eager, seed=1)
     compiled = PersimmonForCausalLM.from_config(config)
@@ -70,7 +69,7 @@ def test_compile_config_key_reaches_the_layers():
 
     cfg = RunConfig()
     cfg.trainer.compile = True
-    model = PersimmonForCausalLM.from_config(tiny_config())
+    model = PersimmonForCausalLM.from_config(parity_config())
     prepare_for_training(model, cfg)
     layer = model.model.layers[0]
     assert "forward" in layer.__dict__ and hasattr(layer.forward, "_torchdynamo_orig_callable")

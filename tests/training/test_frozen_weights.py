@@ -14,7 +14,7 @@ import torch
 
 from persimmon_train.parallel import SingleDeviceStrategy
 from persimmon_train.parallel.frozen_weights import hold_frozen_in
-from tests.training.helpers import lora_steps_from_folder, tiny_model
+from tests.helpers import lora_steps_from_folder, tiny_model
 
 
 @pytest.fixture(scope="module", params=["bfloat16", "float16"])

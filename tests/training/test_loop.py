@@ -14,7 +14,7 @@ from persimmon_train.training import checkpointing
 from persimmon_train.training.config import OptimConfig
 from persimmon_train.training.optim import build_scheduler, lr_multiplier
 from persimmon_train.training.trainer import TrainingDivergedError, count_items
-from tests.training.helpers import VOCAB, causal_rows, make_trainer, tiny_config, tiny_model
+from tests.helpers import VOCAB, causal_rows, make_trainer, tiny_config, tiny_model
 
 
 def _train(tmp_path, micro, accum, steps=3):

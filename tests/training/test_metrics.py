@@ -29,7 +29,7 @@ from persimmon_train.training.metrics import (
 )
 from persimmon_train.training.trackers import NullTracker
 from persimmon_train.training.trainer import Trainer
-from tests.training.helpers import VOCAB, tiny_config
+from tests.helpers import VOCAB, tiny_config
 
 # ------------------------------------------------------------------ hand computations
 

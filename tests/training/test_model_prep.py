@@ -8,7 +8,7 @@ from persimmon_train.parallel import SingleDeviceStrategy
 from persimmon_train.parallel.activation_checkpointing import apply_activation_checkpointing
 from persimmon_train.training.config import OptimConfig, PeftConfig
 from persimmon_train.training.optim import build_optimizer
-from tests.training.helpers import causal_rows, tiny_model
+from tests.helpers import causal_rows, tiny_model
 
 
 def _grads(model):

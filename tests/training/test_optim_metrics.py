@@ -8,7 +8,7 @@ import torch
 from persimmon_train.training.config import OptimConfig
 from persimmon_train.training.metrics import accuracy, entities, entity_f1, macro_f1
 from persimmon_train.training.optim import build_scheduler, lr_multiplier, parameter_groups
-from tests.training.helpers import tiny_model
+from tests.helpers import tiny_model
 
 
 def test_no_weight_decay_on_norms_and_biases():

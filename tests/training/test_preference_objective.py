@@ -14,7 +14,7 @@ from persimmon_train.model.preference import num_docs
 from persimmon_train.parallel import SingleDeviceStrategy
 from persimmon_train.training.config import PeftConfig, RunConfig, validate_preference
 from persimmon_train.training.preference import PreferenceObjective, compute_reference, policy_logps
-from tests.training.helpers import VOCAB, tiny_model
+from tests.helpers import VOCAB, tiny_model
 
 
 def _loader(n=8, seq_len=48, seed=0, micro=2, eos=None):
@@ -124,7 +124,7 @@ def test_dpo_loss_in_the_objective_counts_pairs_and_logs_trl_names():
 def test_reward_scores_at_each_documents_last_token_equal_transformers():
     transformers = pytest.importorskip("transformers")
     from persimmon_train.model import PersimmonForSequenceClassification
-    from tests.training.helpers import tiny_config
+    from tests.helpers import tiny_config
 
     torch.manual_seed(0)
     ours = PersimmonForSequenceClassification.from_config(tiny_config(num_labels=1)).eval()

@@ -16,7 +16,7 @@ from torch import nn
 
 from persimmon_train.errors import ConfigError, WeightsError
 from persimmon_train.parallel.nf4 import BLOCK_SIZE, is_nf4, nf4_api
-from tests.tiny_base import demo_tokenizer, save_tiny_base, tiny_base_config
+from tests.helpers import demo_tokenizer, save_tiny_base, tiny_config
 
 NF4Tensor, to_nf4 = nf4_api()
 
@@ -194,7 +194,7 @@ def test_nf4_refuses_a_matrix_it_cannot_block():
 def base(tmp_path_factory) -> Path:
     tokenizer = demo_tokenizer()
     path = tmp_path_factory.mktemp("qlora") / "base"
-    save_tiny_base(path, tokenizer, tiny_base_config(tokenizer, **SIZES), seed=7)
+    save_tiny_base(path, tokenizer, tiny_config(tokenizer, **SIZES), seed=7)
     return path
 
 

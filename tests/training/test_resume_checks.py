@@ -10,7 +10,7 @@ from persimmon_train.errors import CheckpointError
 from persimmon_train.model import PersimmonForCausalLM, PersimmonForSequenceClassification
 from persimmon_train.training.checkpointing import check_resumable
 from persimmon_train.training.config import RunConfig
-from tests.training.helpers import tiny_config
+from tests.helpers import tiny_config
 
 
 def _manifest(cfg, config, strategy=("single", 1), architecture="PersimmonForCausalLM"):

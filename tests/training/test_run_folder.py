@@ -17,7 +17,7 @@ import pytest
 from persimmon_train import cli
 from persimmon_train.errors import ConfigError
 from persimmon_train.training import run_folder
-from tests.recipes.conftest import REPO
+from tests.helpers import REPO
 
 OURS = [
     "checkpoints/step_2/model.safetensors",
@@ -133,6 +133,7 @@ time.sleep(120)
 """
 
 
+@pytest.mark.slow
 def test_the_lock_dies_with_its_process(tmp_path):
     """SIGKILL: no cleanup runs, the lock file stays, and the kernel releases the lock."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
@@ -206,7 +207,7 @@ def test_a_file_system_without_flock_warns_and_runs_unlocked(tmp_path, monkeypat
 def test_train_holds_the_lock_while_it_trains_and_releases_it(monkeypatch, tmp_path):
     from persimmon_train.training.run import train
     from persimmon_train.training.trainer import Trainer
-    from tests.recipes.conftest import FAST
+    from tests.helpers import FAST
 
     seen, real_fit = [], Trainer.fit
 
