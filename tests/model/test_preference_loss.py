@@ -16,7 +16,6 @@ from persimmon_train.model.preference import (
     pair_mask,
     pairs,
 )
-
 from tests.helpers import parity_config, twins
 
 BETA, SMOOTH = 0.5, 0.1
