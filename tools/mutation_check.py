@@ -103,8 +103,11 @@ MUTANTS = [
     Mutant(
         "loss.first_chunk_only",
         LOSS,
-        "for start in range(0, n, chunk_size):",
-        "for start in range(0, min(n, chunk_size), chunk_size):",
+        "for start in range(0, n, chunk_size):\n                h = hidden[start : start + chunk_size].to(dtype)\n"
+        "                t = targets[start : start + chunk_size]\n                rows",
+        "for start in range(0, min(n, chunk_size), chunk_size):\n"
+        "                h = hidden[start : start + chunk_size].to(dtype)\n"
+        "                t = targets[start : start + chunk_size]\n                rows",
         LOSS_TESTS,
     ),
     Mutant(
@@ -128,7 +131,13 @@ MUTANTS = [
         "grad_logits[rows, t] -= 0 * scale",
         LOSS_TESTS,
     ),
-    Mutant("loss.no_weight_grad", LOSS, "grad_weight.addmm_(grad_logits.t(), h)", "grad_weight.zero_()", LOSS_TESTS),
+    Mutant(
+        "loss.no_weight_grad",
+        LOSS,
+        "grad_weight.addmm_(grad_logits.t(), h)\n        ctx.weight_dtype",
+        "grad_weight.zero_()\n        ctx.weight_dtype",
+        LOSS_TESTS,
+    ),
     Mutant(
         "loss.hidden_grad_halved",
         LOSS,
@@ -788,6 +797,27 @@ MUTANTS = [
         "    map_large_blocks()\n",
         "\n",
         ["tests/training/test_qlora.py::test_a_random_init_base_is_quantized_from_its_bf16_values"],
+    ),
+    Mutant(
+        "dpo.fused_logps_softmax_sign",
+        LOSS,
+        ".exp_().mul_(-g[:, None])",
+        ".exp_().mul_(g[:, None])",
+        [PREF_LOSS_TESTS],
+    ),
+    Mutant(
+        "dpo.fused_logps_no_target_term",
+        LOSS,
+        "grad_logits[torch.arange(t.shape[0], device=t.device), t] += g",
+        "pass",
+        [PREF_LOSS_TESTS],
+    ),
+    Mutant(
+        "dpo.fused_logps_last_chunk_only",
+        LOSS,
+        "out[start : start + chunk_size] = logits[torch.arange(t.shape[0], device=t.device), t] - lse",
+        "out[start:] = logits[torch.arange(t.shape[0], device=t.device), t][0] - lse[0]",
+        [PREF_LOSS_TESTS, "tests/model/test_loss.py"],
     ),
     Mutant(
         "preempt.restarted_group_shares_store_keys",

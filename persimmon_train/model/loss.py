@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 IGNORE_INDEX = -100
 
@@ -150,9 +149,73 @@ def chunked_causal_lm_loss(
     )
 
 
-def _target_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(hidden, weight.to(_matmul_dtype(hidden, weight))).float()
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+class FusedLinearTokenLogps(torch.autograd.Function):
+    """log_softmax(hidden_i @ weight.T)[targets_i] for every row, chunk by chunk: [n] float32.
+
+    hidden: [n, h]; weight: [vocab, h]; targets: [n]. Forward keeps only each row's logsumexp;
+    backward recomputes one chunk's logits at a time into two reused buffers, like
+    `FusedLinearCrossEntropy`, so no [chunk, vocab] tensor outlives its chunk (preference tuning
+    needs per-token values, which the fused cross-entropy sums away).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size: int):
+        dtype = _matmul_dtype(hidden, weight)
+        w = weight.to(dtype)
+        n = hidden.shape[0]
+        out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse_all = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        logits_buf = torch.empty((min(chunk_size, n), weight.shape[0]), dtype=torch.float32, device=hidden.device)
+        low_buf = torch.empty_like(logits_buf, dtype=dtype) if dtype != torch.float32 else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, n, chunk_size):
+                logits = _chunk_logits(hidden[start : start + chunk_size].to(dtype), w, logits_buf, low_buf)
+                t = targets[start : start + chunk_size]
+                lse = torch.logsumexp(logits, dim=-1)
+                lse_all[start : start + chunk_size] = lse
+                out[start : start + chunk_size] = logits[torch.arange(t.shape[0], device=t.device), t] - lse
+        ctx.save_for_backward(hidden, weight, targets, lse_all)
+        ctx.chunk_size, ctx.dtype = chunk_size, dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, targets, lse_all = ctx.saved_tensors
+        chunk_size, dtype = ctx.chunk_size, ctx.dtype
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w = weight.to(dtype)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_weight else None
+        n = hidden.shape[0]
+        logits_buf = torch.empty((min(chunk_size, n), weight.shape[0]), dtype=torch.float32, device=hidden.device)
+        low_buf = torch.empty_like(logits_buf, dtype=dtype) if dtype != torch.float32 else None
+        grad_out = grad_out.float()
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, n, chunk_size):
+                h = hidden[start : start + chunk_size].to(dtype)
+                t = targets[start : start + chunk_size]
+                g = grad_out[start : start + chunk_size]
+                logits = _chunk_logits(h, w, logits_buf, low_buf)
+                # d logp_t / d logits = one_hot(t) - softmax, times the incoming gradient, in place.
+                grad_logits = logits.sub_(lse_all[start : start + chunk_size, None]).exp_().mul_(-g[:, None])
+                grad_logits[torch.arange(t.shape[0], device=t.device), t] += g
+                if low_buf is not None:
+                    grad_logits = low_buf[: t.shape[0]].copy_(grad_logits)
+                if need_hidden:
+                    grad_hidden[start : start + chunk_size] = grad_logits @ w
+                if need_weight:
+                    grad_weight.addmm_(grad_logits.t(), h)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+def _chunk_logits(h: torch.Tensor, w: torch.Tensor, logits_buf: torch.Tensor, low_buf: torch.Tensor | None):
+    """h @ w.T into the reused float32 buffer (through the low-precision one when the matmul is)."""
+    logits = logits_buf[: h.shape[0]]
+    if low_buf is None:
+        return torch.mm(h, w.t(), out=logits)
+    return logits.copy_(torch.mm(h, w.t(), out=low_buf[: h.shape[0]]))
 
 
 def causal_token_logps(
@@ -161,8 +224,8 @@ def causal_token_logps(
     """log p(labels[t + 1] | tokens ..t) at every position t with a target, 0 elsewhere: [batch, seq] float32.
 
     For preference tuning (per-document sums of response log-probs). Only positions with a target
-    reach the head; every chunk of them is activation-checkpointed, so no logits stay alive between
-    forward and backward and at most one chunk's exists at a time (bench/dpo_memory.py).
+    reach the head, through `FusedLinearTokenLogps`: no logits stay alive between forward and
+    backward and at most one chunk's exists at a time (bench/dpo_memory.py).
     """
     targets = shift_labels(labels)
     keep = targets != IGNORE_INDEX
@@ -173,11 +236,5 @@ def causal_token_logps(
     flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
     tgt = targets.reshape(-1).index_select(0, index)
     chunk = max(1, min(chunk_size, LOGITS_CHUNK_BYTES // (4 * lm_head_weight.shape[0])))
-    pieces = []
-    for a in range(0, flat.shape[0], chunk):
-        h, t = flat[a : a + chunk], tgt[a : a + chunk]
-        if torch.is_grad_enabled():  # keep no logits for backward: recomputed there, one chunk at a time
-            pieces.append(torch.utils.checkpoint.checkpoint(_target_logps, h, lm_head_weight, t, use_reentrant=False))
-        else:
-            pieces.append(_target_logps(h, lm_head_weight, t))
-    return out.reshape(-1).index_put((index,), torch.cat(pieces)).reshape(labels.shape)
+    logps = FusedLinearTokenLogps.apply(flat, lm_head_weight, tgt, chunk)
+    return out.reshape(-1).index_put((index,), logps).reshape(labels.shape)

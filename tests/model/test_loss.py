@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from persimmon_train.model.loss import chunked_causal_lm_loss, count_targets
+from persimmon_train.model.loss import causal_token_logps, chunked_causal_lm_loss, count_targets
 
 
 def plain_loss(hidden, weight, labels, num_items=None):
@@ -171,3 +171,27 @@ def test_autocast_bf16_close_to_fp32():
     assert w1.grad.dtype == torch.float32 and h1.grad.dtype == torch.float32
     assert abs(a.item() - plain_loss(hidden, weight, labels).item()) < 2e-2
     assert torch.allclose(w1.grad, w2.grad, atol=2e-3, rtol=5e-2)
+
+
+@pytest.mark.parametrize("chunk", [7, 1024])
+def test_token_logps_and_grads_equal_plain_log_softmax(chunk):
+    """causal_token_logps (fused with the head, chunked) = log_softmax of the plain head, and so do
+    the gradients of a weighted sum of them (preference tuning's per-document sums)."""
+    torch.manual_seed(0)
+    h0, w0 = torch.randn(2, 40, 32, dtype=torch.float64), torch.randn(300, 32, dtype=torch.float64) * 0.3
+    labels = torch.randint(0, 300, (2, 40))
+    labels[:, :5] = -100
+    weights = torch.linspace(-1, 2, 2 * 39, dtype=torch.float64).reshape(2, 39)
+    grads = []
+    for fused in (True, False):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        if fused:
+            logps = causal_token_logps(h.float(), w.float(), labels, chunk_size=chunk)[:, :-1].double()
+        else:
+            targets = labels[:, 1:]
+            logps = torch.log_softmax(h[:, :-1] @ w.t(), -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+            logps = logps * (targets != -100)
+        (logps * weights).sum().backward()
+        grads.append((logps.detach(), h.grad, w.grad))
+    for got, want in zip(grads[0], grads[1]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
