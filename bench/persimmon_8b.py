@@ -129,13 +129,15 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--extra", nargs="*", default=[], help="more recipe overrides, e.g. peft.quantize_base=nf4")
+    parser.add_argument("--run-name", default="run", help="the run's folder under --out")
+    parser.add_argument("--no-greedy", action="store_true", help="skip step 3 (two more 8B loads)")
     args = parser.parse_args()
     base = args.out / "base"
     if not (base / "config.json").is_file():
         started = time.perf_counter()
         count = write_base(base, args.layers)
         print(f"wrote {base}: {count / 1e9:.2f}B parameters in {time.perf_counter() - started:.0f} s")
-    run = args.out / "run"
+    run = args.out / args.run_name
     job = [
         f"model.path={base}",
         "peft=lora",
@@ -168,9 +170,13 @@ def main() -> None:
     gib = 1024 * 1024
     print(f"run: {' '.join(args.extra) or 'LoRA, bf16 base'}, seq {args.seq}, {args.steps} steps, {wall:.0f} s in all")
     print(f"  training peak RSS: {report['train_peak_kib'] / gib:.2f} GiB")
+    estimate = [x for x in proc.stderr.splitlines() if "memory estimate per rank" in x]
+    print(f"  planner: {estimate[0].split('memory estimate per rank', 1)[1].strip() if estimate else 'not logged'}")
     print(f"  seconds per step:  {', '.join(f'{s:.1f}' for s in step_seconds)}")
     growth = (report["export_peak_kib"] - report["export_before_kib"]) / gib
     print(f"  export: {report['export_seconds']:.0f} s, peak RSS growth {growth:.2f} GiB")
+    if args.no_greedy:
+        return
     prompt = [1, 100, 200, 300, 400]
     ours, theirs = greedy("ours", run / "final", prompt), greedy("transformers", run / "final", prompt)
     print(f"  greedy from final/: ours {ours}, transformers {theirs}: {'equal' if ours == theirs else 'DIFFERENT'}")
