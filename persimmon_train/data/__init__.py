@@ -5,11 +5,9 @@ from persimmon_train.data.config import DataConfig
 from persimmon_train.data.demo import DemoAssets, demo_assets
 from persimmon_train.data.packing import PackStats, best_fit_decreasing, pack
 from persimmon_train.data.tokenizer import Tokenizer
-from persimmon_train.data.tokenizer_training import train_tokenizer
 
 __all__ = [
     "Tokenizer",
-    "train_tokenizer",
     "DataConfig",
     "build_data",
     "DataBundle",

@@ -40,7 +40,7 @@ def demo_assets(cache_dir=None) -> DemoAssets:
     else:
         tok = _cache_root(cache_dir) / f"tokenizer-{DEMO_VOCAB_SIZE}.model"
         if not tok.is_file():
-            from persimmon_train.data.tokenizer_training import train_tokenizer
+            from persimmon_train.data.train_tokenizer import train_tokenizer
 
             tmp = tok.with_suffix(f".tmp{os.getpid()}.model")
             train_tokenizer([train], tmp, vocab_size=DEMO_VOCAB_SIZE)

@@ -25,21 +25,22 @@ from persimmon_train.model.loss import IGNORE_INDEX as IGNORE
 
 
 class _ShardedLoader:
-    """Common epoch/batch bookkeeping; subclasses define the epoch order and batch assembly."""
+    """Common epoch/batch bookkeeping; subclasses define the epoch's global batches and batch assembly."""
 
     def __init__(
-        self, num_rows: int, micro_batch_size: int, seed: int, rank: int, world_size: int, train: bool, what: str
+        self, num_rows: int | None, micro_batch_size: int, seed: int, rank: int, world_size: int, train: bool, what: str
     ):
+        """``num_rows``: None for a stream (its length is unknown until it has been read)."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
-        self.num_rows = int(num_rows)
+        self.num_rows = None if num_rows is None else int(num_rows)
         self.micro = int(micro_batch_size)
         self.seed = int(seed)
         self.rank = int(rank)
         self.world = int(world_size)
         self.train = train
         self.global_batch = self.micro * self.world
-        if train and self.num_rows < self.global_batch:
+        if train and num_rows is not None and self.num_rows < self.global_batch:
             raise DataError(
                 f"{what}: only {self.num_rows} rows, fewer than one global batch "
                 f"(micro_batch_size {self.micro} x world_size {self.world}); add data or "
@@ -53,7 +54,8 @@ class _ShardedLoader:
         """Global row order for an epoch; -1 marks an eval filler row."""
         raise NotImplementedError
 
-    def _global_batches(self, epoch: int) -> np.ndarray:
+    def _global_batches(self, epoch: int):
+        """The epoch's global batches, each ``world_size * micro_batch_size`` rows (-1: eval filler)."""
         order = self._epoch_order(epoch)
         n = len(order) // self.global_batch
         return order[: n * self.global_batch].reshape(n, self.global_batch)
@@ -61,37 +63,36 @@ class _ShardedLoader:
     def __len__(self) -> int:
         return len(self._global_batches(0)) if not self.train else self.num_rows // self.global_batch
 
-    def _make_batch(self, rows: np.ndarray) -> dict:
+    def _make_batch(self, rows) -> dict:
         raise NotImplementedError
 
     def __iter__(self):
         while True:
-            batches = self._global_batches(self.epoch)
-            while self.batch < len(batches):
-                rows = batches[self.batch, self.rank * self.micro : (self.rank + 1) * self.micro]
-                self.batch += 1
-                yield self._make_batch(rows)
+            for b, rows in enumerate(self._global_batches(self.epoch)):
+                if b < self.batch:
+                    continue  # resuming: skip (a stream replays) up to the saved position
+                self.batch = b + 1
+                yield self._make_batch(rows[self.rank * self.micro : (self.rank + 1) * self.micro])
             if not self.train:
                 self.batch = 0  # an eval loader can be iterated again, from the start
                 return
+            if self.batch == 0:
+                raise RuntimeError("the training data yields no complete global batch")
             self.epoch += 1
             self.batch = 0
 
     # -- resume --------------------------------------------------------------------------------
+    def _order_settings(self) -> dict:
+        """What the batch order depends on (a stream's unknown length left out)."""
+        settings = {"seed": self.seed, "world_size": self.world, "micro_batch_size": self.micro}
+        return settings if self.num_rows is None else {**settings, "num_rows": self.num_rows}
+
     def state_dict(self) -> dict:
-        return {
-            "epoch": self.epoch,
-            "batch": self.batch,
-            "seed": self.seed,
-            "world_size": self.world,
-            "micro_batch_size": self.micro,
-            "num_rows": self.num_rows,
-        }
+        return {"epoch": self.epoch, "batch": self.batch, **self._order_settings()}
 
     def load_state_dict(self, sd: dict) -> None:
-        check_same_order(sd, seed=self.seed, world_size=self.world, micro_batch_size=self.micro, num_rows=self.num_rows)
-        self.epoch = int(sd["epoch"])
-        self.batch = int(sd["batch"])
+        check_same_order(sd, **self._order_settings())
+        self.epoch, self.batch = int(sd["epoch"]), int(sd["batch"])
 
 
 def check_same_order(sd: dict, **mine) -> None:

@@ -16,13 +16,15 @@ import logging
 import numpy as np
 import torch
 
-from persimmon_train.data.loader import check_same_order
+from persimmon_train.data.loader import _eval_order, _ShardedLoader
 from persimmon_train.data.packing import IGNORE, PackStats, pack
 
 log = logging.getLogger(__name__)
 
 
-class StreamingPackedLoader:
+class StreamingPackedLoader(_ShardedLoader):
+    """The sharded loader's slicing, eval filling and resume checks over global batches of streamed rows."""
+
     def __init__(
         self,
         documents,
@@ -41,12 +43,8 @@ class StreamingPackedLoader:
         self.documents = documents
         self.seq_len, self.pad_id, self.long_docs = seq_len, pad_id, long_docs
         self.buffer_tokens = max(1, buffer_rows) * seq_len
-        self.micro, self.seed, self.rank, self.world = micro_batch_size, seed, rank, world_size
-        self.global_batch = micro_batch_size * world_size
-        self.train = train
-        self.epoch = 0
-        self.batch = 0
         self.stats = PackStats()
+        super().__init__(None, micro_batch_size, seed, rank, world_size, train, "streamed data")
 
     def _windows(self, epoch: int):
         ids, labels, lengths, tokens, w = [], [], [], 0, 0
@@ -76,11 +74,10 @@ class StreamingPackedLoader:
         self.stats = stats
 
     def _filler(self) -> dict:
-        ar = np.arange(self.seq_len, dtype=np.int32)
         return {
             "input_ids": np.full(self.seq_len, self.pad_id, np.int32),
             "labels": np.full(self.seq_len, IGNORE, np.int32),
-            "position_ids": ar,
+            "position_ids": np.arange(self.seq_len, dtype=np.int32),
         }
 
     def _global_batches(self, epoch: int):
@@ -91,40 +88,11 @@ class StreamingPackedLoader:
                 yield pending
                 pending = []
         if pending and not self.train:  # eval: keep every row, top up with ignored fillers
-            # place real rows rank-major so all ranks get the same number of batches
-            order = [None] * self.global_batch
-            for i, row in enumerate(pending):
-                order[(i % self.world) * self.micro + i // self.world] = row
-            yield [r if r is not None else self._filler() for r in order]
+            order = _eval_order(len(pending), self.global_batch, self.world, self.micro)
+            yield [pending[i] if i >= 0 else self._filler() for i in order]
 
-    def __iter__(self):
-        while True:
-            for b, rows in enumerate(self._global_batches(self.epoch)):
-                if b < self.batch:
-                    continue  # resuming: replay up to the saved position
-                mine = rows[self.rank * self.micro : (self.rank + 1) * self.micro]
-                self.batch = b + 1
-                yield {
-                    k: torch.from_numpy(np.stack([r[k] for r in mine]).astype(np.int64))
-                    for k in ("input_ids", "labels", "position_ids")
-                }
-            if not self.train:
-                self.batch = 0
-                return
-            if self.batch == 0:
-                raise RuntimeError("the streamed training data yields no complete global batch")
-            self.epoch += 1
-            self.batch = 0
-
-    def state_dict(self) -> dict:
+    def _make_batch(self, rows: list[dict]) -> dict:
         return {
-            "epoch": self.epoch,
-            "batch": self.batch,
-            "seed": self.seed,
-            "world_size": self.world,
-            "micro_batch_size": self.micro,
+            k: torch.from_numpy(np.stack([r[k] for r in rows]).astype(np.int64))
+            for k in ("input_ids", "labels", "position_ids")
         }
-
-    def load_state_dict(self, sd: dict) -> None:
-        check_same_order(sd, seed=self.seed, world_size=self.world, micro_batch_size=self.micro)
-        self.epoch, self.batch = int(sd["epoch"]), int(sd["batch"])

@@ -4,7 +4,8 @@ import datasets
 import numpy as np
 import pytest
 
-from persimmon_train.data import DataConfig, Tokenizer, build_data, train_tokenizer
+from persimmon_train.data import DataConfig, Tokenizer, build_data
+from persimmon_train.data.train_tokenizer import train_tokenizer
 from persimmon_train.errors import DataError
 
 ROWS = [{"text": f"document number {i} " + "word " * (i % 9)} for i in range(60)]

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 
+from persimmon_train.data.loader import PackedLoader
 from persimmon_train.data.streaming import StreamingPackedLoader
 from persimmon_train.errors import DataError
 
@@ -96,3 +98,28 @@ def test_resume_refuses_a_changed_seed_world_size_or_batch(change, message):
     settings.update(change)
     with pytest.raises(DataError, match=message):
         _loader(**settings).load_state_dict(state)
+
+
+@pytest.mark.parametrize("change", [dict(seed=6), dict(world=1, micro=4)])
+def test_resume_refusal_is_the_map_style_loaders_one_line_error(change):
+    """A changed seed, or world size at the same global batch, is refused by both loaders alike."""
+
+    def refusal(loader, state) -> str:
+        with pytest.raises(DataError) as e:
+            loader.load_state_dict(state)
+        return str(e.value)
+
+    settings = dict(rank=0, world=2, micro=2, seed=5)
+    changed = {**settings, **change}
+    stream = _loader(**settings)
+    next(iter(stream))
+    rows = {k: np.zeros((8, SEQ), np.int32) for k in ("input_ids", "labels", "position_ids")}
+
+    def packed(rank, world, micro, seed):
+        return PackedLoader(rows, micro, seed, rank, world)
+
+    saved = packed(**settings)
+    next(iter(saved))
+    message = refusal(_loader(**changed), stream.state_dict())
+    assert message == refusal(packed(**changed), saved.state_dict())
+    assert "\n" not in message and message.startswith("cannot resume the data loader: checkpoint has ")

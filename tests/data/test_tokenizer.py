@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from persimmon_train.data import Tokenizer, train_tokenizer
+from persimmon_train.data import Tokenizer
+from persimmon_train.data.train_tokenizer import train_tokenizer
 from persimmon_train.errors import DataError
 
 
