@@ -12,15 +12,18 @@ trained to predict it; prompt tokens in chat get -100.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 
 from persimmon_train.data.config import DataConfig
-from persimmon_train.data.sources import parse_jsonl_row
+from persimmon_train.data.sources import Source, parse_jsonl_row
 from persimmon_train.data.tokenizer import Tokenizer
 from persimmon_train.errors import DataError
 from persimmon_train.model.loss import IGNORE_INDEX as IGNORE
 
+log = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant")
+MAX_BAD_ROWS_LOGGED = 5
 
 
 class BadRow(Exception):
@@ -28,6 +31,21 @@ class BadRow(Exception):
         super().__init__(message)
         self.field = field
         self.message = message
+
+
+class BadRows:
+    """``data.on_bad_row``: refuse the first bad row, or skip and count them all (logging the first few)."""
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg, self.count, self.logged = cfg, 0, 0
+
+    def __call__(self, message: str) -> None:
+        if self.cfg.on_bad_row == "error":
+            raise DataError(message + " (set data.on_bad_row=skip to skip bad rows)")
+        self.count += 1
+        if self.logged < MAX_BAD_ROWS_LOGGED:
+            log.warning("skipping bad row: %s", message)
+            self.logged += 1
 
 
 def _type_name(v) -> str:
@@ -90,24 +108,15 @@ def label_kind(v) -> str:
 class RowProcessor:
     """Picklable batched map function for one source (name, reading kind, split assignment)."""
 
-    def __init__(
-        self,
-        cfg: DataConfig,
-        tokenizer: Tokenizer,
-        source_name: str,
-        kind: str,
-        *,
-        all_eval: bool,
-        eval_fraction: float,
-        fixed_labels: list[str] | None,
-    ):
+    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, source: Source, *, all_eval: bool, fixed_labels=None):
         self.cfg = cfg
         self.tok = tokenizer
-        self.name = source_name
-        self.kind = kind
+        self.name = source.name
+        self.kind = source.kind
         self.all_eval = all_eval
-        self.eval_fraction = eval_fraction
-        self.split_name = source_name.rsplit("/", 1)[-1]
+        # rows of eval_files are all eval, so given eval_files no training row is held out
+        self.eval_fraction = 0.0 if (all_eval or cfg.eval_files) else cfg.eval_fraction
+        self.split_name = source.name.rsplit("/", 1)[-1]
         self.fixed = {n: i for i, n in enumerate(fixed_labels)} if fixed_labels else None
         add_bos = cfg.add_bos
         self.add_bos = (tokenizer.bos_id != tokenizer.eos_id) if add_bos is None else bool(add_bos)

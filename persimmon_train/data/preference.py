@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from persimmon_train.data.config import DataConfig
-from persimmon_train.data.formats import BadRow, RowProcessor, _type_name, get_list, get_string
+from persimmon_train.data.formats import BadRow, BadRows, RowProcessor, _type_name, get_list, get_string
 from persimmon_train.data.loader import PackedLoader
 from persimmon_train.data.packing import best_fit_decreasing
 from persimmon_train.data.sources import load_source, resolve
@@ -118,15 +118,7 @@ def read_pairs(cfg: DataConfig, tok: Tokenizer, entries: list[str], *, all_eval:
     out = {"train": [], "eval": []}
     for entry in resolve(entries):
         src = load_source(entry, streaming=False, txt_sample_by=cfg.txt_sample_by, cache_dir=hf_cache)
-        proc = PreferenceRowProcessor(
-            cfg,
-            tok,
-            src.name,
-            src.kind,
-            all_eval=all_eval,
-            eval_fraction=0.0 if (all_eval or cfg.eval_files) else cfg.eval_fraction,
-            fixed_labels=None,
-        )
+        proc = PreferenceRowProcessor(cfg, tok, src, all_eval=all_eval)
         for i, raw in enumerate(src.dataset):
             ex = proc.process(raw, i)
             if ex["bad"]:
@@ -221,9 +213,7 @@ def pairs_cache_key(cfg: DataConfig, tok: Tokenizer, train_entries, eval_entries
 
 def prepare_pairs(cfg: DataConfig, tok: Tokenizer) -> tuple[dict, dict]:
     """Packed arrays per split ({"train": {...}, "eval": {...}}) and their stats; bad rows refused or skipped."""
-    from persimmon_train.data.build import _BadRows
-
-    bad = _BadRows(cfg)
+    bad = BadRows(cfg)
     pairs = read_pairs(cfg, tok, cfg.train_files, all_eval=False, bad=bad)
     if cfg.eval_files:
         pairs["eval"] = read_pairs(cfg, tok, cfg.eval_files, all_eval=True, bad=bad)["eval"]
