@@ -1,6 +1,8 @@
 """build_data: sources -> tokenized rows -> packed / padded arrays (cached) -> loaders.
 
-Preparation happens once, eagerly, before training starts, so every bad row is found up front.
+Each format prepares its arrays in its own module (prepare_packed, prepare_classification,
+prepare_token_classification; preference pairs in preference); this one loads the sources, keys
+and writes the cache, and builds the loaders. Preparation happens once, eagerly, before training starts, so every bad row is found up front.
 The result is cached under ``cache_dir/<key>/`` as .npy files (memory-mapped when read back);
 the key hashes the tokenizer file's bytes and special ids, each source's identity (path, size,
 mtime, or a dataset fingerprint) and every DataConfig field that changes the output, so a changed
@@ -10,20 +12,21 @@ are applied at read time and are not part of the key.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
 import shutil
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from persimmon_train.data.config import PACKED_FORMATS, DataConfig
 from persimmon_train.data.formats import BadRows, RowProcessor
-from persimmon_train.data.loader import PackedLoader, PaddedLoader
+from persimmon_train.data.loader import DataBundle, PackedLoader, PaddedLoader
+from persimmon_train.data.preference import pairs_cache_key, preference_data, write_pairs
 from persimmon_train.data.prepare_classification import ClassificationPreparation
 from persimmon_train.data.prepare_packed import PackedPreparation
 from persimmon_train.data.prepare_token_classification import TokenClassificationPreparation
@@ -35,17 +38,6 @@ from persimmon_train.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
-
-
-@dataclass
-class DataBundle:
-    train_loader: object
-    eval_loader: object | None
-    num_labels: int | None = None
-    id2label: dict | None = None
-    label2id: dict | None = None
-    problem_type: str | None = None
-    stats: dict = field(default_factory=dict)
 
 
 def default_cache_dir() -> Path:
@@ -162,6 +154,27 @@ def _load_sources(entries, cfg: DataConfig, hf_cache: Path):
     ]
 
 
+def _prepared(cache_root: Path, key: str, prepare) -> tuple[Path, dict]:
+    """The prepared data's folder ``cache_root/key`` and its meta; on a miss, ``prepare(tmp)`` writes
+    the arrays into a new folder and returns their meta, and that folder is renamed into place, so a
+    folder with meta.json is always complete."""
+    folder = cache_root / key
+    if (folder / "meta.json").is_file():
+        log.info("data: using cached preparation %s", folder)
+    else:
+        tmp = cache_root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+        try:
+            meta = prepare(tmp)
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            try:
+                os.rename(tmp, folder)  # atomic; another rank may have won the race
+            except OSError:
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder, json.loads((folder / "meta.json").read_text())
+
+
 def build_data(cfg, tokenizer, *, micro_batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> DataBundle:
     """Prepare (or load from cache) the data of ``cfg`` and return loaders for this rank."""
     cfg = DataConfig.from_any(cfg).validate()
@@ -172,33 +185,17 @@ def build_data(cfg, tokenizer, *, micro_batch_size: int, seed: int, rank: int = 
     except OSError as e:
         key = "data.cache_dir" if cfg.cache_dir else "data.cache_dir (default: $PERSIMMON_TRAIN_CACHE/data)"
         raise ConfigError(f"{key}: cannot create {str(cache_root)!r} ({e.strerror or type(e).__name__})") from None
-    if cfg.format == "preference":
-        from persimmon_train.data.preference import build_preference_data
-
-        return build_preference_data(
-            cfg, tok, micro_batch_size=micro_batch_size, seed=seed, rank=rank, world_size=world_size
-        )
+    loader_args = dict(micro_batch_size=micro_batch_size, seed=seed, rank=rank, world_size=world_size)
+    if cfg.format == "preference":  # the pairs' files are read where they are prepared
+        key = pairs_cache_key(cfg, tok, cfg.train_files, cfg.eval_files)
+        folder, meta = _prepared(cache_root, key, functools.partial(write_pairs, cfg, tok, cache_root / "hf"))
+        return preference_data(cfg, tok, folder, meta, key, **loader_args)
     train_sources = _load_sources(cfg.train_files, cfg, cache_root / "hf")
     eval_sources = _load_sources(cfg.eval_files, cfg, cache_root / "hf")
     if cfg.streaming:
-        return _build_streaming(cfg, tok, train_sources, eval_sources, micro_batch_size, seed, rank, world_size)
-
+        return _build_streaming(cfg, tok, train_sources, eval_sources, **loader_args)
     key = _cache_key(cfg, tok, train_sources, eval_sources)
-    folder = cache_root / key
-    if (folder / "meta.json").is_file():
-        log.info("data: using cached preparation %s", folder)
-    else:
-        tmp = cache_root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
-        try:
-            meta = _prepare(cfg, tok, train_sources, eval_sources, tmp)
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            try:
-                os.rename(tmp, folder)  # atomic; another rank may have won the race
-            except OSError:
-                pass
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    meta = json.loads((folder / "meta.json").read_text())
+    folder, meta = _prepared(cache_root, key, functools.partial(_prepare, cfg, tok, train_sources, eval_sources))
     arrays = {
         split: {f[len(split) + 1 : -4]: np.load(folder / f, mmap_mode="r") for f in files}
         for split, files in meta["splits"].items()
@@ -208,14 +205,8 @@ def build_data(cfg, tokenizer, *, micro_batch_size: int, seed: int, rank: int = 
         train = split == "train"
         sources = train_sources if train or not eval_sources else eval_sources
         what = f"{split} data ({', '.join(s.name for s in sources)})"
-        if cfg.format in PACKED_FORMATS:
-            loaders[split] = PackedLoader(
-                arr, micro_batch_size, seed, rank, world_size, train=train, pad_id=tok.pad_id, what=what
-            )
-        else:
-            loaders[split] = PaddedLoader(
-                arr, micro_batch_size, seed, rank, world_size, train=train, pad_id=tok.pad_id, what=what
-            )
+        loader = PackedLoader if cfg.format in PACKED_FORMATS else PaddedLoader
+        loaders[split] = loader(arr, **loader_args, train=train, pad_id=tok.pad_id, what=what)
     stats = dict(meta["stats"], cache=str(folder))
     _log_stats(cfg, stats)
     if cfg.eval_fraction and not cfg.eval_files and "eval" not in loaders:
@@ -281,16 +272,13 @@ def _stream_documents(cfg: DataConfig, tok: Tokenizer, sources, *, want_eval: bo
     return documents
 
 
-def _build_streaming(cfg, tok, train_sources, eval_sources, micro, seed, rank, world) -> DataBundle:
+def _build_streaming(cfg, tok, train_sources, eval_sources, **loader_args) -> DataBundle:
     common = dict(
         seq_len=cfg.seq_len,
         pad_id=tok.pad_id,
         long_docs=cfg.long_docs,
         buffer_rows=cfg.stream_buffer_rows,
-        micro_batch_size=micro,
-        seed=seed,
-        rank=rank,
-        world_size=world,
+        **loader_args,
     )
     train_docs = _stream_documents(cfg, tok, train_sources, want_eval=False, all_eval=False)
     if next(iter(train_docs()), None) is None:  # validates the first rows before training starts

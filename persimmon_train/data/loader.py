@@ -17,6 +17,8 @@ passes (FSDP needs that), the last batches are topped up with filler rows whose 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 
@@ -244,3 +246,16 @@ class PaddedLoader(_ShardedLoader):
         if out_labels.dtype == torch.float64:
             out_labels = out_labels.float()
         return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask), "labels": out_labels}
+
+
+@dataclass
+class DataBundle:
+    """What build_data gives a run: its loaders, and the labels a classification head needs."""
+
+    train_loader: object
+    eval_loader: object | None
+    num_labels: int | None = None
+    id2label: dict | None = None
+    label2id: dict | None = None
+    problem_type: str | None = None
+    stats: dict = field(default_factory=dict)

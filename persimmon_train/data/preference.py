@@ -19,9 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -30,7 +27,7 @@ import torch
 
 from persimmon_train.data.config import DataConfig
 from persimmon_train.data.formats import BadRow, BadRows, RowProcessor, _type_name, get_list, get_string
-from persimmon_train.data.loader import PackedLoader
+from persimmon_train.data.loader import DataBundle, PackedLoader
 from persimmon_train.data.packing import best_fit_decreasing
 from persimmon_train.data.sources import load_source, resolve
 from persimmon_train.data.tokenizer import Tokenizer
@@ -110,14 +107,11 @@ class PreferenceRowProcessor(RowProcessor):
         }
 
 
-def read_pairs(cfg: DataConfig, tok: Tokenizer, entries: list[str], *, all_eval: bool, bad) -> dict:
+def read_pairs(cfg: DataConfig, tok: Tokenizer, entries: list[str], hf_cache: Path, *, all_eval: bool, bad) -> dict:
     """Tokenised pairs of the sources ``entries``: {"train"/"eval": list of (prompt, chosen, rejected)}."""
-    from persimmon_train.data.build import default_cache_dir
-
-    hf_cache = str((Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()) / "hf")
     out = {"train": [], "eval": []}
     for entry in resolve(entries):
-        src = load_source(entry, streaming=False, txt_sample_by=cfg.txt_sample_by, cache_dir=hf_cache)
+        src = load_source(entry, streaming=False, txt_sample_by=cfg.txt_sample_by, cache_dir=str(hf_cache))
         proc = PreferenceRowProcessor(cfg, tok, src, all_eval=all_eval)
         for i, raw in enumerate(src.dataset):
             ex = proc.process(raw, i)
@@ -211,12 +205,12 @@ def pairs_cache_key(cfg: DataConfig, tok: Tokenizer, train_entries, eval_entries
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def prepare_pairs(cfg: DataConfig, tok: Tokenizer) -> tuple[dict, dict]:
+def prepare_pairs(cfg: DataConfig, tok: Tokenizer, hf_cache: Path) -> tuple[dict, dict]:
     """Packed arrays per split ({"train": {...}, "eval": {...}}) and their stats; bad rows refused or skipped."""
     bad = BadRows(cfg)
-    pairs = read_pairs(cfg, tok, cfg.train_files, all_eval=False, bad=bad)
+    pairs = read_pairs(cfg, tok, cfg.train_files, hf_cache, all_eval=False, bad=bad)
     if cfg.eval_files:
-        pairs["eval"] = read_pairs(cfg, tok, cfg.eval_files, all_eval=True, bad=bad)["eval"]
+        pairs["eval"] = read_pairs(cfg, tok, cfg.eval_files, hf_cache, all_eval=True, bad=bad)["eval"]
     if not pairs["train"]:
         raise DataError(
             f"no usable preference pairs in {', '.join(map(str, cfg.train_files))}"
@@ -245,41 +239,24 @@ def prepare_pairs(cfg: DataConfig, tok: Tokenizer) -> tuple[dict, dict]:
     return arrays, stats
 
 
-def build_preference_data(cfg: DataConfig, tok: Tokenizer, *, micro_batch_size: int, seed: int, rank, world_size):
-    """Loaders over packed pairs (build_data's path for data.format=preference), prepared once and
-    cached under ``cache_dir/<key>/`` like the other formats (the stored DPO reference sits beside)."""
-    from persimmon_train.data.build import DataBundle, default_cache_dir
+def write_pairs(cfg: DataConfig, tok: Tokenizer, hf_cache: Path, out: Path) -> dict:
+    """Prepare the pairs, save their arrays in the new folder ``out`` and return their meta."""
+    arrays, stats = prepare_pairs(cfg, tok, hf_cache)
+    out.mkdir(parents=True)
+    for split, arr in arrays.items():
+        for name, a in arr.items():
+            np.save(out / f"{split}_{name}.npy", a)
+    return {"version": CACHE_VERSION, "splits": sorted(arrays), "stats": stats}
 
-    root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-    key = pairs_cache_key(cfg, tok, cfg.train_files, cfg.eval_files)
-    folder = root / key
-    if (folder / "meta.json").is_file():
-        log.info("data: using cached preparation %s", folder)
-        meta = json.loads((folder / "meta.json").read_text())
-    else:
-        arrays, stats = prepare_pairs(cfg, tok)
-        tmp = root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir(parents=True)
-        try:
-            for split, arr in arrays.items():
-                for name, a in arr.items():
-                    np.save(tmp / f"{split}_{name}.npy", a)
-            meta = {"version": CACHE_VERSION, "splits": sorted(arrays), "stats": stats}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            try:
-                os.rename(tmp, folder)  # atomic; another rank may have won the race
-            except OSError:
-                pass
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+def preference_data(cfg: DataConfig, tok: Tokenizer, folder: Path, meta: dict, key: str, **loader_args) -> DataBundle:
+    """Loaders over the packed pairs prepared in ``folder`` (the stored DPO reference sits beside)."""
     loaders = {}
     for split in meta["splits"]:
         arr = {n: np.load(folder / f"{split}_{n}.npy", mmap_mode="r") for n in ARRAYS}
         files = cfg.eval_files if split == "eval" and cfg.eval_files else cfg.train_files
         what = f"{split} preference data ({', '.join(map(str, files))})"
-        loaders[split] = PreferenceLoader(
-            arr, micro_batch_size, seed, rank, world_size, train=split == "train", pad_id=tok.pad_id, what=what
-        )
+        loaders[split] = PreferenceLoader(arr, **loader_args, train=split == "train", pad_id=tok.pad_id, what=what)
     stats = dict(meta["stats"], cache=str(folder), key=key)
     if stats.get("skipped_rows"):
         log.warning("data: skipped %d bad rows", stats["skipped_rows"])
