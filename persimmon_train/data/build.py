@@ -2,12 +2,12 @@
 
 Each format prepares its arrays in its own module (prepare_packed, prepare_classification,
 prepare_token_classification; preference pairs in preference); this one loads the sources, keys
-and writes the cache, and builds the loaders. Preparation happens once, eagerly, before training starts, so every bad row is found up front.
-The result is cached under ``cache_dir/<key>/`` as .npy files (memory-mapped when read back);
-the key hashes the tokenizer file's bytes and special ids, each source's identity (path, size,
-mtime, or a dataset fingerprint) and every DataConfig field that changes the output, so a changed
-tokenizer, file or setting never reuses a stale cache. Loader settings (seed, batch size, ranks)
-are applied at read time and are not part of the key.
+and writes the cache, and builds the loaders. Preparation happens once, eagerly, before training
+starts, so every bad row is found up front. The result is cached under ``cache_dir/<key>/`` as .npy
+files (memory-mapped when read back); the key hashes the tokenizer file's bytes and special ids,
+each source's identity (path, size, mtime, or a dataset fingerprint) and every DataConfig field that
+changes the output, so a changed tokenizer, file or setting never reuses a stale cache. Loader
+settings (seed, batch size, ranks) are applied at read time and are not part of the key.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 from persimmon_train.data.config import PACKED_FORMATS, DataConfig
 from persimmon_train.data.formats import BadRows, RowProcessor
 from persimmon_train.data.loader import DataBundle, PackedLoader, PaddedLoader
-from persimmon_train.data.preference import pairs_cache_key, preference_data, write_pairs
+from persimmon_train.data.preference import pairs_cache_key, preference_loaders, write_pairs
 from persimmon_train.data.prepare_classification import ClassificationPreparation
 from persimmon_train.data.prepare_packed import PackedPreparation
 from persimmon_train.data.prepare_token_classification import TokenClassificationPreparation
@@ -189,30 +189,31 @@ def build_data(cfg, tokenizer, *, micro_batch_size: int, seed: int, rank: int = 
     if cfg.format == "preference":  # the pairs' files are read where they are prepared
         key = pairs_cache_key(cfg, tok, cfg.train_files, cfg.eval_files)
         folder, meta = _prepared(cache_root, key, functools.partial(write_pairs, cfg, tok, cache_root / "hf"))
-        return preference_data(cfg, tok, folder, meta, key, **loader_args)
-    train_sources = _load_sources(cfg.train_files, cfg, cache_root / "hf")
-    eval_sources = _load_sources(cfg.eval_files, cfg, cache_root / "hf")
-    if cfg.streaming:
-        return _build_streaming(cfg, tok, train_sources, eval_sources, **loader_args)
-    key = _cache_key(cfg, tok, train_sources, eval_sources)
-    folder, meta = _prepared(cache_root, key, functools.partial(_prepare, cfg, tok, train_sources, eval_sources))
-    arrays = {
-        split: {f[len(split) + 1 : -4]: np.load(folder / f, mmap_mode="r") for f in files}
-        for split, files in meta["splits"].items()
-    }
-    loaders = {}
-    for split, arr in arrays.items():
-        train = split == "train"
-        sources = train_sources if train or not eval_sources else eval_sources
-        what = f"{split} data ({', '.join(s.name for s in sources)})"
-        loader = PackedLoader if cfg.format in PACKED_FORMATS else PaddedLoader
-        loaders[split] = loader(arr, **loader_args, train=train, pad_id=tok.pad_id, what=what)
-    stats = dict(meta["stats"], cache=str(folder))
-    _log_stats(cfg, stats)
-    if cfg.eval_fraction and not cfg.eval_files and "eval" not in loaders:
-        log.warning("data: eval_fraction=%s selected no rows; no eval data", cfg.eval_fraction)
+        loaders = preference_loaders(cfg, tok, folder, meta["splits"], **loader_args)
+        stats = dict(meta["stats"], cache=str(folder), key=key)
+        if stats.get("skipped_rows"):
+            log.warning("data: skipped %d bad rows", stats["skipped_rows"])
+        labels = {"problem_type": "regression", "names": None}  # reward models: one score per document
+    else:
+        train_sources = _load_sources(cfg.train_files, cfg, cache_root / "hf")
+        eval_sources = _load_sources(cfg.eval_files, cfg, cache_root / "hf")
+        if cfg.streaming:
+            return _build_streaming(cfg, tok, train_sources, eval_sources, **loader_args)
+        key = _cache_key(cfg, tok, train_sources, eval_sources)
+        folder, meta = _prepared(cache_root, key, functools.partial(_prepare, cfg, tok, train_sources, eval_sources))
+        loaders = {}
+        for split, files in meta["splits"].items():
+            arrays = {f[len(split) + 1 : -4]: np.load(folder / f, mmap_mode="r") for f in files}
+            sources = train_sources if split == "train" or not eval_sources else eval_sources
+            what = f"{split} data ({', '.join(s.name for s in sources)})"
+            loader = PackedLoader if cfg.format in PACKED_FORMATS else PaddedLoader
+            loaders[split] = loader(arrays, **loader_args, train=split == "train", pad_id=tok.pad_id, what=what)
+        stats = dict(meta["stats"], cache=str(folder))
+        _log_stats(cfg, stats)
+        if cfg.eval_fraction and not cfg.eval_files and "eval" not in loaders:
+            log.warning("data: eval_fraction=%s selected no rows; no eval data", cfg.eval_fraction)
+        labels = meta.get("labels")
     bundle = DataBundle(loaders["train"], loaders.get("eval"), stats=stats)
-    labels = meta.get("labels")
     if labels:
         names = labels["names"]
         bundle.problem_type = labels["problem_type"]

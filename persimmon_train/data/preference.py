@@ -27,7 +27,7 @@ import torch
 
 from persimmon_train.data.config import DataConfig
 from persimmon_train.data.formats import BadRow, BadRows, RowProcessor, _type_name, get_list, get_string
-from persimmon_train.data.loader import DataBundle, PackedLoader
+from persimmon_train.data.loader import PackedLoader
 from persimmon_train.data.packing import best_fit_decreasing
 from persimmon_train.data.sources import load_source, resolve
 from persimmon_train.data.tokenizer import Tokenizer
@@ -249,24 +249,12 @@ def write_pairs(cfg: DataConfig, tok: Tokenizer, hf_cache: Path, out: Path) -> d
     return {"version": CACHE_VERSION, "splits": sorted(arrays), "stats": stats}
 
 
-def preference_data(cfg: DataConfig, tok: Tokenizer, folder: Path, meta: dict, key: str, **loader_args) -> DataBundle:
+def preference_loaders(cfg: DataConfig, tok: Tokenizer, folder: Path, splits: list[str], **loader_args) -> dict:
     """Loaders over the packed pairs prepared in ``folder`` (the stored DPO reference sits beside)."""
     loaders = {}
-    for split in meta["splits"]:
+    for split in splits:
         arr = {n: np.load(folder / f"{split}_{n}.npy", mmap_mode="r") for n in ARRAYS}
         files = cfg.eval_files if split == "eval" and cfg.eval_files else cfg.train_files
         what = f"{split} preference data ({', '.join(map(str, files))})"
         loaders[split] = PreferenceLoader(arr, **loader_args, train=split == "train", pad_id=tok.pad_id, what=what)
-    stats = dict(meta["stats"], cache=str(folder), key=key)
-    if stats.get("skipped_rows"):
-        log.warning("data: skipped %d bad rows", stats["skipped_rows"])
-    # reward models: one score per document (num_labels=1)
-    return DataBundle(
-        loaders["train"],
-        loaders.get("eval"),
-        num_labels=1,
-        id2label={0: "LABEL_0"},
-        label2id={"LABEL_0": 0},
-        problem_type="regression",
-        stats=stats,
-    )
+    return loaders

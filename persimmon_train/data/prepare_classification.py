@@ -20,15 +20,6 @@ PROBLEM_OF_KIND = {
 }
 
 
-def class_label_names(source, column: str) -> list[str] | None:
-    """A ClassLabel column (parquet / save_to_disk / hub) carries its label names."""
-    feats = getattr(source.dataset, "features", None) or {}
-    f = feats.get(column)
-    f = getattr(f, "feature", f)  # Sequence/List(ClassLabel) for tags or multi-label
-    names = getattr(f, "names", None)
-    return list(names) if names else None
-
-
 def shown(name: str) -> str:
     """A label name as an error message shows it (``#3`` is integer id 3)."""
     return f"id {name[1:]}" if name.startswith("#") else repr(name)
@@ -93,13 +84,19 @@ class LabelSpace:
 class ClassificationPreparation:
     """Writes ``<split>_{input_ids,offsets,labels}.npy`` (examples read by PaddedLoader)."""
 
+    label_field = "label_field"  # the DataConfig key naming the rows' label column
+
     def __init__(self, cfg: DataConfig, fixed_labels: list[str] | None):
         self.cfg = cfg
         self.space = LabelSpace(cfg, fixed_labels)
 
-    @staticmethod
-    def fixed_labels(cfg: DataConfig, source) -> list[str] | None:
-        return class_label_names(source, cfg.label_field)
+    @classmethod
+    def fixed_labels(cls, cfg: DataConfig, source) -> list[str] | None:
+        """The names a ClassLabel column (parquet / save_to_disk / hub) carries."""
+        feature = (getattr(source.dataset, "features", None) or {}).get(getattr(cfg, cls.label_field))
+        feature = getattr(feature, "feature", feature)  # Sequence/List(ClassLabel) for tags or multi-label
+        names = getattr(feature, "names", None)
+        return list(names) if names else None
 
     @staticmethod
     def columns(mapped, idx: np.ndarray) -> dict:

@@ -7,23 +7,16 @@ from pathlib import Path
 
 import numpy as np
 
-from persimmon_train.data.config import DataConfig
-from persimmon_train.data.prepare_classification import LabelSpace, class_label_names, shown
+from persimmon_train.data.prepare_classification import ClassificationPreparation, shown
 from persimmon_train.data.ragged import TokenizedSplit, list_column, take
 from persimmon_train.errors import DataError
 from persimmon_train.model.loss import IGNORE_INDEX as IGNORE
 
 
-class TokenClassificationPreparation:
+class TokenClassificationPreparation(ClassificationPreparation):
     """Writes ``<split>_{input_ids,offsets,token_labels}.npy`` (examples read by PaddedLoader)."""
 
-    def __init__(self, cfg: DataConfig, fixed_labels: list[str] | None):
-        self.cfg = cfg
-        self.space = LabelSpace(cfg, fixed_labels)
-
-    @staticmethod
-    def fixed_labels(cfg: DataConfig, source) -> list[str] | None:
-        return class_label_names(source, cfg.tags_field)
+    label_field = "tags_field"
 
     @staticmethod
     def columns(mapped, idx: np.ndarray) -> dict:
