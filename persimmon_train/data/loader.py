@@ -26,7 +26,7 @@ from persimmon_train.errors import DataError
 from persimmon_train.model.loss import IGNORE_INDEX as IGNORE
 
 
-class _ShardedLoader:
+class ShardedLoader:
     """Common epoch/batch bookkeeping; subclasses define the epoch's global batches and batch assembly."""
 
     def __init__(
@@ -55,6 +55,17 @@ class _ShardedLoader:
     def _epoch_order(self, epoch: int) -> np.ndarray:
         """Global row order for an epoch; -1 marks an eval filler row."""
         raise NotImplementedError
+
+    def _eval_order(self, num_rows: int) -> np.ndarray:
+        """Rows 0..num_rows-1 once, topped up with -1 fillers to whole global batches."""
+        n_batches = -(-num_rows // self.global_batch)
+        order = np.full(n_batches * self.global_batch, -1, dtype=np.int64)
+        # Fill rank-major within each global batch so the fillers land at the end of the pass.
+        idx = np.arange(num_rows)
+        rank_of, pos = idx % self.world, idx // self.world
+        b, k = pos // self.micro, pos % self.micro
+        order[b * self.global_batch + rank_of * self.micro + k] = idx
+        return order
 
     def _global_batches(self, epoch: int):
         """The epoch's global batches, each ``world_size * micro_batch_size`` rows (-1: eval filler)."""
@@ -107,19 +118,7 @@ def check_same_order(sd: dict, **mine) -> None:
             )
 
 
-def _eval_order(num_rows: int, global_batch: int, world: int, micro: int) -> np.ndarray:
-    """All rows once, topped up with -1 fillers to whole global batches."""
-    n_batches = -(-num_rows // global_batch)
-    order = np.full(n_batches * global_batch, -1, dtype=np.int64)
-    # Fill rank-major within each global batch so the fillers land at the end of the pass.
-    idx = np.arange(num_rows)
-    rank_of, pos = idx % world, idx // world
-    b, k = pos // micro, pos % micro
-    order[b * global_batch + rank_of * micro + k] = idx
-    return order
-
-
-class PackedLoader(_ShardedLoader):
+class PackedLoader(ShardedLoader):
     """Batches of packed rows: input_ids, labels, position_ids, all [B, seq_len] int64."""
 
     def __init__(
@@ -141,7 +140,7 @@ class PackedLoader(_ShardedLoader):
     def _epoch_order(self, epoch: int) -> np.ndarray:
         if self.train:
             return np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
-        return _eval_order(self.num_rows, self.global_batch, self.world, self.micro)
+        return self._eval_order(self.num_rows)
 
     def _make_batch(self, rows: np.ndarray) -> dict:
         real = rows >= 0
@@ -161,7 +160,7 @@ class PackedLoader(_ShardedLoader):
         }
 
 
-class PaddedLoader(_ShardedLoader):
+class PaddedLoader(ShardedLoader):
     """Length-bucketed, right-padded batches for classification / token classification.
 
     ``examples``: flat ``input_ids`` + ``offsets`` and either per-example ``labels`` ([N] long,
@@ -197,12 +196,12 @@ class PaddedLoader(_ShardedLoader):
         if not self.train:
             by_len = np.argsort(self.lengths, kind="stable")
             if self.can_fill:
-                order = _eval_order(self.num_rows, self.global_batch, self.world, self.micro)
+                order = self._eval_order(self.num_rows)
                 return np.where(order >= 0, by_len[np.maximum(order, 0)], -1)
             # no filler label exists for multi-label / regression: drop the last (< world_size)
             # rows instead, so every rank gets the same number of real rows (and batches)
             n = (self.num_rows // self.world) * self.world
-            order = _eval_order(n, self.global_batch, self.world, self.micro)
+            order = self._eval_order(n)
             return np.where(order >= 0, by_len[np.maximum(order, 0)], -1)
         rng = np.random.default_rng([self.seed, epoch])
         perm = rng.permutation(self.num_rows)

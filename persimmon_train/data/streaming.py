@@ -16,13 +16,13 @@ import logging
 import numpy as np
 import torch
 
-from persimmon_train.data.loader import _eval_order, _ShardedLoader
+from persimmon_train.data.loader import ShardedLoader
 from persimmon_train.data.packing import IGNORE, PackStats, pack
 
 log = logging.getLogger(__name__)
 
 
-class StreamingPackedLoader(_ShardedLoader):
+class StreamingPackedLoader(ShardedLoader):
     """The sharded loader's slicing, eval filling and resume checks over global batches of streamed rows."""
 
     def __init__(
@@ -88,7 +88,7 @@ class StreamingPackedLoader(_ShardedLoader):
                 yield pending
                 pending = []
         if pending and not self.train:  # eval: keep every row, top up with ignored fillers
-            order = _eval_order(len(pending), self.global_batch, self.world, self.micro)
+            order = self._eval_order(len(pending))
             yield [pending[i] if i >= 0 else self._filler() for i in order]
 
     def _make_batch(self, rows: list[dict]) -> dict:
