@@ -7,7 +7,7 @@ with `peft=lora`, `trainer.precision=bf16`, the same `data.seq_len` and micro-ba
 tokens per step): `finetune` on the demo chat data, `dpo` on the demo preference pairs (its
 reference: the same model with adapters disabled). Each run is a fresh process reporting its peak
 RSS (VmHWM at exit); a tiny base (hidden 64, 2 layers) measures what is not the model, and the
-figure compared is big - tiny per recipe. Issue 20's bar: DPO within 10% of SFT.
+figure compared is big - tiny per recipe. The bar: DPO within 10% of SFT.
 """
 
 from __future__ import annotations
