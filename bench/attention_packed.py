@@ -17,6 +17,7 @@ import statistics
 import time
 
 import torch
+from host_memory import int_options
 
 from persimmon_train.model import PersimmonConfig, PersimmonForCausalLM
 
@@ -38,10 +39,7 @@ def step_seconds(model, ids, pos) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=4096)
+    int_options(ap, hidden=256, layers=2, heads=4, vocab=4096)
     ap.add_argument("--doc", type=int, default=512, help="document length (tokens)")
     ap.add_argument("--long", type=int, default=16384, help="long row length")
     ap.add_argument("--short", type=int, default=1024, help="short row length")

@@ -17,10 +17,7 @@ import subprocess
 import sys
 import time
 
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+from host_memory import int_options, status_kib
 
 
 def run_variant(name: str, seq: int, hidden: int, vocab: int, layers: int = 1) -> dict:
@@ -44,7 +41,7 @@ def run_variant(name: str, seq: int, hidden: int, vocab: int, layers: int = 1) -
 
         model = transformers.PersimmonForCausalLM(transformers.PersimmonConfig(**cfg))
     ids = torch.randint(0, vocab, (1, seq))
-    before = rss_bytes()
+    before = status_kib("VmRSS") * 1024
     for _ in range(2):  # the second step is timed (the first pays one-off allocations); peak covers both
         model.zero_grad(set_to_none=True)
         start = time.perf_counter()
@@ -56,11 +53,8 @@ def run_variant(name: str, seq: int, hidden: int, vocab: int, layers: int = 1) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seq", type=int, default=4096)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--vocab", type=int, default=262144)
+    sizes = dict(seq=4096, hidden=256, layers=2, vocab=262144)
+    parser = int_options(argparse.ArgumentParser(description=__doc__.splitlines()[0]), **sizes)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
@@ -68,25 +62,9 @@ def main() -> None:
         return
     results = {}
     for variant in ("ours", "transformers"):
-        out = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--variant",
-                variant,
-                "--seq",
-                str(args.seq),
-                "--hidden",
-                str(args.hidden),
-                "--vocab",
-                str(args.vocab),
-                "--layers",
-                str(args.layers),
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
+        options = [f"--{name}={getattr(args, name)}" for name in sizes]
+        cmd = [sys.executable, __file__, "--variant", variant, *options]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         results[variant] = json.loads(out.strip().splitlines()[-1])
     ours, theirs = results["ours"], results["transformers"]
     gib = 2**30

@@ -16,13 +16,12 @@ Both runs use the same config and print one line each; compare them in one run (
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from host_memory import reported, run_measured
 
 HOOKS = {  # module, function wrapped around the end-of-run write of final/
     "new": ("persimmon_train.export.exporter", "export_run_outputs"),
@@ -30,10 +29,10 @@ HOOKS = {  # module, function wrapped around the end-of-run write of final/
 }
 
 DRIVER = r"""
-import importlib, json, os, runpy, sys
+import importlib, os, sys
 checkout, kind, module_name, function = sys.argv[1:5]
 sys.path.insert(0, checkout)
-from host_memory import reset_peak, status_kib  # copied beside this driver: old checkouts lack it
+from host_memory import report, reset_peak, run_script, status_kib  # copied beside this driver
 module = importlib.import_module(module_name)
 real = getattr(module, function)
 
@@ -42,13 +41,11 @@ def measured(*args, **kwargs):
     before = status_kib("VmRSS") * 1024
     result = real(*args, **kwargs)
     if int(os.environ.get("RANK", "0")) == 0:
-        peak = status_kib("VmHWM") * 1024
-        print("END_OF_RUN " + json.dumps({"before": before, "peak": peak}), flush=True)
+        report({"before": before, "peak": status_kib("VmHWM") * 1024})
     return result
 
 setattr(module, function, measured)
-sys.argv = [os.path.join(checkout, "recipes", "finetune.py"), *sys.argv[5:]]
-runpy.run_path(sys.argv[0], run_name="__main__")
+run_script(os.path.join(checkout, "recipes", "finetune.py"), sys.argv[5:])
 """
 
 HIDDEN, LAYERS, VOCAB = 1024, 12, 32768  # ~218M parameters, 0.87 GB fp32: well above the run's other memory
@@ -74,30 +71,12 @@ JOB = [
 
 
 def measure(checkout: Path, kind: str, out: Path) -> dict:
-    module, function = HOOKS[kind]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(checkout)}
     driver = out.parent / f"driver_{kind}.py"
     driver.write_text(DRIVER)
-    shutil.copy(Path(__file__).with_name("host_memory.py"), driver.parent)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(driver),
-        str(checkout),
-        kind,
-        module,
-        function,
-        *JOB,
-        f"output_dir={out}",
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
-    if proc.returncode != 0:
-        raise SystemExit(f"{kind} run failed:\n{proc.stderr[-4000:]}")
-    line = next(line for line in proc.stdout.splitlines() if line.startswith("END_OF_RUN "))
-    return json.loads(line.split(" ", 1)[1])
+    shutil.copy(Path(__file__).with_name("host_memory.py"), driver.parent)  # old checkouts lack it
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", driver, checkout, kind]
+    cmd += [*HOOKS[kind], *JOB, f"output_dir={out}"]
+    return reported(run_measured(cmd, threads="1", pythonpath=checkout, timeout=1800))
 
 
 def main() -> None:

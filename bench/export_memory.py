@@ -13,28 +13,24 @@ so the number is the export's whatever the machine's load.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from host_memory import REPO, reported, run_measured
 
 DRIVER = r"""
-import json, os, runpy, sys, time
+import os, runpy, sys, time
 import torch, safetensors, omegaconf  # noqa: F401  (imports are not the export's memory)
 import persimmon_train.export.exporter, persimmon_train.data  # noqa: F401
-sys.path.insert(0, os.path.join(sys.argv[1], "bench"))
-from host_memory import reset_peak, status_kib
+from bench.host_memory import report, reset_peak, status_kib
 recipe = runpy.run_path(os.path.join(sys.argv[1], "recipes", "export.py"), run_name="export_recipe")
 assert reset_peak(), "/proc/self/clear_refs refused: VmHWM would hold the imports' peak"
 before, started = status_kib("VmRSS"), time.perf_counter()
 recipe["main"](sys.argv[2:])
-print("MEMORY " + json.dumps({"before_kib": before, "peak_kib": status_kib("VmHWM"),
-                              "seconds": time.perf_counter() - started}))
+report({"before_kib": before, "peak_kib": status_kib("VmHWM"), "seconds": time.perf_counter() - started})
 """
 
 MODULES = ("self_attn.query_key_value", "self_attn.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
@@ -97,18 +93,9 @@ def main() -> None:
         root = Path(tmp)
         step = write_lora_checkpoint(root / "run", args.base.resolve(), args.r)
         out = root / "final"
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), PYTHONPATH=str(REPO))
         started = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, "-c", DRIVER, str(REPO), f"checkpoint={step}", f"output_dir={out}", f"dtype={args.dtype}"],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-        if proc.returncode != 0:
-            raise SystemExit(f"export failed:\n{proc.stderr[-4000:]}")
-        report = json.loads(proc.stdout.split("MEMORY ", 1)[1].splitlines()[0])
+        cmd = [sys.executable, "-c", DRIVER, REPO, f"checkpoint={step}", f"output_dir={out}", f"dtype={args.dtype}"]
+        report = reported(run_measured(cmd))
         files = sorted(p.name for p in out.iterdir() if p.name.endswith(".safetensors"))
         size = sum((out / name).stat().st_size for name in files)
         growth = (report["peak_kib"] - report["before_kib"]) / 2**20

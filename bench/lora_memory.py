@@ -18,35 +18,31 @@ allocator): the figure compared is the big run's peak minus the tiny run's, per 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from host_memory import REPO, int_options, peak_kib, print_big_minus_tiny
 
-OURS = r"""
-import atexit, json, os, runpy, sys
-sys.path.insert(0, os.path.join(sys.argv[1], "bench"))
-from host_memory import status_kib
-atexit.register(lambda: print("PEAK " + json.dumps(status_kib("VmHWM")), file=sys.stderr, flush=True))
-if sys.argv[2] == "float32_storage":
-    import persimmon_train.parallel.single as single
-    single.hold_frozen_for = lambda model, precision: 0
-sys.argv = [os.path.join(sys.argv[1], "recipes", "finetune.py"), *sys.argv[3:]]
+HOST_MEMORY = Path(__file__).with_name("host_memory.py")
+
+# host_memory.py's recipe run with every frozen weight held in float32 (hold_frozen_for turned off)
+FLOAT32_STORAGE = r"""
+import runpy, sys
+import persimmon_train.parallel.single as single
+single.hold_frozen_for = lambda model, precision: 0
+sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 HF_PEFT = r"""
-import json, os, sys
-sys.path.insert(0, os.path.join(sys.argv[1], "bench"))
-from host_memory import status_kib
+import sys
+from bench.host_memory import print_peak_at_exit
+print_peak_at_exit()
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import PersimmonForCausalLM
-folder, seq, steps, batch = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+folder, seq, steps, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 model = PersimmonForCausalLM.from_pretrained(folder, torch_dtype=torch.bfloat16)
 model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
     target_modules=["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]))
@@ -59,7 +55,6 @@ for _ in range(steps):
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-print("PEAK " + json.dumps(status_kib("VmHWM")), file=sys.stderr, flush=True)
 """
 
 
@@ -81,63 +76,60 @@ def write_base(folder: Path, hidden: int, layers: int, vocab: int, seq: int) -> 
     return save_tiny_base(folder, tokenizer, config, dtype=torch.bfloat16).num_parameters()
 
 
-def peak_kib(cmd: list[str]) -> int:
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), WANDB_MODE="disabled")
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd[:4])} ... failed:\n{proc.stderr[-4000:]}")
-    return json.loads([line for line in proc.stderr.splitlines() if line.startswith("PEAK ")][-1][5:])
+def peaks_big_and_tiny(args, tiny_hidden: int, commands) -> dict[str, dict[str, int]]:
+    """{run: {"big": KiB, "tiny": KiB}}: the peak RSS of each (run, command) that `commands(base,
+    out)` yields, over a bf16 base folder of the options' size and a tiny one (`tiny_hidden`, 2
+    layers); `out`: a fresh path prefix for the runs' output folders."""
+    rows: dict[str, dict[str, int]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        big = write_base(root / "big", args.hidden, args.layers, args.vocab, args.seq)
+        tiny = write_base(root / "tiny", tiny_hidden, 2, 0, args.seq)
+        print(f"models: {big / 1e6:.1f}M and {tiny / 1e6:.2f}M parameters (bf16 folders)")
+        for size in ("big", "tiny"):
+            for name, cmd in commands(root / size, root / f"out_{size}"):
+                rows.setdefault(name, {})[size] = peak_kib(cmd)
+    return rows
+
+
+def lora_job(folder: Path, seq: int, batch: int, steps: int) -> list[str]:
+    """The overrides of a short LoRA run on the bf16 base `folder`: no eval, checkpoint or export."""
+    return [
+        f"model.path={folder}",
+        "peft=lora",
+        "peft.dropout=0.0",
+        "trainer.precision=bf16",
+        f"data.seq_len={seq}",
+        f"trainer.micro_batch_size={batch}",
+        f"trainer.max_steps={steps}",
+        "trainer.eval_at_start=false",
+        "trainer.eval_every_n_steps=0",
+        "checkpoint.every_n_steps=0",
+        "export.enabled=false",
+        "data.eval_files=null",
+    ]
+
+
+def size_options(description: str) -> argparse.Namespace:
+    """The command line of this bench and bench/dpo_memory.py: the big model's and the run's sizes."""
+    parser = argparse.ArgumentParser(description=description)
+    return int_options(parser, hidden=1024, layers=8, vocab=32768, seq=512, steps=3, batch=2).parse_args()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=32768)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=2)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        sizes = {
-            "big": write_base(root / "big", args.hidden, args.layers, args.vocab, args.seq),
-            # hidden 128: the smallest width whose matrices NF4 can quantize (multiples of 16384 values)
-            "tiny": write_base(root / "tiny", 128, 2, 0, args.seq),
-        }
-        print(f"models: {sizes['big'] / 1e6:.1f}M and {sizes['tiny'] / 1e6:.2f}M parameters (bf16 folders)")
-        rows = {}
-        for size in ("big", "tiny"):
-            folder = root / size
-            job = [
-                f"model.path={folder}",
-                "peft=lora",
-                "peft.dropout=0.0",
-                "trainer.precision=bf16",
-                f"data.seq_len={args.seq}",
-                f"trainer.micro_batch_size={args.batch}",
-                f"trainer.max_steps={args.steps}",
-                "trainer.eval_at_start=false",
-                "trainer.eval_every_n_steps=0",
-                "trainer.progress_bar=false",
-                "checkpoint.every_n_steps=0",
-                "export.enabled=false",
-                "data.eval_files=null",
-            ]
-            for name in ("ours", "ours_qlora", "float32_storage"):
-                out = root / f"{name}_{size}"
-                extra = ["peft.quantize_base=nf4"] if name == "ours_qlora" else []
-                cmd = [sys.executable, "-c", OURS, str(REPO), name, *job, *extra, f"output_dir={out}"]
-                rows.setdefault(name, {})[size] = peak_kib(cmd)
-            sizes_args = [str(args.seq), str(args.steps), str(args.batch)]
-            cmd = [sys.executable, "-c", HF_PEFT, str(REPO), str(folder), *sizes_args]
-            rows.setdefault("transformers+peft", {})[size] = peak_kib(cmd)
-    print(f"{'':20s} {'peak big MB':>12s} {'peak tiny MB':>13s} {'big - tiny MB':>14s} {'vs transformers+peft':>21s}")
-    reference = rows["transformers+peft"]["big"] - rows["transformers+peft"]["tiny"]
-    for name, row in rows.items():
-        above = row["big"] - row["tiny"]
-        big, tiny = row["big"] / 1024, row["tiny"] / 1024
-        print(f"{name:20s} {big:12.0f} {tiny:13.0f} {above / 1024:14.0f} {above / reference:20.2f}x")
+    args = size_options(__doc__.splitlines()[0])
+
+    def commands(base: Path, out: Path):
+        job = [*lora_job(base, args.seq, args.batch, args.steps), "trainer.progress_bar=false"]
+        for name in ("ours", "ours_qlora", "float32_storage"):
+            extra = ["peft.quantize_base=nf4"] if name == "ours_qlora" else []
+            driver = [sys.executable, "-c", FLOAT32_STORAGE] if name == "float32_storage" else [sys.executable]
+            yield name, [*driver, HOST_MEMORY, "finetune", *job, *extra, f"output_dir={out}_{name}"]
+        yield "transformers+peft", [sys.executable, "-c", HF_PEFT, base, args.seq, args.steps, args.batch]
+
+    # tiny: hidden 128, the smallest width whose matrices NF4 can quantize (multiples of 16384 values)
+    rows = peaks_big_and_tiny(args, 128, commands)
+    print_big_minus_tiny(rows, "transformers+peft", "vs transformers+peft", width=20)
 
 
 if __name__ == "__main__":

@@ -21,28 +21,14 @@ RUNTIME_CPU_BYTES, measured once on the demo run. Results: docs/benchmarks.md ("
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import socket
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
+from host_memory import REPO, peak_kib
 
-# Runs recipes/finetune.py in this process and prints its VmHWM (KiB) at exit, per rank.
-WRAPPER = r"""
-import atexit, json, os, runpy, sys
-args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
-sys.path.insert(0, os.path.join(args[0], "bench"))
-from host_memory import status_kib
-atexit.register(lambda: print("PEAK " + json.dumps(status_kib("VmHWM")), file=sys.stderr, flush=True))
-sys.argv = [os.path.join(args[0], "recipes", "finetune.py"), *args[1:]]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
+sys.path.insert(0, str(REPO))
 
 QUIET = [
     "trainer.progress_bar=false",
@@ -80,58 +66,36 @@ def estimate(overrides: list[str], world_size: int) -> tuple[int, str]:
     return plan.total, plan.table()
 
 
-def measured(overrides: list[str], launcher: str, ranks: int, tmp: Path) -> int:
+def measured(overrides: list[str], launcher: str, ranks: int) -> int:
     """Peak VmHWM in bytes (the largest rank's) of `recipes/finetune.py overrides`."""
-    wrapper = tmp / "wrapper.py"
-    wrapper.write_text(WRAPPER)
     with socket.socket() as probe:  # a free rendezvous port: never join another job's store
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    run = [REPO / "bench" / "host_memory.py", "finetune", *overrides]
     if launcher == "python":
-        cmd = [sys.executable, str(wrapper), str(REPO), *overrides]
+        cmd = [sys.executable, *run]
     elif launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", f"--master_port={port}"]
-        cmd += [str(wrapper), str(REPO)]
-        cmd += overrides
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={ranks}",
+            f"--master_port={port}",
+            *run,
+        ]
     else:
-        deepspeed = str(Path(sys.executable).parent / "deepspeed")
-        cmd = [deepspeed, f"--num_gpus={ranks}", f"--master_port={port}", str(wrapper), str(REPO), *overrides]
-    env = dict(os.environ, OMP_NUM_THREADS="1" if ranks > 1 else "2", WANDB_MODE="disabled")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd[:6])} ... failed:\n{proc.stderr[-4000:]}")
-    # Ranks' lines may interleave (the deepspeed launcher relays each rank's output).
-    peaks = [int(kib) for kib in re.findall(r"PEAK (\d+)", proc.stderr + proc.stdout)]
-    return max(peaks) * 1024
+        cmd = [Path(sys.executable).parent / "deepspeed", f"--num_gpus={ranks}", f"--master_port={port}", *run]
+    return peak_kib(cmd, threads="1" if ranks > 1 else "2", timeout=900) * 1024
 
 
 def cases(tmp: Path, args) -> dict[str, tuple[list[str], str, int]]:
     out = {"demo": ([f"output_dir={tmp / 'demo'}"], "python", 1)}
     if "lora170m" in args.cases:
-        from lora_memory import write_base
+        from lora_memory import lora_job, write_base
 
         folder = tmp / "base170m"
         write_base(folder, 1024, 8, 32768, args.seq)
-        out["lora170m"] = (
-            [
-                f"model.path={folder}",
-                "peft=lora",
-                "peft.dropout=0.0",
-                "trainer.precision=bf16",
-                f"data.seq_len={args.seq}",
-                "trainer.micro_batch_size=2",
-                f"trainer.max_steps={args.steps}",
-                "trainer.eval_at_start=false",
-                "trainer.eval_every_n_steps=0",
-                "checkpoint.every_n_steps=0",
-                "export.enabled=false",
-                "data.eval_files=null",
-                f"output_dir={tmp / 'lora170m'}",
-            ],
-            "python",
-            1,
-        )
+        out["lora170m"] = ([*lora_job(folder, args.seq, 2, args.steps), f"output_dir={tmp / 'lora170m'}"], "python", 1)
     out["fsdp2"] = ([*SMALL_FULL, "strategy=fsdp", f"output_dir={tmp / 'fsdp2'}"], "torchrun", 2)
     out["zero3"] = ([*SMALL_FULL, "strategy=deepspeed", "strategy.stage=3", f"output_dir={tmp / 'zero3'}"], "ds", 2)
     out["single_full"] = ([*SMALL_FULL, f"output_dir={tmp / 'single_full'}"], "python", 1)
@@ -149,7 +113,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, (overrides, launcher, ranks) in cases(Path(tmp), args).items():
             est, table = estimate([*QUIET, *overrides], ranks)
-            peak = measured([*QUIET, *overrides], launcher, ranks, Path(tmp))
+            peak = measured([*QUIET, *overrides], launcher, ranks)
             rows.append((name, est, peak))
             if args.tables:
                 print(f"--- {name}\n{table}")

@@ -14,22 +14,19 @@ table gives the ratios. A bench, not a test: about 2-4 minutes on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-HIDDEN, INTERMEDIATE, LAYERS, HEADS = 1024, 4096, 14, 16
+from host_memory import REPO, reported, run_measured
+from lora_memory import write_base
+
+HIDDEN, LAYERS = 1024, 14  # intermediate 4 x hidden, 16 heads, max_position_embeddings 1024
 
 DRIVER = r"""
-import json, os, runpy, sys
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from host_memory import status_kib
+import sys
+from bench.host_memory import report, run_script, status_kib
 import persimmon_train.parallel.single as single
 
 real_wrap = single.SingleDeviceStrategy.wrap
@@ -43,44 +40,17 @@ def wrap(self, model, make_optimizer):
 
 single.SingleDeviceStrategy.wrap = wrap
 start = status_kib("VmRSS") * 1024
-sys.argv = [sys.argv[1], *sys.argv[2:]]
-try:
-    runpy.run_path(sys.argv[0], run_name="__main__")
-except SystemExit as exc:
-    if exc.code not in (None, 0):
-        raise
-print("QLORA_MEMORY " + json.dumps({"start": start, "loaded": loaded, "peak": status_kib("VmHWM") * 1024}), flush=True)
+run_script(sys.argv[1], sys.argv[2:])
+report({"start": start, "loaded": loaded, "peak": status_kib("VmHWM") * 1024})
 """
 
 
-def write_base(folder: Path) -> int:
-    import torch
-
-    sys.path.insert(0, str(REPO))
-    from tests.helpers import demo_tokenizer, save_tiny_base, tiny_config
-
-    tokenizer = demo_tokenizer()
-    config = tiny_config(
-        tokenizer,
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        max_position_embeddings=1024,
-    )
-    return save_tiny_base(folder, tokenizer, config, dtype=torch.bfloat16).num_parameters()
-
-
 def run(base: Path, out: Path, steps: int, seq_len: int, extra: list[str]) -> dict:
-    driver = out.parent / "driver.py"
-    driver.write_text(DRIVER)
-    shutil.copy(Path(__file__).with_name("host_memory.py"), driver.parent)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    env["PERSIMMON_TRAIN_CACHE"] = str(out.parent / "cache")
     cmd = [
         sys.executable,
-        str(driver),
-        str(REPO / "recipes" / "finetune.py"),
+        "-c",
+        DRIVER,
+        REPO / "recipes" / "finetune.py",
         "strategy=single",
         "peft=lora",
         "peft.dropout=0.0",
@@ -98,12 +68,8 @@ def run(base: Path, out: Path, steps: int, seq_len: int, extra: list[str]) -> di
         *extra,
     ]
     started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
-    seconds = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise SystemExit(f"run {extra} failed:\n{proc.stderr[-4000:]}")
-    line = next(line for line in proc.stdout.splitlines() if line.startswith("QLORA_MEMORY "))
-    return {**json.loads(line.split(" ", 1)[1]), "seconds": seconds}
+    output = run_measured(cmd, timeout=1800, PERSIMMON_TRAIN_CACHE=str(out.parent / "cache"))
+    return {**reported(output), "seconds": time.perf_counter() - started}
 
 
 def main() -> None:
@@ -113,7 +79,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="qlora-memory-") as tmp:
         base = Path(tmp) / "base"
-        params = write_base(base)
+        params = write_base(base, HIDDEN, LAYERS, 0, 1024)
         size = sum(f.stat().st_size for f in base.glob("*.safetensors"))
         print(
             f"Persimmon {params / 1e6:.0f}M parameters, saved in bf16 ({size / 1e6:.0f} MB); strategy=single, "

@@ -138,14 +138,7 @@ class PreferenceObjective:
         model.eval()
         names = None
         totals = None
-        limit = trainer.cfg.trainer.eval_max_batches
-        from persimmon_train.training.trainer import _rewind
-
-        _rewind(trainer.eval_loader)
-        for index, batch in enumerate(trainer.eval_loader):
-            if limit is not None and index >= limit:
-                break
-            batch = trainer._to_device(batch)
+        for batch in trainer.eval_batches():
             with strategy.autocast():
                 losses, values = self.pair_terms(model, batch)
             values = {"loss": losses.detach().float(), **values}

@@ -231,6 +231,17 @@ class Trainer:
         }
 
     # ------------------------------------------------------------------ eval
+    def eval_batches(self):
+        """An eval pass's batches on the run's device: the same ones every pass (from the first, see
+        `_rewind`), at most trainer.eval_max_batches. Every eval reads them here: this Trainer's and
+        a preference objective's (training/preference.py)."""
+        limit = self.cfg.trainer.eval_max_batches
+        _rewind(self.eval_loader)
+        for index, batch in enumerate(self.eval_loader):
+            if limit is not None and index >= limit:
+                break
+            yield self._to_device(batch)
+
     @torch.no_grad()
     def evaluate(self) -> dict:
         if self.eval_loader is None:
@@ -242,12 +253,7 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.strategy.device)
         items = 0
         preds, golds = [], []
-        limit = self.cfg.trainer.eval_max_batches
-        _rewind(self.eval_loader)
-        for index, batch in enumerate(self.eval_loader):
-            if limit is not None and index >= limit:
-                break
-            batch = self._to_device(batch)
+        for batch in self.eval_batches():
             inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
             labels = batch["labels"]
             batch_items = task.count_items(batch)

@@ -1,13 +1,15 @@
-"""The loop: global-batch loss normalisation, NaN/Inf skipping, clipping, checkpoints."""
+"""The loop: global-batch loss normalisation, NaN/Inf skipping, clipping, checkpoints, eval batches."""
 
 from __future__ import annotations
 
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
+from persimmon_train.data.loader import PackedLoader
 from persimmon_train.model import PersimmonForSequenceClassification
 from persimmon_train.storage import checkpoints as store
 from persimmon_train.training import checkpointing
@@ -200,3 +202,38 @@ def test_in_process_resume_matches(tmp_path):
     resumed = run(tmp_path / "c", 4, resume=str(tmp_path / "b" / "checkpoints" / "step_2"))
     for name in full:
         assert torch.equal(full[name], resumed[name]), name
+
+
+def _eval_loader(rows: list[dict], micro: int) -> PackedLoader:
+    ids = np.stack([r["input_ids"].numpy() for r in rows])
+    arrays = {
+        "input_ids": ids,
+        "labels": np.stack([r["labels"].numpy() for r in rows]),
+        "position_ids": np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy(),
+    }
+    return PackedLoader(arrays, micro, seed=0, train=False)
+
+
+def test_every_eval_pass_reads_the_same_first_eval_max_batches(tmp_path):
+    """A pass cut short by eval_max_batches leaves the loader mid-way: each pass starts again from
+    the first batch and stops after eval_max_batches (all batches with null)."""
+    model = tiny_model()
+    trainer = make_trainer(model, causal_rows(8), micro=2, accum=1, steps=1, output_dir=tmp_path)
+    trainer.eval_loader = _eval_loader(causal_rows(10, seed=1), micro=2)
+    everything = list(_eval_loader(causal_rows(10, seed=1), micro=2))
+    assert len(everything) == 5
+    for limit in (2, 2, None, 3, 2):
+        trainer.cfg.trainer.eval_max_batches = limit
+        got = list(trainer.eval_batches())
+        want = everything[:limit]
+        assert len(got) == len(want), limit
+        for batch, expected in zip(got, want):
+            assert batch.keys() == expected.keys()
+            assert all(torch.equal(batch[k], expected[k]) for k in batch), limit
+    # the eval loss is the hand-computed mean over the first 2 batches' target tokens, pass after pass
+    trainer.cfg.trainer.eval_max_batches = 2
+    with torch.no_grad():
+        logits = torch.cat([model(b["input_ids"], position_ids=b["position_ids"]).logits for b in everything[:2]])
+    labels = torch.cat([b["labels"] for b in everything[:2]])
+    hand = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).double(), labels[:, 1:].flatten())
+    assert [trainer.evaluate()["eval_loss"] for _ in range(2)] == pytest.approx([float(hand)] * 2, rel=1e-5)
