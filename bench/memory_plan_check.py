@@ -1,6 +1,6 @@
 """The memory planner against measured peaks on CPU: estimate vs peak RSS (VmHWM), side by side.
 
-    python bench/memory_plan_check.py [--cases demo lora170m fsdp2 single_full zero3] [--seq 512 --steps 3]
+    python bench/memory_plan_check.py [--cases demo lora170m qlora170m fsdp2 single_full zero3] [--seq 512 --steps 3]
 
 Each case runs a training recipe in a fresh process (under torchrun / the deepspeed launcher for
 the distributed ones) and reports VmHWM at exit (the largest rank's); the estimate is
@@ -11,6 +11,7 @@ RUNTIME_CPU_BYTES, measured once on the demo run. Results: docs/benchmarks.md ("
 - demo: `recipes/finetune.py` with its defaults (the embedded default run, export included);
 - lora170m: a ~168M-parameter Persimmon written in bf16 (bench/lora_memory.py's `write_base`),
   LoRA, trainer.precision=bf16, seq 512, micro-batch 2;
+- qlora170m: the same with peft.quantize_base=nf4 (QLoRA: the decoder's frozen matrices in NF4);
 - fsdp2: 2-rank FSDP2 full fine-tuning (gloo, float32) of a 59M-parameter random init;
 - single_full: the same model and settings in one process (strategy=single);
 - zero3: the same model under DeepSpeed ZeRO-3, 2 ranks (CPU accelerator; the first run builds
@@ -90,12 +91,14 @@ def measured(overrides: list[str], launcher: str, ranks: int) -> int:
 
 def cases(tmp: Path, args) -> dict[str, tuple[list[str], str, int]]:
     out = {"demo": ([f"output_dir={tmp / 'demo'}"], "python", 1)}
-    if "lora170m" in args.cases:
+    if {"lora170m", "qlora170m"} & set(args.cases):
         from lora_memory import lora_job, write_base
 
         folder = tmp / "base170m"
         write_base(folder, 1024, 8, 32768, args.seq)
-        out["lora170m"] = ([*lora_job(folder, args.seq, 2, args.steps), f"output_dir={tmp / 'lora170m'}"], "python", 1)
+        job = lora_job(folder, args.seq, 2, args.steps)
+        out["lora170m"] = ([*job, f"output_dir={tmp / 'lora170m'}"], "python", 1)
+        out["qlora170m"] = ([*job, "peft.quantize_base=nf4", f"output_dir={tmp / 'qlora170m'}"], "python", 1)
     out["fsdp2"] = ([*SMALL_FULL, "strategy=fsdp", f"output_dir={tmp / 'fsdp2'}"], "torchrun", 2)
     out["zero3"] = ([*SMALL_FULL, "strategy=deepspeed", "strategy.stage=3", f"output_dir={tmp / 'zero3'}"], "ds", 2)
     out["single_full"] = ([*SMALL_FULL, f"output_dir={tmp / 'single_full'}"], "python", 1)
@@ -104,7 +107,9 @@ def cases(tmp: Path, args) -> dict[str, tuple[list[str], str, int]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", nargs="+", default=["demo", "lora170m", "fsdp2", "single_full", "zero3"])
+    parser.add_argument(
+        "--cases", nargs="+", default=["demo", "lora170m", "qlora170m", "fsdp2", "single_full", "zero3"]
+    )
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--tables", action="store_true", help="print each case's full breakdown")

@@ -2,7 +2,8 @@
 LoRA-tune it with a bf16 base, export final/ + adapter/, and check the export with transformers.
 
     python bench/persimmon_8b.py --out /big/disk/p8b [--layers 36] [--seq 512] [--steps 2]
-                                 [--extra peft.quantize_base=nf4 ...]
+                                 [--extra peft.quantize_base=nf4 ...] [--run-name R] [--no-greedy]
+    python bench/persimmon_8b.py --out /big/disk/p8b --check-only   # step 3 on an existing run
 
 1. `DIR/base/`: the released architecture (vocab 262144, hidden 4096, 36 layers, 64 heads,
    intermediate 16384; `--layers N` keeps the real width and vocabulary with fewer layers) with
@@ -10,10 +11,11 @@ LoRA-tune it with a bf16 base, export final/ + adapter/, and check the export wi
 2. `recipes/finetune.py model.path=DIR/base peft=lora trainer.precision=bf16` (strategy=single,
    activation checkpointing on every layer), `--steps` steps of one `--seq`-token row, in a fresh
    process. Reported: peak RSS of the training (VmHWM before the export), seconds per step (from
-   metrics.jsonl's tokens_per_sec), the export's time and peak RSS growth (VmHWM reset before it).
+   metrics.jsonl's tokens_per_sec), the planner's estimate the run logged, the export's time (its
+   memory is bench/export_memory.py's, measured in a process of its own).
 3. The merged `final/` loaded by transformers' PersimmonForCausalLM (bf16) and by ours, one after
    the other (both would not fit beside each other on 24 GB): greedy 8 tokens from the same prompt,
-   which must be equal.
+   which must be equal, and the largest difference of the prompt's logits.
 """
 
 from __future__ import annotations
@@ -30,17 +32,14 @@ REPO = Path(__file__).resolve().parents[1]
 DRIVER = r"""
 import json, os, runpy, sys, time
 sys.path.insert(0, os.path.join(sys.argv[1], "bench"))
-from host_memory import reset_peak, status_kib
+from host_memory import status_kib
 import persimmon_train.export.exporter as exporter
 real = exporter.export_run_outputs
 
 def measured(result, cfg):
-    train_peak = status_kib("VmHWM")
-    reset_peak()
-    before, started = status_kib("VmRSS"), time.perf_counter()
+    train_peak, started = status_kib("VmHWM"), time.perf_counter()
     out = real(result, cfg)
-    report = {"train_peak_kib": train_peak, "export_before_kib": before, "export_peak_kib": status_kib("VmHWM"),
-              "export_seconds": time.perf_counter() - started}
+    report = {"train_peak_kib": train_peak, "export_seconds": time.perf_counter() - started}
     print("REPORT " + json.dumps(report), file=sys.stderr, flush=True)
     return out
 
@@ -92,8 +91,9 @@ def write_base(folder: Path, layers: int) -> int:
     return sum(int(torch.Size(s).numel()) for s in shapes.values())
 
 
-def greedy(kind: str, folder: Path, prompt: list[int], new: int = 8) -> list[int]:
-    """Greedy tokens from `folder` in a fresh process (transformers or ours), bf16, no sampling."""
+def greedy(kind: str, folder: Path, prompt: list[int], logits_file: Path, new: int = 8) -> list[int]:
+    """Greedy tokens from `folder` in a fresh process (transformers or ours), bf16, no sampling; the
+    prompt's logits go to `logits_file`."""
     code = r"""
 import json, sys, torch
 kind, folder, prompt, new = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
@@ -105,14 +105,16 @@ else:
     model = PersimmonForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
 ids = torch.tensor([prompt])
 with torch.no_grad():
+    first = model(input_ids=ids).logits[0].float()  # the prompt's logits, compared across the two
     for _ in range(new):
         logits = model(input_ids=ids).logits[:, -1]
         ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+torch.save(first, sys.argv[5])
 print(json.dumps(ids[0, len(prompt):].tolist()))
 """
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run(
-        [sys.executable, "-c", code, kind, str(folder), json.dumps(prompt), str(new)],
+        [sys.executable, "-c", code, kind, str(folder), json.dumps(prompt), str(new), str(logits_file)],
         env=env,
         capture_output=True,
         text=True,
@@ -131,7 +133,10 @@ def main() -> None:
     parser.add_argument("--extra", nargs="*", default=[], help="more recipe overrides, e.g. peft.quantize_base=nf4")
     parser.add_argument("--run-name", default="run", help="the run's folder under --out")
     parser.add_argument("--no-greedy", action="store_true", help="skip step 3 (two more 8B loads)")
+    parser.add_argument("--check-only", action="store_true", help="step 3 only, on an existing run's final/")
     args = parser.parse_args()
+    if args.check_only:
+        return check_export(args.out / args.run_name / "final")
     base = args.out / "base"
     if not (base / "config.json").is_file():
         started = time.perf_counter()
@@ -173,13 +178,27 @@ def main() -> None:
     estimate = [x for x in proc.stderr.splitlines() if "memory estimate per rank" in x]
     print(f"  planner: {estimate[0].split('memory estimate per rank', 1)[1].strip() if estimate else 'not logged'}")
     print(f"  seconds per step:  {', '.join(f'{s:.1f}' for s in step_seconds)}")
-    growth = (report["export_peak_kib"] - report["export_before_kib"]) / gib
-    print(f"  export: {report['export_seconds']:.0f} s, peak RSS growth {growth:.2f} GiB")
+    # The export's memory is bench/export_memory.py's (a fresh process): here the trained model is
+    # still resident when the export begins, so this process's peak says nothing about the export.
+    print(f"  export of final/ and adapter/: {report['export_seconds']:.0f} s")
     if args.no_greedy:
         return
+    check_export(run / "final")
+
+
+def check_export(final: Path) -> None:
+    """Step 3: transformers and our model on the exported folder, one after the other."""
+    import torch
+
     prompt = [1, 100, 200, 300, 400]
-    ours, theirs = greedy("ours", run / "final", prompt), greedy("transformers", run / "final", prompt)
+    ours = greedy("ours", final, prompt, final.parent / "logits_ours.pt")
+    theirs = greedy("transformers", final, prompt, final.parent / "logits_transformers.pt")
+    a, b = torch.load(final.parent / "logits_ours.pt"), torch.load(final.parent / "logits_transformers.pt")
     print(f"  greedy from final/: ours {ours}, transformers {theirs}: {'equal' if ours == theirs else 'DIFFERENT'}")
+    print(
+        f"  the prompt's logits ({tuple(a.shape)}, bf16 models): max |ours - transformers| "
+        f"{(a - b).abs().max().item():.3g}, logits' max |value| {b.abs().max().item():.3g}"
+    )
 
 
 if __name__ == "__main__":
