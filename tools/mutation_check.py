@@ -792,11 +792,11 @@ MUTANTS = [
         ["tests/storage/test_streamed_writes.py"],
     ),
     Mutant(
-        "planner.qlora_heap_keeps_dequantized_copies",
-        "persimmon_train/parallel/nf4.py",
-        "    map_large_blocks()\n",
-        "\n",
-        ["tests/training/test_qlora.py::test_a_random_init_base_is_quantized_from_its_bf16_values"],
+        "planner.cpu_heap_keeps_freed_tensors",
+        "persimmon_train/training/run.py",
+        "        safetensors_io.map_large_blocks()\n",
+        "        pass\n",
+        ["tests/training/test_frozen_weights.py::test_a_cpu_process_maps_large_blocks_before_it_builds_anything"],
     ),
     Mutant(
         "dpo.fused_logps_softmax_sign",

@@ -98,16 +98,10 @@ def quantize_frozen_linears(model: nn.Module, shards: int = 1) -> int:
     On the meta device this makes placeholders (shape and layout only) that `load_nf4` fills; a
     materialised weight (random init, no model.path) is quantized from its bf16 values here.
     `shards`: how many FSDP shards will split each tensor's rows (1: unsharded)."""
-    from persimmon_train.storage.safetensors_io import map_large_blocks
-
     _, to_nf4 = nf4_api()
     targets = frozen_decoder_linears(model)
     for name, module in targets:
         check_quantizable(name, module.weight.shape, shards)
-    # Every matmul dequantizes its matrix to a short-lived bf16 copy (forward and backward). glibc
-    # would recycle those through its heap, whose holes stay resident: bench/lora_memory.py's QLoRA
-    # run peaked 460 MB higher without this (1803 vs 1343 MB, 168M model, seq 512).
-    map_large_blocks()
     for _, module in targets:
         weight = module.weight.detach().to(torch.bfloat16)
         module.weight = nn.Parameter(to_nf4(weight, BLOCK_SIZE, SCALER_BLOCK_SIZE), requires_grad=False)
