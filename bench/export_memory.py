@@ -84,11 +84,13 @@ def write_lora_checkpoint(root: Path, base: Path, r: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", required=True, type=Path)
-    parser.add_argument("--out", type=Path, help="where the checkpoint and export go (default: a temporary folder)")
+    parser.add_argument("--out", type=Path, help="a folder for the temporary checkpoint and export (default: /tmp)")
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--dtype", default="bf16")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.out) as tmp:
         root = Path(tmp)
         step = write_lora_checkpoint(root / "run", args.base.resolve(), args.r)

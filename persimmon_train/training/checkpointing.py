@@ -87,10 +87,13 @@ def manifest_metadata(cfg, strategy, model) -> dict:
     }
 
 
-def save_checkpoint(
+def save_run_checkpoint(
     output_dir: str, step: int, *, strategy, trainer_state: dict, metadata: dict, tokenizer, keep_last: int
 ) -> str:
-    """Write step_<step>/ (collective: every rank calls it); old ones beyond keep_last are pruned."""
+    """Write the run's step_<step>/ (collective: every rank calls it): the strategy's weights and
+    optimizer, the trainer state and the tokenizer, through storage's one checkpoint writer
+    (`storage.checkpoints.save_checkpoint`: checksums, manifest last, rename); old ones beyond
+    keep_last are pruned."""
 
     def write_files(folder: str) -> None:
         strategy.save_state(folder)

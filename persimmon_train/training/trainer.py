@@ -162,7 +162,7 @@ class Trainer:
             self.wait_for_save()
             self.pending_save = checkpointing.BackgroundSave(self.output_dir, self.state.step, **kwargs)
             return self.wait_for_save() if wait else None
-        return self._saved(checkpointing.save_checkpoint(self.output_dir, self.state.step, **kwargs))
+        return self._saved(checkpointing.save_run_checkpoint(self.output_dir, self.state.step, **kwargs))
 
     def wait_for_save(self) -> str | None:
         """Join the save in flight, if any (every rank: its end is collective)."""

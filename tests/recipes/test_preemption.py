@@ -66,7 +66,7 @@ def test_sigusr1_during_a_checkpoint_write_stops_at_that_step_then_resume_auto_i
     assert _run(*COMMON, f"output_dir={reference}") == 0
 
     stopped = tmp_path / "stopped"
-    real_save = checkpointing.save_checkpoint
+    real_save = checkpointing.save_run_checkpoint
     during_write = {}
 
     def save_and_get_signalled(output_dir, step, **kwargs):
@@ -86,7 +86,7 @@ def test_sigusr1_during_a_checkpoint_write_stops_at_that_step_then_resume_auto_i
     def trainer_flag():
         return flags[-1].received
 
-    monkeypatch.setattr(checkpointing, "save_checkpoint", save_and_get_signalled)
+    monkeypatch.setattr(checkpointing, "save_run_checkpoint", save_and_get_signalled)
     monkeypatch.setattr(preemption.StopFlag, "install", install)
     assert _run(*COMMON, f"output_dir={stopped}") == cli.EXIT_STOPPED_EARLY == 3
     # The process only exits now: a launcher passing signals on must not turn exit 3 into a kill.
@@ -102,7 +102,7 @@ def test_sigusr1_during_a_checkpoint_write_stops_at_that_step_then_resume_auto_i
     assert "SIGUSR1" in line and "step 2 of 6" in line and str(checkpoints / "step_2") in line
     assert json.loads((stopped / preemption.RESTARTS_FILE).read_text())["ended"]["reason"] == "SIGUSR1"
 
-    monkeypatch.setattr(checkpointing, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpointing, "save_run_checkpoint", real_save)
     torch.manual_seed(4321)  # a restarted process starts from another RNG state
     assert _run(*COMMON, f"output_dir={stopped}", "resume=auto") == 0
     ours = load_file(str(stopped / "final" / "model.safetensors"))
