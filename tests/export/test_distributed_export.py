@@ -47,11 +47,13 @@ def test_sharded_checkpoint_exports_like_single(strategy, job, runs, tmp_path):
     assert sorted(weights) == sorted(own_final) == sorted(single_final)
     for name, tensor in own_final.items():
         assert torch.equal(weights[name], tensor), name
-    # ... and the single-process run's weights up to reduction order. The tolerance is set by the
-    # k_layernorm biases: their gradient is ~0 (softmax ignores a shift shared by all keys), so Adam
-    # turns float noise into lr-sized steps there.
+    # ... and the single-process run's weights up to reduction order (measured after 10 steps:
+    # 5e-6 at most). k_layernorm.bias has an exactly-zero true gradient (softmax ignores a shift
+    # shared by all keys), so AdamW turns float noise into lr-sized steps there (measured 1.6e-4):
+    # compared loosely, as in tests/distributed/test_checkpoints.py.
     for name, tensor in single_final.items():
-        torch.testing.assert_close(weights[name], tensor, atol=2e-4, rtol=1e-4, msg=name)
+        atol = 1e-3 if "k_layernorm.bias" in name else 2e-5
+        torch.testing.assert_close(weights[name], tensor, atol=atol, rtol=1e-4, msg=name)
 
 
 LORA_JOB = [
