@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import Runs
+
 # Tests never reach a hub: fail fast instead of hanging on a download.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -37,6 +39,10 @@ if "TORCH_EXTENSIONS_DIR" not in os.environ:
 # set-up (a session fixture's run counts) or its body, naming the mark it needs (docs/testing.md).
 
 _REAL_EXECUTE_CHILD = subprocess.Popen._execute_child
+
+# Importing the storage package runs /sbin/ldconfig (ctypes.util.find_library finds libc): imported
+# here, before any test, so that a file run alone does not start that process inside its first test.
+import persimmon_train.storage.safetensors_io  # noqa: E402, F401
 
 
 def _refuse_processes(nodeid: str):
@@ -134,3 +140,15 @@ def tagging_files(tmp_path_factory) -> tuple[str, str]:
             yield {"tokens": tokens, "tags": tags}
 
     return _write_jsonl(root / "train.jsonl", rows(400)), _write_jsonl(root / "eval.jsonl", rows(64))
+
+
+# ------------------------------------------------ the 2-rank runs (tests/distributed, tests/export)
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory) -> Runs:
+    """2-rank CPU runs of the real recipes through launch/torchrun.sh (FSDP2, gloo) and
+    launch/deepspeed.sh (ZeRO, DeepSpeed's CPU accelerator), each made at most once per session.
+    The first DeepSpeed run on a fresh machine builds DeepSpeed's shared-memory op with ninja
+    (minutes): its timeout is generous."""
+    return Runs(tmp_path_factory.mktemp("dist"))

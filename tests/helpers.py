@@ -291,6 +291,11 @@ def recipe_env(tmp_path: Path, **extra) -> dict:
     return env
 
 
+def run_environ(env: dict) -> dict:
+    """What run_in_process needs of a child's environment (recipe_env): its cache and wandb folder."""
+    return {key: env[key] for key in ("PERSIMMON_TRAIN_CACHE", "WANDB_DIR", "WANDB_MODE")}
+
+
 def run_command(
     cmd: list[str], *, env: dict | None = None, cwd=REPO, timeout: float = 300, check: bool = True, **popen
 ) -> subprocess.CompletedProcess:
@@ -399,6 +404,16 @@ def run_in_process(command: str, *args: str, environ: dict | None = None) -> Ran
     return Ran(code, out.getvalue(), err.getvalue())
 
 
+def run_recipe_here(job: str, *args: str, env: dict, check: bool = True) -> Ran:
+    """run_recipe's command in this process (run_in_process with `env`'s cache and wandb folder): the
+    same code without a child's start-up (~10 s of imports on 2 cores), for runs whose numbers and
+    files are checked rather than the process. `check`: fail with its output unless it exits 0."""
+    ran = run_in_process(job, *args, environ=run_environ(env))
+    if check and ran.returncode != 0:
+        raise AssertionError(f"{job} {' '.join(args[-3:])} ... exited {ran.returncode}\nstderr:\n{ran.stderr[-6000:]}")
+    return ran
+
+
 def assert_one_line_error(proc, *needles: str) -> str:
     """A user error: exit 2, no traceback, and the last line of stderr `error: ...` naming each needle."""
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -502,6 +517,35 @@ def launch(output_dir: Path, overrides: list[str], env: dict, timeout: float = 6
     """Run recipes/finetune.py to completion (COMMON settings unless `common` is given); fail with its output."""
     cmd, env = launch_command(output_dir, overrides, env, nproc=nproc, common=common)
     return run_command(cmd, env=env, timeout=timeout)
+
+
+def run_here(output_dir: Path, overrides: list[str], env: dict, common=None) -> Ran:
+    """launch()'s one-process `strategy=single` run, in this process (run_recipe_here)."""
+    assert strategy_of(overrides) == "single", overrides
+    return run_recipe_here(
+        "finetune", *(COMMON if common is None else common), *overrides, f"output_dir={output_dir}", env=env
+    )
+
+
+class Runs:
+    """The JOBS runs under `root`, each made at most once per session (`get(name)`): the equality,
+    checkpoint, preemption and export tests read the same runs. `strategy=single` runs in this
+    process (run_here), the others through launch/torchrun.sh or launch/deepspeed.sh (launch)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.env = recipe_env(root)
+        self.done: dict[str, Path] = {}
+
+    def get(self, name: str) -> Path:
+        if name not in self.done:
+            out = self.root / name
+            if strategy_of(JOBS[name]) == "single":
+                run_here(out, JOBS[name], self.env)
+            else:
+                launch(out, JOBS[name], self.env)
+            self.done[name] = out
+        return self.done[name]
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from persimmon_train import cli
 from persimmon_train.data import demo_assets
-from tests.helpers import FAST, persimmon_train, recipe_env
+from tests.helpers import FAST, persimmon_train, recipe_env, run_recipe_here
 
 
 def _text_rows(path, n=60):
@@ -38,7 +38,8 @@ def test_eval_files_null_or_empty_mean_none(value):
 
 @pytest.mark.slow
 def test_issue_command_trains_on_the_users_text_with_an_eval_fraction(tmp_path):
-    """The issue's command stopped on "demo/eval.jsonl row 1, field 'text': is missing"."""
+    """The issue's command stopped on "demo/eval.jsonl row 1, field 'text': is missing". It runs as
+    typed (`persimmon-train prepare`, a child: `python -m persimmon_train.recipes`)."""
     env = recipe_env(tmp_path)
     mine = _text_rows(tmp_path / "mine.jsonl")
     proc = persimmon_train(
@@ -51,12 +52,12 @@ def test_issue_command_trains_on_the_users_text_with_an_eval_fraction(tmp_path):
     )
     assert "demo" not in proc.stdout
     assert re.search(r"eval: \d+ documents", proc.stdout), proc.stdout  # held out of mine.jsonl
-    none = persimmon_train("prepare", "data.eval_files=null", "data.seq_len=64", env=env)
+    none = run_recipe_here("prepare", "data.eval_files=null", "data.seq_len=64", env=env)
     assert "train:" in none.stdout and "eval:" not in none.stdout
 
 
-@pytest.mark.slow
 def test_prepare_fills_the_cache_that_the_run_reads(tmp_path):
+    """Both commands in this process (the console command's main): the cache is what is checked."""
     env = recipe_env(tmp_path)
     common = [
         *FAST,
@@ -66,7 +67,7 @@ def test_prepare_fills_the_cache_that_the_run_reads(tmp_path):
         "checkpoint.every_n_steps=0",
         "export.enabled=false",
     ]
-    proc = persimmon_train("prepare", *common, env=env)
+    proc = run_recipe_here("prepare", *common, env=env)
     match = re.search(r"prepared data \(chat, seq_len 64\) in (\S+)", proc.stdout)
     assert match, proc.stdout
     folder = match.group(1)
@@ -76,6 +77,6 @@ def test_prepare_fills_the_cache_that_the_run_reads(tmp_path):
     assert f"packing efficiency {100 * train['efficiency']:.2f}%" in proc.stdout
 
     out = tmp_path / "run"
-    run = persimmon_train("finetune", *common, f"output_dir={out}", env=env)
+    run = run_recipe_here("finetune", *common, f"output_dir={out}", env=env)
     assert f"using cached preparation {folder}" in run.stderr, run.stderr[-3000:]
     assert "tokenizing" not in run.stderr

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from persimmon_train.recipes.sweep import expand
-from tests.helpers import FAST, assert_one_line_error, persimmon_train, read_metrics, recipe_env, run_in_process
+from tests.helpers import FAST, assert_one_line_error, read_metrics, recipe_env, run_in_process, run_recipe_here
 
 SHORT = [
     *FAST,
@@ -34,10 +34,10 @@ def test_expand_is_hydras_cartesian_product():
     ]
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # two real runs (in this process: -m runs its jobs one after another in one process)
 def test_multirun_runs_each_job_into_its_own_folder_and_writes_a_summary(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = persimmon_train(
+    proc = run_recipe_here(
         "finetune", "-m", "optim.lr=1e-3,4e-3", *SHORT, f"output_dir={sweep}", env=recipe_env(tmp_path)
     )
     rows = list(csv.DictReader(open(sweep / "sweep_summary.csv", encoding="utf-8")))

@@ -79,10 +79,28 @@ def test_fsdp_checkpoint_resumes_on_2_ranks(runs):
     _assert_continues(runs.get("fsdp"), resumed)
 
 
+def _fsdp_lora_resumed_past_a_damaged_newest(runs):
+    """fsdp_lora's run folder copied, its step_10 damaged, then resume=latest on 2 ranks (once): step_5
+    is taken and steps 6-10 run again."""
+    if "fsdp_lora_damaged_newest" not in runs.done:
+        out = runs.root / "fsdp_lora_damaged_newest"
+        shutil.copytree(runs.get("fsdp_lora"), out)
+        shard = next((out / "checkpoints" / f"step_{STEPS}" / "dcp").glob("*.distcp"))
+        shard.write_bytes(shard.read_bytes()[:-16])  # truncated: the manifest's size no longer matches
+        launch(out, [*JOBS["fsdp_lora"], "resume=latest"], runs.env)
+        runs.done["fsdp_lora_damaged_newest"] = out
+    return runs.done["fsdp_lora_damaged_newest"]
+
+
 def test_fsdp_lora_checkpoint_resumes_on_2_ranks(runs):
     # The checkpoint holds the adapters only; the frozen base comes back from the seed (or model.path).
-    resumed = _resume(runs, "fsdp_lora", "fsdp_lora_resumed_2", JOBS["fsdp_lora"], nproc=2)
-    _assert_continues(runs.get("fsdp_lora"), resumed)
+    # The 2-rank resume from step_5 is the one of the damaged-newest test below (one launch for both).
+    resumed = _fsdp_lora_resumed_past_a_damaged_newest(runs)
+    assert f"step_{RESUME_AT} at step {RESUME_AT}" in (resumed / "train.log").read_text()
+    ref, got = train_losses(runs.get("fsdp_lora")), train_losses(resumed)
+    worst = max(abs(ref[s] - got[s]) for s in range(RESUME_AT + 1, STEPS + 1))
+    print(f"RESUME {resumed.name}: max |loss diff| {worst:.2e}")
+    assert worst <= 1e-4, f"resumed losses differ by {worst:.2e}: {got} vs {ref}"
 
 
 def test_fsdp_lora_checkpoint_from_2_ranks_resumes_on_1_rank(runs):
@@ -93,12 +111,7 @@ def test_fsdp_lora_checkpoint_from_2_ranks_resumes_on_1_rank(runs):
 
 def test_fsdp_lora_resume_latest_skips_a_damaged_newest_checkpoint(runs):
     """resume=latest in a run folder whose step_10 is damaged: step_5 is taken, steps 6-10 run again."""
-    source = runs.get("fsdp_lora")
-    out = runs.root / "fsdp_lora_damaged_newest"
-    shutil.copytree(source, out)
-    shard = next((out / "checkpoints" / f"step_{STEPS}" / "dcp").glob("*.distcp"))
-    shard.write_bytes(shard.read_bytes()[:-16])  # truncated: the manifest's size no longer matches
-    launch(out, [*JOBS["fsdp_lora"], "resume=latest"], runs.env)
+    source, out = runs.get("fsdp_lora"), _fsdp_lora_resumed_past_a_damaged_newest(runs)
     assert f"skipping damaged checkpoint step_{STEPS}" in (out / "train.log").read_text()
     ref, got = train_losses(source), train_losses(out)
     assert sorted(got) == list(range(1, STEPS + 1))  # steps 6-10 logged again, once each

@@ -37,7 +37,9 @@ from tests.helpers import (
     launch_command,
     read_metrics,
     recipe_env,
+    run_here,
     save_tiny_base,
+    strategy_of,
     tiny_config,
     wait_for,
 )
@@ -158,9 +160,14 @@ class MatrixRuns:
         return [o.replace("{json}", str(self.json_path)) for o in overrides] + [f"model.path={self.model_path}"]
 
     def get(self, name: str) -> Path:
+        """The run `name`: the one-process `strategy=single` references in this process, the rest
+        (strategy=fsdp on one rank included) through the launchers."""
         if name not in self.done:
             out = self.root / name
-            proc = launch(out, self.overrides(name), self.env, nproc=JOBS[name][0], common=BASE, timeout=900)
+            if strategy_of(self.overrides(name)) == "single":
+                proc = run_here(out, self.overrides(name), self.env, common=BASE)
+            else:
+                proc = launch(out, self.overrides(name), self.env, nproc=JOBS[name][0], common=BASE, timeout=900)
             (out / "launch.log").write_text(proc.stdout + proc.stderr)
             self.done[name] = out
         return self.done[name]

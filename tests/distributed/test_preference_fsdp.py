@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import COMMON, launch_command, read_metrics
+from tests.helpers import COMMON, launch_command, read_metrics, recipe_env, run_command, run_recipe_here, strategy_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 TOLERANCE = 1e-4
@@ -18,25 +18,19 @@ DPO = [
 
 
 def _run(tmp_path, name: str, overrides: list[str]):
-    import os
-    import signal
-    import subprocess
-
-    from tests.helpers import REPO, recipe_env
-
+    """The dpo recipe: strategy=single in this process, strategy=fsdp through launch/torchrun.sh."""
     out = tmp_path / name
+    if strategy_of(overrides) == "single":
+        run_recipe_here("dpo", *DPO, *overrides, f"output_dir={out}", env=recipe_env(tmp_path))
+        return _rows(out)
     cmd, env = launch_command(out, overrides, recipe_env(tmp_path), common=DPO)
     script = [i for i, a in enumerate(cmd) if str(a).endswith("finetune.py")][0]
     cmd[script] = str(cmd[script]).replace("finetune.py", "dpo.py")  # the same launchers, the dpo recipe
-    with subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    ) as child:
-        try:
-            stdout, stderr = child.communicate(timeout=600)
-        except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
-            raise
-    assert child.returncode == 0, f"{name} exited {child.returncode}\n{stdout[-2000:]}\n{stderr[-5000:]}"
+    run_command(cmd, env=env, timeout=600)
+    return _rows(out)
+
+
+def _rows(out):
     return {r["step"]: r for r in read_metrics(out) if "loss" in r and "eval_loss" not in r}
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import FAST, demo_tokenizer, recipe_env, run_in_process, save_tiny_base, tiny_config
+from tests.helpers import FAST, demo_tokenizer, recipe_env, run_environ, run_in_process, save_tiny_base, tiny_config
 
 STEPS = 3
 QUICK = [
@@ -40,8 +40,7 @@ def base_dir(tmp_path_factory, export_env) -> Path:
 def _train(tmp_path_factory, env, job: str, name: str, *overrides: str) -> Path:
     """The recipe's command in this process (a child would add seconds of start-up for each run)."""
     out = tmp_path_factory.mktemp("runs") / name
-    environ = {key: env[key] for key in ("PERSIMMON_TRAIN_CACHE", "WANDB_DIR", "WANDB_MODE")}
-    ran = run_in_process(job, *QUICK, *overrides, f"output_dir={out}", environ=environ)
+    ran = run_in_process(job, *QUICK, *overrides, f"output_dir={out}", environ=run_environ(env))
     assert ran.returncode == 0, ran.stderr[-5000:]
     assert (out / "checkpoints" / f"step_{STEPS}").is_dir() and (out / "final").is_dir()
     return out

@@ -1,7 +1,9 @@
 """FSDP and ZeRO-3 checkpoints of 2-rank CPU runs export to the weights of the single-process run.
 
 The run's own final/ is exported from its last checkpoint by rank 0 after training (no gather), so
-it must equal a later `recipes/export.py` of the same checkpoint bit for bit.
+it must equal a later `recipes/export.py` of the same checkpoint bit for bit. The full fine-tuning
+runs are the session's 2-rank runs (the `runs` fixture, tests/helpers.py JOBS: also the equality
+and checkpoint tests' runs), launched here only when those tests did not run first.
 """
 
 from __future__ import annotations
@@ -13,13 +15,10 @@ import sys
 import pytest
 import torch
 
-from tests.export.conftest import QUICK, STEPS
-from tests.helpers import REPO, load_tensors, run_recipe
+from tests.export.conftest import QUICK
+from tests.helpers import REPO, STEPS, load_tensors, run_recipe_here
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
-
-# Full fine-tuning moves every weight, so any difference between the strategies shows.
-JOB = [*QUICK, "peft=none", "optim.lr=3e-3", "trainer.micro_batch_size=4", "trainer.grad_accum_steps=1"]
 
 
 def _needs(strategy: str):
@@ -29,59 +28,32 @@ def _needs(strategy: str):
     assert callable(READERS.get(strategy)), strategy
 
 
-def _two_ranks(env, out, *overrides):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(REPO / "recipes" / "finetune.py"),
-        *JOB,
-        *overrides,
-        f"output_dir={out}",
-    ]
-    proc = subprocess.run(
-        cmd, cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-
-
-@pytest.fixture(scope="module")
-def single_final(tmp_path_factory, export_env):
-    """The single-process run with the same global batch (2 ranks x 4 = 1 x 8). Its export equals its
-    final/ bit for bit (test_merged_export), so final/ stands for it here."""
-    out = tmp_path_factory.mktemp("dist") / "single"
-    run_recipe("finetune", *JOB, "trainer.micro_batch_size=8", f"output_dir={out}", env=export_env)
-    return load_tensors(out / "final")
-
-
-@pytest.mark.parametrize(
-    "strategy, overrides", [("fsdp", ["strategy=fsdp"]), ("deepspeed", ["strategy=deepspeed", "strategy.stage=3"])]
-)
-def test_sharded_checkpoint_exports_like_single(strategy, overrides, single_final, tmp_path, export_env):
+@pytest.mark.parametrize("strategy, job", [("fsdp", "fsdp"), ("deepspeed", "zero3")])
+def test_sharded_checkpoint_exports_like_single(strategy, job, runs, tmp_path):
+    """Full fine-tuning (every weight moves, so any difference between the strategies shows), 2 ranks
+    x 4 rows against the single-process run's 1 x 8 rows. That run's export equals its final/ bit
+    for bit (test_merged_export), so final/ stands for it here."""
     _needs(strategy)
-    out = tmp_path / strategy
-    _two_ranks(export_env, out, *overrides)
+    single_final = load_tensors(runs.get("single") / "final")
+    out = runs.get(job)
     step = out / "checkpoints" / f"step_{STEPS}"
     assert json.loads((step / "manifest.json").read_text())["strategy"]["name"] == strategy
     exported = tmp_path / "export"
-    proc = run_recipe(
-        "export", f"checkpoint={step}", f"output_dir={exported}", "dtype=fp32", env=export_env, check=False
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert f"({strategy} checkpoint" in proc.stdout
+    ran = run_recipe_here("export", f"checkpoint={step}", f"output_dir={exported}", "dtype=fp32", env=runs.env)
+    assert f"({strategy} checkpoint" in ran.stdout
     weights = load_tensors(exported)
     # Exactly what the sharded run itself gathered into final/ at the same step ...
     own_final = load_tensors(out / "final")
     assert sorted(weights) == sorted(own_final) == sorted(single_final)
     for name, tensor in own_final.items():
         assert torch.equal(weights[name], tensor), name
-    # ... and the single-process run's weights up to reduction order. The tolerance is set by the
-    # k_layernorm biases: their gradient is ~0 (softmax ignores a shift shared by all keys), so Adam
-    # turns float noise into lr-sized steps there (seen: 4e-5 after 3 steps at lr 3e-3).
+    # ... and the single-process run's weights up to reduction order (measured after 10 steps:
+    # 5e-6 at most). k_layernorm.bias has an exactly-zero true gradient (softmax ignores a shift
+    # shared by all keys), so AdamW turns float noise into lr-sized steps there (measured 1.6e-4):
+    # compared loosely, as in tests/distributed/test_checkpoints.py.
     for name, tensor in single_final.items():
-        torch.testing.assert_close(weights[name], tensor, atol=2e-4, rtol=1e-4, msg=name)
+        atol = 1e-3 if "k_layernorm.bias" in name else 2e-5
+        torch.testing.assert_close(weights[name], tensor, atol=atol, rtol=1e-4, msg=name)
 
 
 LORA_JOB = [

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from tests.helpers import FAST, eval_losses, read_metrics, recipe_env, run_recipe
+from tests.helpers import FAST, eval_losses, read_metrics, recipe_env, run_recipe_here
 
-pytestmark = pytest.mark.slow  # real recipe runs, one process each
+pytestmark = pytest.mark.slow  # real recipe runs (in this process: the runs' outputs are checked)
 
 
 def _final_eval(out) -> dict:
@@ -19,7 +19,7 @@ def _final_eval(out) -> dict:
 def test_classify_lora_learns_sentiment(tmp_path, classification_files):
     train, evals = classification_files
     out = tmp_path / "cls"
-    run_recipe(
+    run_recipe_here(
         "classify",
         *FAST,
         "peft=lora",
@@ -59,7 +59,7 @@ def test_classify_lora_learns_sentiment(tmp_path, classification_files):
 def test_tag_full_learns_entities(tmp_path, tagging_files):
     train, evals = tagging_files
     out = tmp_path / "tag"
-    run_recipe(
+    run_recipe_here(
         "tag",
         *FAST,
         "peft=none",

@@ -10,10 +10,10 @@ import os
 import pytest
 import torch
 
-from tests.helpers import FAST, eval_losses, read_metrics, recipe_env, run_recipe
+from tests.helpers import FAST, eval_losses, read_metrics, recipe_env, run_recipe, run_recipe_here
 from tests.recipes import wandb_reader
 
-pytestmark = pytest.mark.slow  # real recipe runs, one process each
+pytestmark = pytest.mark.slow  # real recipe runs: a child with W&B, the LoRA run and evaluate in this process
 
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"
 
@@ -85,8 +85,8 @@ def test_full_finetune_with_wandb_offline(tmp_path):
 
 
 def test_lora_finetune_merges_into_final(tmp_path):
-    out = tmp_path / "lora"
-    run_recipe(
+    out, env = tmp_path / "lora", recipe_env(tmp_path)
+    run_recipe_here(  # in this process: the run's outputs are checked, not the process
         "finetune",
         *FAST,
         "peft=lora",
@@ -97,7 +97,7 @@ def test_lora_finetune_merges_into_final(tmp_path):
         "optim.lr=2e-2",
         "checkpoint.every_n_steps=30",
         f"output_dir={out}",
-        env=recipe_env(tmp_path),
+        env=env,
     )
     losses = eval_losses(out)
     assert losses[-1] < losses[0] - 0.3, losses  # LoRA over a random base learns slower than full
@@ -109,8 +109,8 @@ def test_lora_finetune_merges_into_final(tmp_path):
     assert names and all("lora_" in n for n in names)
     _assert_final_matches_transformers(str(out / "final"))
 
-    # evaluate.py on the exported folder reproduces the run's final eval loss.
-    proc = run_recipe(
+    # evaluate on the exported folder reproduces the run's final eval loss.
+    proc = run_recipe_here(
         "evaluate",
         "trainer.precision=fp32",
         "data.seq_len=64",
@@ -118,7 +118,7 @@ def test_lora_finetune_merges_into_final(tmp_path):
         "trainer.eval_max_batches=4",
         f"model.path={out / 'final'}",
         f"output_dir={tmp_path / 'eval'}",
-        env=recipe_env(tmp_path),
+        env=env,
     )
     result = json.loads((tmp_path / "eval" / "eval_metrics.json").read_text())
     assert result["eval_loss"] == pytest.approx(losses[-1], rel=1e-4), proc.stdout

@@ -23,6 +23,7 @@ from tests.helpers import (
     demo_tokenizer,
     read_metrics,
     recipe_env,
+    run_environ,
     run_in_process,
     run_recipe,
     tiny_config,
@@ -62,8 +63,7 @@ def env(tmp_path_factory):
 def run(tmp_path_factory, env) -> Path:
     """One finished LoRA run (in this process): checkpoints at steps 2, 4, 6, final/ and adapter/."""
     out = tmp_path_factory.mktemp("persist") / "run"
-    environ = {key: env[key] for key in ("PERSIMMON_TRAIN_CACHE", "WANDB_DIR", "WANDB_MODE")}
-    ran = run_in_process("finetune", *JOB, f"output_dir={out}", environ=environ)
+    ran = run_in_process("finetune", *JOB, f"output_dir={out}", environ=run_environ(env))
     assert ran.returncode == 0, ran.stderr[-5000:]
     return out
 
@@ -71,8 +71,8 @@ def run(tmp_path_factory, env) -> Path:
 @pytest.fixture
 def here(env, monkeypatch):
     """Run a command in this process, with the module's cache and wandb folder (what `env` gives a child)."""
-    for key in ("PERSIMMON_TRAIN_CACHE", "WANDB_DIR", "WANDB_MODE"):
-        monkeypatch.setenv(key, env[key])
+    for key, value in run_environ(env).items():
+        monkeypatch.setenv(key, value)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     return lambda *args: run_in_process("finetune", *JOB, *args)
 

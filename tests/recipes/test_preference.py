@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import FAST, REPO, read_metrics, recipe_env, run_recipe
+from tests.helpers import FAST, REPO, read_metrics, recipe_env, run_recipe, run_recipe_here
 
 # eval on the first 6 batches of held-out pairs (~130 pairs)
 SMALL = [
@@ -37,10 +37,10 @@ def _evals(out) -> list[dict]:
     return [r for r in read_metrics(out) if "eval_loss" in r]
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # a real run (in this process: its outputs are checked)
 def test_dpo_lora_learns_the_demo_preferences(tmp_path):
     out = tmp_path / "dpo"
-    proc = run_recipe(
+    proc = run_recipe_here(
         "dpo",
         *SMALL,
         "trainer.max_steps=30",
@@ -60,7 +60,7 @@ def test_dpo_lora_learns_the_demo_preferences(tmp_path):
     assert (out / "final" / "config.json").is_file() and (out / "adapter" / "adapter_config.json").is_file()
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # a real run (in this process: its outputs are checked)
 def test_reward_model_export_ranks_held_out_pairs_in_transformers(tmp_path):
     """The embedded default (`persimmon-train reward`, fp32), then its export in transformers."""
     transformers = pytest.importorskip("transformers")
@@ -68,7 +68,7 @@ def test_reward_model_export_ranks_held_out_pairs_in_transformers(tmp_path):
 
     out = tmp_path / "reward"
     default = ["trainer.precision=fp32", "export.dtype=fp32", "trainer.progress_bar=false"]
-    run_recipe("reward", *default, "trainer.eval_every_n_steps=0", f"output_dir={out}", env=recipe_env(tmp_path))
+    run_recipe_here("reward", *default, "trainer.eval_every_n_steps=0", f"output_dir={out}", env=recipe_env(tmp_path))
     evals = _evals(out)
     assert evals[-1]["eval_accuracy"] >= 0.9 and evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.3, evals
     config = json.loads((out / "final" / "config.json").read_text())
