@@ -20,9 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from persimmon_train.errors import PersimmonTrainError, StoppedEarly
+from persimmon_train.errors import EXIT_USER_ERROR, PersimmonTrainError, StoppedEarly
 
-EXIT_USER_ERROR = 2
 EXIT_STOPPED_EARLY = StoppedEarly.exit_code  # 3: stopped on request after a checkpoint; resumable
 CONFIG_DIR_ENV = "PERSIMMON_TRAIN_CONFIG_DIR"
 

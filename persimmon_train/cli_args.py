@@ -10,9 +10,8 @@ import re
 import sys
 from collections.abc import Callable
 
-from persimmon_train.errors import ConfigError, PersimmonTrainError
+from persimmon_train.errors import EXIT_USER_ERROR, ConfigError, PersimmonTrainError
 
-EXIT_USER_ERROR = 2
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 

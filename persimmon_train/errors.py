@@ -6,6 +6,8 @@ this one base class and print the message on one line, with no traceback; anythi
 and keeps its traceback.
 """
 
+EXIT_USER_ERROR = 2  # every command's exit status for a user's mistake (one `error:` line, no traceback)
+
 
 def first_line(exc: BaseException, limit: int | None = None) -> str:
     """The first line of `exc`'s message (its type's name when the message is empty), for one-line reports."""

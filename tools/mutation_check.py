@@ -650,6 +650,13 @@ MUTANTS = [
         "if tokenizer.vocab_size >= model_vocab:",
         ["tests/cli/test_preflight.py::test_tokenizer_as_large_as_the_vocabulary_is_accepted_one_piece_more_is_not"],
     ),
+    Mutant(
+        "inputs.tokenizer_command_exits_1",
+        "persimmon_train/data/train_tokenizer.py",
+        "        return EXIT_USER_ERROR",
+        "        return 1",
+        ["tests/data/test_tokenizer.py::test_train_tokenizer_command_reports_a_missing_file_in_one_line"],
+    ),
     # ------------------------------------------------------------------ preemption and restarts
     Mutant(
         "preempt.flag_never_polled",

@@ -15,12 +15,13 @@ import argparse
 import io
 import json
 import os
+import sys
 from pathlib import Path
 
 import sentencepiece as spm
 
 from persimmon_train.data.tokenizer import ENDOFTEXT, Tokenizer
-from persimmon_train.errors import DataError
+from persimmon_train.errors import EXIT_USER_ERROR, DataError, first_line
 
 
 def _strings(value):
@@ -110,8 +111,8 @@ def main(argv=None) -> int:
     try:
         path = train_tokenizer(args.input, args.out, args.vocab_size, model_type=args.model_type)
     except DataError as e:
-        print(f"error: {e}")
-        return 1
+        print(f"error: {first_line(e)}", file=sys.stderr)
+        return EXIT_USER_ERROR
     print(Tokenizer(path))
     return 0
 

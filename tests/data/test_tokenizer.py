@@ -86,3 +86,15 @@ def test_train_tokenizer_is_deterministic_and_has_command(tmp_path):
     t = Tokenizer(a)
     assert t.id_to_piece(t.eos_id) == "|ENDOFTEXT|"
     assert t.decode(t.encode("the quick fox 123\n")) == "the quick fox 123\n"
+
+
+def test_train_tokenizer_command_reports_a_missing_file_in_one_line(tmp_path, capsys):
+    """A user's mistake: exit 2, one `error:` line on stderr naming the file, nothing written."""
+    from persimmon_train.data.train_tokenizer import main
+
+    missing = tmp_path / "nope.txt"
+    code = main(["--input", str(missing), "--out", str(tmp_path / "t.model"), "--vocab-size", "300"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == [f"error: tokenizer training file not found: {missing}"]
+    assert not (tmp_path / "t.model").exists()
