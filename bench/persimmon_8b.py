@@ -105,11 +105,11 @@ else:
     model = PersimmonForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
 ids = torch.tensor([prompt])
 with torch.no_grad():
-    first = model(input_ids=ids).logits[0].float()  # the prompt's logits, compared across the two
-    for _ in range(new):
-        logits = model(input_ids=ids).logits[:, -1]
-        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
-torch.save(first, sys.argv[5])
+    for step in range(new):
+        logits = model(input_ids=ids).logits
+        if step == 0:
+            torch.save(logits[0].float(), sys.argv[5])  # the prompt's logits, compared across the two
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
 print(json.dumps(ids[0, len(prompt):].tolist()))
 """
     env = dict(os.environ, PYTHONPATH=str(REPO))

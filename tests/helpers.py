@@ -548,8 +548,9 @@ class Runs:
         return self.done[name]
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
-    """Poll until `path` exists, while the launch `proc` runs (to SIGKILL it mid-run after that)."""
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float, poll: float = 0.05) -> None:
+    """Poll every `poll` seconds until `path` exists, while `proc` runs (to SIGKILL it mid-run after
+    that; a one-process tiny run needs a short `poll` to be killed before it finishes)."""
     deadline = time.monotonic() + timeout
     while not path.exists():
         if proc.poll() is not None:
@@ -557,7 +558,7 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
             raise AssertionError(f"the run ended (exit {proc.returncode}) before {path} appeared\n{output}")
         if time.monotonic() > deadline:
             raise AssertionError(f"{path} did not appear within {timeout}s")
-        time.sleep(0.05)
+        time.sleep(poll)
 
 
 def train_losses(output_dir: Path) -> dict[int, float]:

@@ -7,13 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import FAST, REPO, read_metrics, recipe_env, run_recipe, run_recipe_here
+from tests.helpers import FAST, REPO, read_metrics, recipe_env, run_recipe, run_recipe_here, wait_for
 
 # eval on the first 6 batches of held-out pairs (~130 pairs)
 SMALL = [
@@ -127,10 +126,7 @@ def test_full_ft_dpo_resumes_exactly_after_sigkill(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    first = killed / "checkpoints" / "step_3"
-    deadline = time.time() + 240
-    while not first.exists() and child.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
+    wait_for(killed / "checkpoints" / "step_3", child, timeout=240, poll=0.01)
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
     assert child.returncode == -signal.SIGKILL and not (killed / "final").exists()

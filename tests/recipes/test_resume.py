@@ -6,13 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import FAST, REPO, read_metrics, recipe_env, run_recipe
+from tests.helpers import FAST, REPO, read_metrics, recipe_env, run_recipe, wait_for
 
 pytestmark = pytest.mark.slow  # a real run SIGKILLed and resumed
 
@@ -53,10 +52,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    first = killed / "checkpoints" / "step_4"
-    deadline = time.time() + 240
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
+    wait_for(killed / "checkpoints" / "step_4", proc, timeout=240, poll=0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
