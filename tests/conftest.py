@@ -147,8 +147,8 @@ def tagging_files(tmp_path_factory) -> tuple[str, str]:
 
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory) -> Runs:
-    """2-rank CPU runs of the real recipes through launch/torchrun.sh (FSDP2, gloo) and
-    launch/deepspeed.sh (ZeRO, DeepSpeed's CPU accelerator), each made at most once per session.
+    """2-rank CPU runs of the real recipes through launch/torchrun.sh (FSDP2 over gloo; ZeRO on
+    DeepSpeed's CPU accelerator), each made at most once per session.
     The first DeepSpeed run on a fresh machine builds DeepSpeed's shared-memory op with ninja
     (minutes): its timeout is generous."""
     return Runs(tmp_path_factory.mktemp("dist"))

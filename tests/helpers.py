@@ -482,7 +482,6 @@ JOBS = {
     "zero3": [*ZERO3, "peft=none", "trainer.micro_batch_size=4"],
     "zero3_lora": [*ZERO3, *LORA, "trainer.micro_batch_size=4"],
 }
-LAUNCHERS = {"single": "python", "fsdp": "torchrun", "deepspeed": "deepspeed"}
 
 
 def strategy_of(overrides) -> str:
@@ -490,9 +489,17 @@ def strategy_of(overrides) -> str:
     return names[-1] if names else "single"
 
 
-def launch_command(output_dir: Path, overrides: list[str], env: dict, nproc: int = 2, common=None):
-    """(argv, env) running recipes/finetune.py as a user would: python, launch/torchrun.sh or launch/deepspeed.sh."""
-    launcher = LAUNCHERS[strategy_of(overrides)] if nproc > 1 else "python"
+def launch_command(
+    output_dir: Path, overrides: list[str], env: dict, nproc: int = 2, common=None, launcher: str | None = None
+):
+    """(argv, env) running recipes/finetune.py as a user would: python, launch/torchrun.sh or launch/deepspeed.sh.
+
+    Several ranks start under launch/torchrun.sh unless `launcher="deepspeed"`: DeepSpeed's own
+    launcher (two more interpreters, each importing torch and DeepSpeed) adds 3-6 s a launch on 2
+    cores, and what the rank runs is the same (deepspeed.init_distributed reads torchrun's
+    RANK/WORLD_SIZE/MASTER_*). The tests that name it check the DeepSpeed launcher itself."""
+    if launcher is None:
+        launcher = "torchrun" if nproc > 1 else "python"
     args = [*(COMMON if common is None else common), *overrides, f"output_dir={output_dir}"]
     if launcher == "python":
         cmd = [sys.executable, str(REPO / "recipes" / "finetune.py"), *args]
@@ -513,9 +520,17 @@ def launch_command(output_dir: Path, overrides: list[str], env: dict, nproc: int
     return cmd, env
 
 
-def launch(output_dir: Path, overrides: list[str], env: dict, timeout: float = 600, nproc: int = 2, common=None):
+def launch(
+    output_dir: Path,
+    overrides: list[str],
+    env: dict,
+    timeout: float = 600,
+    nproc: int = 2,
+    common=None,
+    launcher: str | None = None,
+):
     """Run recipes/finetune.py to completion (COMMON settings unless `common` is given); fail with its output."""
-    cmd, env = launch_command(output_dir, overrides, env, nproc=nproc, common=common)
+    cmd, env = launch_command(output_dir, overrides, env, nproc=nproc, common=common, launcher=launcher)
     return run_command(cmd, env=env, timeout=timeout)
 
 
@@ -530,7 +545,7 @@ def run_here(output_dir: Path, overrides: list[str], env: dict, common=None) -> 
 class Runs:
     """The JOBS runs under `root`, each made at most once per session (`get(name)`): the equality,
     checkpoint, preemption and export tests read the same runs. `strategy=single` runs in this
-    process (run_here), the others through launch/torchrun.sh or launch/deepspeed.sh (launch)."""
+    process (run_here), the others through launch/torchrun.sh (launch)."""
 
     def __init__(self, root: Path):
         self.root = root

@@ -28,7 +28,7 @@ def test_killed_deepspeed_cpu_run_leaves_no_shared_memory(runs):
     before = _workspaces()
     out = runs.root / "shm_killed"
     overrides = ["strategy=deepspeed", "strategy.stage=2", "peft=none", "trainer.max_steps=1000"]
-    cmd, env = launch_command(out, overrides, runs.env, nproc=2)
+    cmd, env = launch_command(out, overrides, runs.env, nproc=2, launcher="deepspeed")
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )

@@ -140,6 +140,11 @@ JOBS = {
 }
 
 
+# Started by launch/deepspeed.sh (DeepSpeed's launcher, as a team with its own JSON would); the
+# other multi-rank runs by launch/torchrun.sh (tests/helpers.py launch_command).
+DEEPSPEED_LAUNCHER = {"zero2_json_bf16"}
+
+
 class MatrixRuns:
     def __init__(self, root: Path):
         self.root, self.env, self.done = root, recipe_env(root), {}
@@ -167,7 +172,11 @@ class MatrixRuns:
             if strategy_of(self.overrides(name)) == "single":
                 proc = run_here(out, self.overrides(name), self.env, common=BASE)
             else:
-                proc = launch(out, self.overrides(name), self.env, nproc=JOBS[name][0], common=BASE, timeout=900)
+                launcher = "deepspeed" if name in DEEPSPEED_LAUNCHER else None
+                nproc = JOBS[name][0]
+                proc = launch(
+                    out, self.overrides(name), self.env, nproc=nproc, common=BASE, timeout=900, launcher=launcher
+                )
             (out / "launch.log").write_text(proc.stdout + proc.stderr)
             self.done[name] = out
         return self.done[name]
