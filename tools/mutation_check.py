@@ -623,6 +623,13 @@ MUTANTS = [
         [DATA_KEY_TESTS],
     ),
     Mutant(
+        "inputs.cached_run_opens_the_file",
+        "persimmon_train/data/sources.py",
+        "    if streaming:\n        source.dataset",
+        "    if True:\n        source.dataset",
+        [DATA_KEY_TESTS],
+    ),
+    Mutant(
         "inputs.lora_merged_in_bf16",
         "persimmon_train/export/merge.py",
         "return merge_lora_weight(materialize(base.float()), lora.a[name]",

@@ -92,3 +92,20 @@ def test_collected_label_ids_are_sorted(tok, write_jsonl, cache, tmp_path):
     )
     bundle = build_data(cfg, tok, micro_batch_size=1, seed=0)
     assert list(bundle.id2label.values()) == sorted([*names, "O"])
+
+
+def test_a_cached_preparation_does_not_open_the_file(tok, write_jsonl, cache, monkeypatch):
+    """Every rank of every later run (and every resume) reads the prepared arrays only: the file's
+    identity is its path, size and mtime, so `datasets` does not open it again."""
+    import datasets
+
+    cfg = DataConfig(train_files=[write_jsonl("t.jsonl", ROWS)], seq_len=64, cache_dir=cache)
+    first = build_data(cfg, tok, micro_batch_size=1, seed=0)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the file was opened again")
+
+    monkeypatch.setattr(datasets, "load_dataset", refuse)
+    again = build_data(cfg, tok, micro_batch_size=1, seed=0)
+    assert again.stats["cache"] == first.stats["cache"]
+    assert _docs(again.train_loader, tok) == _docs(first.train_loader, tok)
