@@ -630,6 +630,13 @@ MUTANTS = [
         [DATA_KEY_TESTS],
     ),
     Mutant(
+        "inputs.process_exit_walks_the_heap",
+        "persimmon_train/recipes/main.py",
+        "    finally:\n        gc.freeze()",
+        "    finally:\n        pass",
+        ["tests/cli/test_command.py::test_a_process_entry_freezes_the_collector_when_its_job_ends"],
+    ),
+    Mutant(
         "inputs.lora_merged_in_bf16",
         "persimmon_train/export/merge.py",
         "return merge_lora_weight(materialize(base.float()), lora.a[name]",
