@@ -23,20 +23,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "trainer.precision=fp32",
-    "trainer.progress_bar=false",
-    "model.hidden_size=64",
-    "model.intermediate_size=256",
-    "model.num_attention_heads=4",
-    "model.num_hidden_layers=2",
-    "data.seq_len=64",
-    "trainer.max_steps=2",
-    "trainer.eval_at_start=false",
-    "trainer.eval_every_n_steps=0",
-    "checkpoint.every_n_steps=0",
-    "trainer.num_threads=1",
-]
+# The embedded default's tiny model and demo data, 2 steps, no eval or checkpoint.
+TINY = ["trainer.max_steps=2", "trainer.eval_at_start=false", "trainer.eval_every_n_steps=0"]
+TINY += ["checkpoint.every_n_steps=0", "trainer.num_threads=1", "trainer.progress_bar=false"]
 # The child's clock starts at its first line; the job's end is printed as JOB_DONE <seconds>.
 WRAP = (
     "import time, sys; t0 = time.time(); sys.path.insert(0, {repo!r}); import {module} as m\n"

@@ -66,7 +66,7 @@ def process_main(argv: list[str] | None = None) -> None:
     """`main` as the whole life of a process (the console command, `python -m`, `python
     recipes/<job>.py`, every rank of a launch). Before the interpreter shuts down it freezes the
     garbage collector's view of what is alive: finalization would otherwise walk the ~10^6 objects
-    that torch, transformers and peft leave, pass after pass, for 1.3 s of a tiny run's 7.5 s on 2
+    that torch, transformers and peft leave, pass after pass, for 1.26 s of a tiny run's 7.4 s on 2
     cores (bench/process_exit.py). Atexit handlers (logging, wandb) still run, and every object freed
     by its reference count still is; only cyclic garbage is left to the OS."""
     try:
