@@ -792,6 +792,13 @@ MUTANTS = [
         ["tests/recipes/test_async_checkpoint.py::test_deepspeed_async_is_refused_in_one_line"],
     ),
     Mutant(
+        "persist.zero_checkpoint_unpickled_with_full_trust",
+        "persimmon_train/storage/zero_checkpoint.py",
+        "mmap=mmap, weights_only=True)",
+        "mmap=mmap, weights_only=False)",
+        ["tests/storage/test_zero_checkpoint.py"],
+    ),
+    Mutant(
         "persist.stored_tensor_block_not_cast",
         "persimmon_train/storage/safetensors_io.py",
         "                yield read_tensor(handle, block, self.name).to(self.dtype)",

@@ -31,6 +31,7 @@ from __future__ import annotations
 import glob
 import math
 import os
+import pickle
 import re
 
 import torch
@@ -41,15 +42,51 @@ STATE_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 _OPTIM = "optimizer_state_dict"
 
 
-def _load(file: str, *, mmap: bool) -> dict:
+# Beside tensors and plain values DeepSpeed pickles these of its own types (DeepSpeed 0.19: every
+# file of fp32 / bf16, ZeRO 1-3, LoRA or full checkpoints holds only the first three; fp16 runs add
+# the dynamic scaler). torch's weights_only unpickler admits them and refuses anything else, so a
+# crafted checkpoint cannot run code when it is exported or resharded. (DeepSpeed's own
+# load_checkpoint, a resume at the same layout, unpickles with full trust: docs/distributed.md.)
+DEEPSPEED_GLOBALS = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+)
+
+
+def _deepspeed_globals(file: str) -> list:
+    import importlib
+
     try:
-        # DeepSpeed pickles its own types (ZeroStageEnum, fragment_address): weights_only cannot
-        # read these files. They were written by this run's ranks and checksummed by the manifest.
-        return torch.load(file, map_location="cpu", mmap=mmap, weights_only=False)
+        return [getattr(importlib.import_module(m), c) for m, _, c in (g.rpartition(".") for g in DEEPSPEED_GLOBALS)]
     except ImportError:
         raise CheckpointError(f"{file} is a DeepSpeed checkpoint; reading it needs the deepspeed package") from None
-    except Exception as exc:  # noqa: BLE001 - torch raises several types for a damaged file
-        raise CheckpointError(f"{file}: cannot read ({first_line(exc, 200)})") from None
+
+
+def _load(file: str, *, mmap: bool) -> dict:
+    with torch.serialization.safe_globals(_deepspeed_globals(file)):
+        try:
+            return torch.load(file, map_location="cpu", mmap=mmap, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            unsafe = _unsafe_globals(file)
+            if not unsafe:
+                raise CheckpointError(f"{file}: cannot read ({first_line(exc, 200)})") from None
+            raise CheckpointError(
+                f"{file}: refused by the safe loader (torch.load weights_only=True): it references "
+                f"{', '.join(unsafe[:5])}; a DeepSpeed checkpoint holds tensors and {', '.join(DEEPSPEED_GLOBALS)} "
+                "only, and this file will not be unpickled with full trust (that can run arbitrary code)"
+            ) from None
+        except Exception as exc:  # noqa: BLE001 - torch raises several types for a damaged file
+            raise CheckpointError(f"{file}: cannot read ({first_line(exc, 200)})") from None
+
+
+def _unsafe_globals(file: str) -> list[str]:
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(file)
+    except Exception:  # noqa: BLE001 - not a zip-format file: no list to give
+        return []
+    return [name for name in found if name not in DEEPSPEED_GLOBALS]
 
 
 def _rank_files(folder: str, pattern: str) -> list[str]:

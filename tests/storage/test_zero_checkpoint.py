@@ -42,3 +42,26 @@ def test_a_missing_partition_is_counted(tmp_path):
         torch.save({"optimizer_state_dict": state}, tmp_path / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
     with pytest.raises(CheckpointError, match="written by 12 ranks but 11 optimizer partitions"):
         ZeroCheckpoint(str(tmp_path))
+
+
+class _Payload:
+    """Unpickled with full trust, this creates `marker` (what a crafted checkpoint could do)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_partition_that_references_other_code_is_refused_unrun(tmp_path):
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    marker = tmp_path / "ran"
+    file = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    state = {"zero_stage": ZeroStageEnum.gradients, "partition_count": [1], "hook": _Payload(marker)}
+    torch.save({"optimizer_state_dict": state}, file)
+    with pytest.raises(CheckpointError, match=f"{file}: refused by the safe loader .* references io.open;"):
+        ZeroCheckpoint(str(tmp_path))
+    assert not marker.exists()
