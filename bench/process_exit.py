@@ -2,11 +2,11 @@
 
     python bench/process_exit.py [--repeats 4] [key=value ...]
 
-Runs the same tiny `finetune` (2 steps, warm data cache, one thread) through the two entries of
-persimmon_train/recipes/main.py, alternately in one run (these machines are noisy: compare the ratio):
-- `process_main`: what `python recipes/finetune.py` and the console command run (it freezes the
-  collector after the job);
-- `main`: the same job without the freeze.
+Runs the same tiny `finetune` (2 steps, warm data cache, one thread) through persimmon_train's
+`main` twice over, alternately in one run (these machines are noisy: compare the ratio):
+- `freeze`: as `python recipes/finetune.py` and the console command run it (main registers
+  gc.freeze to run at exit);
+- `no freeze`: the same, with that exit hook unregistered after the job.
 Each child prints, on stderr, when the entry returned; the bench measures the wall time to the
 process's end and reports both and the exit's share (wall - job).
 """
@@ -28,15 +28,17 @@ TINY = ["trainer.max_steps=2", "trainer.eval_at_start=false", "trainer.eval_ever
 TINY += ["checkpoint.every_n_steps=0", "trainer.num_threads=1", "trainer.progress_bar=false"]
 # The child's clock starts at its first line; the job's end is printed as JOB_DONE <seconds>.
 WRAP = (
-    "import time, sys; t0 = time.time(); sys.path.insert(0, {repo!r}); import {module} as m\n"
-    "try:\n    m.{entry}(['finetune', *sys.argv[1:]])\n"
+    "import atexit, gc, time, sys; t0 = time.time(); sys.path.insert(0, {repo!r})\n"
+    "from persimmon_train.recipes.main import main\n"
+    "try:\n    main(['finetune', *sys.argv[1:]])\n"
     "finally:\n    print('JOB_DONE %.3f' % (time.time() - t0), file=sys.stderr, flush=True)\n"
 )
+UNHOOK = "atexit.unregister(gc.freeze)\n"
 
 
 def run_once(entry: str, out: Path, overrides: list[str], env: dict) -> tuple[float, float]:
     """(wall seconds, seconds until the job returned) of one child."""
-    code = WRAP.format(repo=str(REPO), module="persimmon_train.recipes.main", entry=entry)
+    code = WRAP.format(repo=str(REPO)) + (UNHOOK if entry == "no freeze" else "")
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-c", code, *overrides, f"output_dir={out}"], env=env, capture_output=True, text=True
@@ -57,11 +59,11 @@ def main() -> None:
     env = dict(os.environ, PERSIMMON_TRAIN_CACHE=str(root / "cache"), WANDB_MODE="offline", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     overrides = [*TINY, *args.overrides]
-    run_once("main", root / "warm", overrides, env)  # prepares the data cache
-    results: dict[str, list[tuple[float, float]]] = {"main": [], "process_main": []}
+    run_once("freeze", root / "warm", overrides, env)  # prepares the data cache
+    results: dict[str, list[tuple[float, float]]] = {"no freeze": [], "freeze": []}
     for i in range(args.repeats):
-        for entry in results:
-            results[entry].append(run_once(entry, root / f"{entry}_{i}", overrides, env))
+        for entry in list(results)[:: 1 if i % 2 == 0 else -1]:  # each arm first in half the rounds
+            results[entry].append(run_once(entry, root / f"{entry.replace(' ', '_')}_{i}", overrides, env))
     print(f"{'entry':<14} {'wall s (median)':>16} {'job s':>8} {'exit s':>8}")
     exits = {}
     for entry, rows in results.items():
@@ -69,8 +71,8 @@ def main() -> None:
         job = statistics.median(j for _, j in rows)
         exits[entry] = statistics.median(w - j for w, j in rows)
         print(f"{entry:<14} {wall:>16.2f} {job:>8.2f} {exits[entry]:>8.2f}")
-    ratio = statistics.median(w for w, _ in results["process_main"]) / statistics.median(w for w, _ in results["main"])
-    print(f"process_main / main wall: {ratio:.3f}; exit {exits['process_main']:.2f} s vs {exits['main']:.2f} s")
+    ratio = statistics.median(w for w, _ in results["freeze"]) / statistics.median(w for w, _ in results["no freeze"])
+    print(f"freeze / no freeze wall: {ratio:.3f}; exit {exits['freeze']:.2f} s vs {exits['no freeze']:.2f} s")
 
 
 if __name__ == "__main__":

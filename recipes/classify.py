@@ -11,7 +11,7 @@ from pathlib import Path
 # Run this checkout's package, not whatever copy of persimmon_train is installed elsewhere.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from persimmon_train.recipes.main import process_main  # noqa: E402
+from persimmon_train.recipes.main import main  # noqa: E402
 
 if __name__ == "__main__":
-    process_main(["classify", *sys.argv[1:]])
+    main(["classify", *sys.argv[1:]])

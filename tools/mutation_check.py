@@ -632,9 +632,9 @@ MUTANTS = [
     Mutant(
         "inputs.process_exit_walks_the_heap",
         "persimmon_train/recipes/main.py",
-        "    finally:\n        gc.freeze()",
-        "    finally:\n        pass",
-        ["tests/cli/test_command.py::test_a_process_entry_freezes_the_collector_when_its_job_ends"],
+        "    atexit.unregister(gc.freeze)\n    atexit.register(gc.freeze)\n",
+        "    atexit.unregister(gc.freeze)\n",
+        ["tests/cli/test_command.py::test_the_command_freezes_the_collector_when_its_process_ends"],
     ),
     Mutant(
         "inputs.lora_merged_in_bf16",

@@ -6,7 +6,7 @@ config with the command line and hands it to `persimmon_train.recipes.train.trai
 any task and then exports (or to `training.run.evaluate`). Adding such a job is one line here plus
 its config (and, for a new kind of head, its entry in training/tasks.py). The
 other commands are modules of this package with a `run(argv)`. The top-level `recipes/<job>.py`
-files run `persimmon_train.recipes.main.process_main([<job>, ...])`.
+files run `persimmon_train.recipes.main.main([<job>, ...])`.
 """
 
 from __future__ import annotations

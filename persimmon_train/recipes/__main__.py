@@ -1,5 +1,5 @@
 """`python -m persimmon_train.recipes ...` is `persimmon-train ...` (no console script needed)."""
 
-from persimmon_train.recipes.main import process_main
+from persimmon_train.recipes.main import main
 
-process_main()
+main()

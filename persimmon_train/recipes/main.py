@@ -6,11 +6,12 @@
 
 A Hydra job goes straight to `cli.run_recipe` with its function (recipes/train.py's train, or
 training/run.py's evaluate); another command to its module's `run(argv)`.
-`python recipes/<job>.py ...` is `process_main([<job>, ...])`.
+`python recipes/<job>.py ...` is `main([<job>, ...])`.
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import gc
 import importlib
@@ -35,6 +36,14 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # When the process ends (the console command, `python -m`, `python recipes/<job>.py`, every
+    # rank of a launch), freeze the garbage collector's view of what is alive before the
+    # interpreter's shutdown walks the ~10^6 objects torch, transformers and peft leave, pass after
+    # pass: 1.28 s of a tiny run's 7.9 s on 2 cores (bench/process_exit.py). Atexit handlers
+    # registered earlier (logging) still run, as does every free by reference count; only cyclic
+    # garbage is left to the OS. Registered once, however often main runs in one process (tests).
+    atexit.unregister(gc.freeze)
+    atexit.register(gc.freeze)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
@@ -62,18 +71,5 @@ def main(argv: list[str] | None = None) -> None:
     importlib.import_module(f"persimmon_train.recipes.{job.runs}").run(rest)
 
 
-def process_main(argv: list[str] | None = None) -> None:
-    """`main` as the whole life of a process (the console command, `python -m`, `python
-    recipes/<job>.py`, every rank of a launch). Before the interpreter shuts down it freezes the
-    garbage collector's view of what is alive: finalization would otherwise walk the ~10^6 objects
-    that torch, transformers and peft leave, pass after pass, for 1.26 s of a tiny run's 7.4 s on 2
-    cores (bench/process_exit.py). Atexit handlers (logging, wandb) still run, and every object freed
-    by its reference count still is; only cyclic garbage is left to the OS."""
-    try:
-        main(argv)
-    finally:
-        gc.freeze()
-
-
 if __name__ == "__main__":
-    process_main()
+    main()
