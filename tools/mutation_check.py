@@ -799,6 +799,13 @@ MUTANTS = [
         ["tests/storage/test_zero_checkpoint.py"],
     ),
     Mutant(
+        "persist.deepspeed_resume_trusts_every_pickle",
+        "persimmon_train/parallel/deepspeed.py",
+        "        check_pickled_types(os.path.join(directory, TAG))",
+        "        pass  # check_pickled_types(os.path.join(directory, TAG))",
+        ["tests/storage/test_zero_checkpoint.py"],
+    ),
+    Mutant(
         "persist.stored_tensor_block_not_cast",
         "persimmon_train/storage/safetensors_io.py",
         "                yield read_tensor(handle, block, self.name).to(self.dtype)",

@@ -45,6 +45,7 @@ from persimmon_train.parallel.frozen_weights import hold_frozen_for
 from persimmon_train.parallel.single import resolve_precision
 from persimmon_train.storage.checkpoints import DEEPSPEED_TAG as TAG
 from persimmon_train.storage.checkpoints import read_manifest
+from persimmon_train.storage.zero_checkpoint import check_pickled_types
 
 log = logging.getLogger("persimmon_train")
 
@@ -269,6 +270,7 @@ class DeepSpeedStrategy(DistributedStrategy):
 
             load_resharded(self.engine, os.path.join(directory, TAG))
             return
+        check_pickled_types(os.path.join(directory, TAG))  # DeepSpeed's loader trusts every pickle
         frozen = any(not p.requires_grad for p in self.engine.module.parameters())
         path, _ = self.engine.load_checkpoint(
             directory,

@@ -45,8 +45,9 @@ _OPTIM = "optimizer_state_dict"
 # Beside tensors and plain values DeepSpeed pickles these of its own types (DeepSpeed 0.19: every
 # file of fp32 / bf16, ZeRO 1-3, LoRA or full checkpoints holds only the first three; fp16 runs add
 # the dynamic scaler). torch's weights_only unpickler admits them and refuses anything else, so a
-# crafted checkpoint cannot run code when it is exported or resharded. (DeepSpeed's own
-# load_checkpoint, a resume at the same layout, unpickles with full trust: docs/distributed.md.)
+# crafted checkpoint cannot run code when it is exported or resharded. DeepSpeed's own
+# load_checkpoint (a resume at the writing layout) unpickles with full trust: `check_pickled_types`
+# refuses such a file first.
 DEEPSPEED_GLOBALS = (
     "deepspeed.runtime.zero.config.ZeroStageEnum",
     "deepspeed.utils.tensor_fragment.fragment_address",
@@ -69,24 +70,32 @@ def _load(file: str, *, mmap: bool) -> dict:
         try:
             return torch.load(file, map_location="cpu", mmap=mmap, weights_only=True)
         except pickle.UnpicklingError as exc:
-            unsafe = _unsafe_globals(file)
-            if not unsafe:
-                raise CheckpointError(f"{file}: cannot read ({first_line(exc, 200)})") from None
-            raise CheckpointError(
-                f"{file}: refused by the safe loader (torch.load weights_only=True): it references "
-                f"{', '.join(unsafe[:5])}; a DeepSpeed checkpoint holds tensors and {', '.join(DEEPSPEED_GLOBALS)} "
-                "only, and this file will not be unpickled with full trust (that can run arbitrary code)"
-            ) from None
+            _refuse_other_types(file)
+            raise CheckpointError(f"{file}: cannot read ({first_line(exc, 200)})") from None
         except Exception as exc:  # noqa: BLE001 - torch raises several types for a damaged file
             raise CheckpointError(f"{file}: cannot read ({first_line(exc, 200)})") from None
 
 
-def _unsafe_globals(file: str) -> list[str]:
+def _refuse_other_types(file: str) -> None:
+    """One line naming the types `file` pickles beyond tensors and DEEPSPEED_GLOBALS, if any."""
     try:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(file)
-    except Exception:  # noqa: BLE001 - not a zip-format file: no list to give
-        return []
-    return [name for name in found if name not in DEEPSPEED_GLOBALS]
+    except Exception:  # noqa: BLE001 - not a zip-format torch file: the load reports it
+        return
+    unsafe = [name for name in found if name not in DEEPSPEED_GLOBALS]
+    if unsafe:
+        raise CheckpointError(
+            f"{file}: refused by the safe loader (torch.load weights_only=True): it references "
+            f"{', '.join(unsafe[:5])}; a DeepSpeed checkpoint holds tensors and {', '.join(DEEPSPEED_GLOBALS)} "
+            "only, and this file will not be unpickled with full trust (that can run arbitrary code)"
+        )
+
+
+def check_pickled_types(folder: str) -> None:
+    """Before DeepSpeed's load_checkpoint unpickles `folder`'s files with full trust: refuse one that
+    references anything but tensors and DEEPSPEED_GLOBALS (reads each file's pickle, not its data)."""
+    for file in sorted(glob.glob(os.path.join(folder, "*.pt"))):
+        _refuse_other_types(file)
 
 
 def _rank_files(folder: str, pattern: str) -> list[str]:

@@ -3,11 +3,13 @@ DeepSpeed's zero_to_fp32 and single-process AdamW in tests/distributed/test_chec
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from persimmon_train.errors import CheckpointError
-from persimmon_train.storage.zero_checkpoint import ZeroCheckpoint
+from persimmon_train.storage.zero_checkpoint import ZeroCheckpoint, check_pickled_types
 
 
 def test_a_missing_folder_is_named(tmp_path):
@@ -65,3 +67,41 @@ def test_a_partition_that_references_other_code_is_refused_unrun(tmp_path):
     with pytest.raises(CheckpointError, match=f"{file}: refused by the safe loader .* references io.open;"):
         ZeroCheckpoint(str(tmp_path))
     assert not marker.exists()
+
+
+def _crafted_folder(folder, marker):
+    """A ZeRO folder whose partition also pickles an `open(marker)` call; and a model-state file
+    holding tensors and DeepSpeed's own enum only."""
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    folder.mkdir(parents=True)
+    state = {"zero_stage": ZeroStageEnum.gradients, "partition_count": [1], "hook": _Payload(marker)}
+    torch.save({"optimizer_state_dict": state}, folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    model_state = {"module": {"w": torch.zeros(2)}, "stage": ZeroStageEnum.gradients}
+    torch.save(model_state, folder / "mp_rank_00_model_states.pt")
+    return folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+
+
+def test_deepspeeds_own_resume_never_unpickles_a_file_with_other_types(tmp_path):
+    """A resume at the writing layout goes through DeepSpeed's load_checkpoint, which unpickles with
+    full trust: load_state checks every file's pickled types first (check_pickled_types)."""
+    pytest.importorskip("deepspeed")
+    from persimmon_train.parallel.deepspeed import DeepSpeedStrategy
+    from persimmon_train.storage.checkpoints import FORMAT, MANIFEST
+
+    marker = tmp_path / "ran"
+    bad = _crafted_folder(tmp_path / "step_5" / "deepspeed", marker)
+    manifest = {"format": FORMAT, "files": {}, "strategy": {"name": "deepspeed", "world_size": 1, "stage": 2}}
+    (tmp_path / "step_5" / MANIFEST).write_text(json.dumps(manifest))
+
+    class Unreachable:
+        def __getattr__(self, name):
+            raise AssertionError(f"DeepSpeed's engine was reached ({name})")
+
+    strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy)  # the layout that wrote it, no engine
+    strategy.world_size, strategy.stage, strategy.engine, strategy.optimizer = 1, 2, Unreachable(), None
+    with pytest.raises(CheckpointError, match=f"{bad}: refused by the safe loader .* references io.open;"):
+        strategy.load_state(str(tmp_path / "step_5"))
+    assert not marker.exists()
+    (bad).unlink()
+    check_pickled_types(str(tmp_path / "step_5" / "deepspeed"))  # tensors and ZeroStageEnum: accepted
