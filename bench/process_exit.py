@@ -24,8 +24,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # The embedded default's tiny model and demo data, 2 steps, no eval or checkpoint.
-TINY = ["trainer.max_steps=2", "trainer.eval_at_start=false", "trainer.eval_every_n_steps=0"]
-TINY += ["checkpoint.every_n_steps=0", "trainer.num_threads=1", "trainer.progress_bar=false"]
+TINY = [
+    "trainer.max_steps=2",
+    "trainer.eval_at_start=false",
+    "trainer.eval_every_n_steps=0",
+    "checkpoint.every_n_steps=0",
+    "trainer.num_threads=1",
+    "trainer.progress_bar=false",
+]
 # The child's clock starts at its first line; the job's end is printed as JOB_DONE <seconds>.
 WRAP = (
     "import atexit, gc, time, sys; t0 = time.time(); sys.path.insert(0, {repo!r})\n"

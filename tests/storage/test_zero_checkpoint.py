@@ -56,19 +56,6 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
-def test_a_partition_that_references_other_code_is_refused_unrun(tmp_path):
-    pytest.importorskip("deepspeed")
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-
-    marker = tmp_path / "ran"
-    file = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
-    state = {"zero_stage": ZeroStageEnum.gradients, "partition_count": [1], "hook": _Payload(marker)}
-    torch.save({"optimizer_state_dict": state}, file)
-    with pytest.raises(CheckpointError, match=f"{file}: refused by the safe loader .* references io.open;"):
-        ZeroCheckpoint(str(tmp_path))
-    assert not marker.exists()
-
-
 def _crafted_folder(folder, marker):
     """A ZeRO folder whose partition also pickles an `open(marker)` call; and a model-state file
     holding tensors and DeepSpeed's own enum only."""
@@ -80,6 +67,15 @@ def _crafted_folder(folder, marker):
     model_state = {"module": {"w": torch.zeros(2)}, "stage": ZeroStageEnum.gradients}
     torch.save(model_state, folder / "mp_rank_00_model_states.pt")
     return folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+
+
+def test_a_partition_that_references_other_code_is_refused_unrun(tmp_path):
+    pytest.importorskip("deepspeed")
+    marker = tmp_path / "ran"
+    file = _crafted_folder(tmp_path / "deepspeed", marker)
+    with pytest.raises(CheckpointError, match=f"{file}: refused by the safe loader .* references io.open;"):
+        ZeroCheckpoint(str(tmp_path / "deepspeed"))
+    assert not marker.exists()
 
 
 def test_deepspeeds_own_resume_never_unpickles_a_file_with_other_types(tmp_path):
@@ -103,5 +99,5 @@ def test_deepspeeds_own_resume_never_unpickles_a_file_with_other_types(tmp_path)
     with pytest.raises(CheckpointError, match=f"{bad}: refused by the safe loader .* references io.open;"):
         strategy.load_state(str(tmp_path / "step_5"))
     assert not marker.exists()
-    (bad).unlink()
+    bad.unlink()
     check_pickled_types(str(tmp_path / "step_5" / "deepspeed"))  # tensors and ZeroStageEnum: accepted
