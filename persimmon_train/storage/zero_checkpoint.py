@@ -29,6 +29,7 @@ Layout facts (DeepSpeed 0.19, the version the tests run; checked, with an error 
 from __future__ import annotations
 
 import glob
+import importlib
 import math
 import os
 import pickle
@@ -57,8 +58,6 @@ DEEPSPEED_GLOBALS = (
 
 
 def _deepspeed_globals(file: str) -> list:
-    import importlib
-
     try:
         return [getattr(importlib.import_module(m), c) for m, _, c in (g.rpartition(".") for g in DEEPSPEED_GLOBALS)]
     except ImportError:
@@ -69,10 +68,9 @@ def _load(file: str, *, mmap: bool) -> dict:
     with torch.serialization.safe_globals(_deepspeed_globals(file)):
         try:
             return torch.load(file, map_location="cpu", mmap=mmap, weights_only=True)
-        except pickle.UnpicklingError as exc:
-            _refuse_other_types(file)
-            raise CheckpointError(f"{file}: cannot read ({first_line(exc, 200)})") from None
         except Exception as exc:  # noqa: BLE001 - torch raises several types for a damaged file
+            if isinstance(exc, pickle.UnpicklingError):  # a refused type, or garbage: name the type if so
+                _refuse_other_types(file)
             raise CheckpointError(f"{file}: cannot read ({first_line(exc, 200)})") from None
 
 
